@@ -1,0 +1,40 @@
+# The README's two commands: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first and pinned: the local CPU wheel, never a CUDA download.
+$(STAMP)-base: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(STAMP)-dev: $(STAMP)-base
+	$(BIN)/pip install -q -e '.[test,lint]'
+	touch $@
+
+install: $(STAMP)-base
+
+run: $(STAMP)-base
+	$(BIN)/tuneforge migrate
+	$(BIN)/tuneforge serve --port $(PORT)
+
+lint: $(STAMP)-dev
+	$(BIN)/ruff check tuneforge tests bench migrations
+	$(BIN)/ruff format --check tuneforge tests bench migrations
+	$(BIN)/mypy
+
+test: $(STAMP)-dev
+	$(MAKE) lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .tuneforge .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,43 @@
+"""Fixtures shared by every room's tests. Each room adds its own in tests/<room>/conftest.py."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+# One tiny-chat build per test run, shared by every process the tests start (API, workers).
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A models directory for the whole run, exported as TUNEFORGE_MODELS_DIR for subprocesses."""
+    path = tmp_path_factory.mktemp("models")
+    previous = os.environ.get("TUNEFORGE_MODELS_DIR")
+    os.environ["TUNEFORGE_MODELS_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("TUNEFORGE_MODELS_DIR", None)
+    else:
+        os.environ["TUNEFORGE_MODELS_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_path(models_dir: Path) -> Path:
+    """The built tuneforge/tiny-chat directory (built once per run)."""
+    from tuneforge.training.tiny_chat import build_tiny_chat
+
+    return build_tiny_chat(models_dir)
+
+
+@pytest.fixture(scope="session")
+def qa_path() -> Path:
+    """32 question-and-answer pairs in OpenAI chat format."""
+    return DATA / "qa.jsonl"

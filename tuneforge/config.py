@@ -1,0 +1,72 @@
+"""Settings: one pydantic-settings object, read from `TUNEFORGE_*` environment variables.
+
+The defaults are the embedded set-up of `make run`: SQLite, a filesystem object store and an
+embedded broker, all under the data directory. Production points the same fields at PostgreSQL,
+Redis and S3.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", extra="ignore")
+
+    environment: Literal["development", "production"] = Field(
+        "development", description="`production` refuses generated secrets and embedded services."
+    )
+    data_dir: Path = Field(Path("./.tuneforge"), description="Root of every embedded default.")
+    database_url: str = Field("", description="SQLAlchemy URL; default SQLite under data_dir.")
+    broker_url: str = Field("", description="Celery broker URL; empty means the embedded broker.")
+    storage_url: str = Field("", description="`file:///path` or `s3://bucket/prefix`.")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto); None is AWS.")
+    admin_key: SecretStr | None = Field(None, description="Admin bearer key; generated when unset.")
+    models: str = Field("", description="Extra base models on offer: `id=/path,id2=/path2`.")
+    trust_remote_code: bool = Field(False, description="Allow models whose code ships with them.")
+    max_upload_bytes: int = Field(1 << 30, description="Uploads larger than this answer 413.")
+    models_dir_override: Path | None = Field(
+        None,
+        validation_alias="TUNEFORGE_MODELS_DIR",
+        description="Where built and cached base models live; default <data_dir>/models.",
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'tuneforge.db'}"
+        if not self.storage_url:
+            self.storage_url = f"file://{self.data_dir / 'objects'}"
+        if self.environment == "production":
+            if self.admin_key is None:
+                raise ValueError("TUNEFORGE_ADMIN_KEY must be set in production")
+            if not self.broker_url:
+                raise ValueError("TUNEFORGE_BROKER_URL must be set in production")
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def celery_broker_url(self) -> str:
+        """The broker Celery connects to: the configured one, or a SQLite file on this machine."""
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return (self.models_dir_override or self.data_dir / "models").expanduser().resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings. Tests that change the environment call `get_settings.cache_clear()`."""
+    return Settings()

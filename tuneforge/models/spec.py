@@ -1,0 +1,197 @@
+"""The job spec: one pydantic model shared by the API (which validates it) and the worker and
+training recipes (which run it). Field names follow OpenAI's fine-tuning API where it has them;
+the rest are Tuneforge extensions listed in CONTRACT.md.
+
+A spec is stored on the job as JSON (`JobSpec.model_dump(mode="json")`) and read back with
+`JobSpec.model_validate`. Every field has a description: they are the help text of the API.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Auto = Literal["auto"]
+MethodType = Literal["supervised", "dpo", "pretraining"]
+AdapterType = Literal["lora", "qlora", "dora", "prefix_tuning", "prompt_tuning", "ia3", "full"]
+LrScheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(_Strict):
+    """Hyperparameters of supervised and pretraining runs. `"auto"` is resolved by the recipe from
+    the data size (see `tuneforge.training.hyperparams`) and the resolved values are reported."""
+
+    n_epochs: Annotated[int, Field(ge=1, le=50)] | Auto = Field(
+        "auto", description="Passes over the training data (1-50)."
+    )
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Auto = Field(
+        "auto", description="Examples per optimizer step, before gradient accumulation (1-256)."
+    )
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = Field(
+        "auto", description="Scales the method's base learning rate."
+    )
+    learning_rate: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="Absolute learning rate; overrides the multiplier."
+    )
+    max_steps: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Stop after this many optimizer steps, whatever n_epochs says."
+    )
+    max_seq_length: Annotated[int, Field(ge=8, le=131072)] = Field(
+        1024, description="Longer examples are truncated, and counted in the run's report."
+    )
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=1024)] = Field(
+        1, description="Micro-batches per optimizer step."
+    )
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="Fraction of the steps spent warming the learning rate up."
+    )
+    lr_scheduler_type: LrScheduler = Field("linear", description="Learning-rate schedule.")
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description="AdamW weight decay.")
+    packing: bool | None = Field(
+        None,
+        description="Padding-free packing of examples; None chooses by device and attention kernel.",
+    )
+    eval_every_steps: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Evaluate on the validation file every N steps (default: each epoch)."
+    )
+    save_every_steps: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Checkpoint every N steps (default: a few checkpoints per run)."
+    )
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Stop after this many evaluations without a better validation loss."
+    )
+
+
+class DpoHyperparameters(Hyperparameters):
+    beta: Annotated[float, Field(gt=0, le=2)] | Auto = Field(
+        "auto", description="DPO temperature: how far the policy may move from the reference (0-2]."
+    )
+
+
+class SupervisedMethod(_Strict):
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class DpoMethod(_Strict):
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
+class PretrainingMethod(_Strict):
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(_Strict):
+    """OpenAI's `method` object, plus the `pretraining` type (continued pre-training on raw text)."""
+
+    type: MethodType = Field("supervised", description="supervised, dpo or pretraining.")
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+    pretraining: PretrainingMethod | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_reinforcement(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") == "reinforcement":
+            raise ValueError(
+                "reinforcement fine-tuning is not supported by Tuneforge; use supervised, dpo or pretraining"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _fill_own_section(self) -> Method:
+        if self.type == "supervised" and self.supervised is None:
+            self.supervised = SupervisedMethod()
+        if self.type == "dpo" and self.dpo is None:
+            self.dpo = DpoMethod()
+        if self.type == "pretraining" and self.pretraining is None:
+            self.pretraining = PretrainingMethod()
+        return self
+
+    @property
+    def hyperparameters(self) -> Hyperparameters:
+        """The hyperparameters of the section that `type` names."""
+        section = getattr(self, self.type)
+        assert section is not None
+        hp: Hyperparameters = section.hyperparameters
+        return hp
+
+
+class AdapterSpec(_Strict):
+    """Which parameters train. `full` trains them all; the others are PEFT methods."""
+
+    type: AdapterType = Field(
+        "lora", description="lora, qlora, dora, prefix_tuning, prompt_tuning, ia3, full."
+    )
+    r: Annotated[int, Field(ge=1, le=1024)] = Field(16, description="LoRA/DoRA/QLoRA rank.")
+    alpha: Annotated[float, Field(gt=0)] = Field(32, description="LoRA scaling numerator (lora_alpha).")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.05, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all linear layers but the output head."
+    )
+    num_virtual_tokens: Annotated[int, Field(ge=1, le=1024)] = Field(
+        20, description="Virtual tokens for prefix and prompt tuning."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA 4-bit data type.")
+    double_quant: bool = Field(True, description="QLoRA: quantize the quantization constants too.")
+
+    @model_validator(mode="after")
+    def _target_modules_not_empty(self) -> AdapterSpec:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules must name at least one module, or be 'all-linear'")
+        return self
+
+
+ExportKind = Literal["merged"]
+
+
+class JobSpec(_Strict):
+    """What a client asks for in `POST /v1/fine_tuning/jobs`, validated.
+
+    The API checks what needs the database (files exist in the project, the model is on offer)
+    on top of this model; this model checks everything that can be judged from the body alone.
+    """
+
+    model: str = Field(..., min_length=1, description="A base model id from GET /v1/models.")
+    training_file: str = Field(..., min_length=1, description="Id of an uploaded training file.")
+    validation_file: str | None = Field(None, description="Id of an uploaded validation file.")
+    suffix: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="Up to 64 characters added to the fine-tuned model's name."
+    )
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = Field(None, description="Random seed.")
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
+        Field(None, max_length=16, description="Up to 16 string pairs for your own bookkeeping.")
+    )
+    method: Method = Field(default_factory=Method)
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    export: list[ExportKind] = Field(default_factory=list, description='["merged"] adds a merged model.')
+    integrations: list[dict[str, Any]] | None = Field(None, description="Accepted and ignored.")
+    queue: str | None = Field(
+        None, description="Worker queue (GPU class) to run on; default is the service's default queue."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_hyperparameters(cls, data: Any) -> Any:
+        """OpenAI's deprecated top-level `hyperparameters` means the supervised ones."""
+        if isinstance(data, dict) and data.get("hyperparameters") is not None:
+            data = dict(data)
+            legacy = data.pop("hyperparameters")
+            method = dict(data.get("method") or {"type": "supervised"})
+            section = method.get("type", "supervised")
+            method.setdefault(section, {})
+            method[section] = {**method[section], "hyperparameters": legacy}
+            data["method"] = method
+        elif isinstance(data, dict) and "hyperparameters" in data:
+            data = {k: v for k, v in data.items() if k != "hyperparameters"}
+        return data
+
+    @property
+    def hyperparameters(self) -> Hyperparameters:
+        return self.method.hyperparameters

@@ -1,0 +1,264 @@
+"""Training-data formats: detection and line-by-line checks of JSONL files.
+
+Pure Python, no torch: the API streams uploads through `JsonlInspector` to refuse a bad file
+with the first bad line's number, and the training readers use `detect_format` to convert
+records. The formats are the ones CONTRACT.md lists.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class DataFormat(StrEnum):
+    CHAT = "chat"  # OpenAI {"messages": [...]}
+    PROMPT_COMPLETION = "prompt_completion"  # {"prompt", "completion"}
+    ALPACA = "alpaca"  # {"instruction", "input", "output"}
+    SHAREGPT = "sharegpt"  # {"conversations": [{"from", "value"}]}
+    PREFERENCE_OPENAI = "preference_openai"  # {"input": {"messages"}, "preferred_output", ...}
+    PREFERENCE = "preference"  # {"prompt", "chosen", "rejected"}
+    TEXT = "text"  # {"text"}
+
+
+METHOD_FORMATS: dict[str, frozenset[DataFormat]] = {
+    "supervised": frozenset(
+        {DataFormat.CHAT, DataFormat.PROMPT_COMPLETION, DataFormat.ALPACA, DataFormat.SHAREGPT}
+    ),
+    "dpo": frozenset({DataFormat.PREFERENCE_OPENAI, DataFormat.PREFERENCE}),
+    "pretraining": frozenset({DataFormat.TEXT}),
+}
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function_call": "assistant",
+    "observation": "tool",
+}
+
+# A rough count, good for estimates and "auto" rules before a tokenizer is at hand.
+CHARS_PER_TOKEN = 4
+
+
+class FormatError(ValueError):
+    """A line that does not parse or fits no format. `line` is 1-based."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(f"line {line}: {message}")
+        self.line = line
+        self.reason = message
+
+
+def _check_messages(messages: Any, where: str, need_assistant: bool) -> int:
+    """Checks an OpenAI message list; returns its character count."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where} must be a non-empty list of messages")
+    chars = 0
+    has_assistant = False
+    for i, message in enumerate(messages):
+        at = f"{where}[{i}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"{at} must be an object")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"{at}.role must be one of {', '.join(sorted(CHAT_ROLES))}, not {role!r}")
+        content = message.get("content")
+        if content is None and not (role == "assistant" and message.get("tool_calls")):
+            raise ValueError(f"{at}.content is missing")
+        if content is not None and not isinstance(content, str):
+            if not (isinstance(content, list) and all(isinstance(p, dict) for p in content)):
+                raise ValueError(f"{at}.content must be a string")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if "weight" in message:
+            if role != "assistant":
+                raise ValueError(f"{at}.weight is only allowed on assistant messages")
+            if message["weight"] not in (0, 1) or isinstance(message["weight"], bool):
+                raise ValueError(f"{at}.weight must be 0 or 1")
+        if role == "assistant":
+            has_assistant = True
+        chars += len(content or "")
+    if need_assistant and not has_assistant:
+        raise ValueError(f"{where} has no assistant message to learn from")
+    return chars
+
+
+def _str_field(record: dict[str, Any], name: str, allow_empty: bool = True) -> str:
+    value = record.get(name)
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"{name} must not be empty")
+    return value
+
+
+def _preference_side(record: dict[str, Any], name: str) -> int:
+    value = record.get(name)
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return _check_messages(value, name, need_assistant=False)
+    raise ValueError(f"{name} must be a string or a list of messages")
+
+
+def detect_format(record: Any) -> DataFormat:
+    """The format of one parsed line, by its keys. Raises ValueError naming what is off."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        return DataFormat.CHAT
+    if "preferred_output" in record or "non_preferred_output" in record:
+        return DataFormat.PREFERENCE_OPENAI
+    if "chosen" in record or "rejected" in record:
+        return DataFormat.PREFERENCE
+    if "conversations" in record:
+        return DataFormat.SHAREGPT
+    if "instruction" in record and "output" in record:
+        return DataFormat.ALPACA
+    if "prompt" in record and "completion" in record:
+        return DataFormat.PROMPT_COMPLETION
+    if "text" in record:
+        return DataFormat.TEXT
+    keys = ", ".join(sorted(record)) or "none"
+    raise ValueError(
+        f"fits no known format (keys: {keys}); expected messages, prompt/completion, "
+        "instruction/output, conversations, input/preferred_output/non_preferred_output, "
+        "prompt/chosen/rejected or text"
+    )
+
+
+def check_record(record: Any, fmt: DataFormat) -> int:
+    """Validates one record of a known format; returns its character count."""
+    if fmt is DataFormat.CHAT:
+        return _check_messages(record["messages"], "messages", need_assistant=True)
+    if fmt is DataFormat.PROMPT_COMPLETION:
+        return len(_str_field(record, "prompt")) + len(_str_field(record, "completion"))
+    if fmt is DataFormat.ALPACA:
+        extra = record.get("input", "")
+        if not isinstance(extra, str):
+            raise ValueError("input must be a string")
+        return (
+            len(_str_field(record, "instruction", allow_empty=False))
+            + len(extra)
+            + len(_str_field(record, "output"))
+        )
+    if fmt is DataFormat.SHAREGPT:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise ValueError("conversations must be a non-empty list")
+        chars = 0
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
+                raise ValueError(
+                    f"conversations[{i}].from must be one of {', '.join(sorted(SHAREGPT_ROLES))}"
+                )
+            if not isinstance(turn.get("value"), str):
+                raise ValueError(f"conversations[{i}].value must be a string")
+            chars += len(turn["value"])
+        if not any(SHAREGPT_ROLES[t["from"]] == "assistant" for t in turns):
+            raise ValueError("conversations has no gpt/assistant turn to learn from")
+        return chars
+    if fmt is DataFormat.PREFERENCE_OPENAI:
+        source = record.get("input")
+        if not isinstance(source, dict):
+            raise ValueError("input must be an object with messages")
+        chars = _check_messages(source.get("messages"), "input.messages", need_assistant=False)
+        for name in ("preferred_output", "non_preferred_output"):
+            output = record.get(name)
+            if not isinstance(output, list) or len(output) != 1:
+                raise ValueError(f"{name} must be a list of exactly one assistant message")
+            chars += _check_messages(output, name, need_assistant=True)
+        return chars
+    if fmt is DataFormat.PREFERENCE:
+        prompt = record.get("prompt", "")
+        chars = (
+            _check_messages(prompt, "prompt", need_assistant=False)
+            if isinstance(prompt, list)
+            else len(prompt)
+            if isinstance(prompt, str)
+            else -1
+        )
+        if chars < 0:
+            raise ValueError("prompt must be a string or a list of messages")
+        return chars + _preference_side(record, "chosen") + _preference_side(record, "rejected")
+    if fmt is DataFormat.TEXT:
+        return len(_str_field(record, "text", allow_empty=False))
+    raise AssertionError(fmt)
+
+
+def parse_line(raw: bytes | str, line: int) -> Any:
+    """Parses one JSONL line, raising FormatError with the line number."""
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise FormatError(line, f"not valid UTF-8 ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise FormatError(line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+@dataclass
+class FileStats:
+    format: DataFormat
+    examples: int
+    approx_tokens: int
+
+
+@dataclass
+class JsonlInspector:
+    """Checks a JSONL stream chunk by chunk, in constant memory (one line at a time).
+
+    `feed` raises FormatError at the first bad line; `finish` returns the statistics.
+    Blank lines are skipped but counted, so line numbers match an editor's.
+    """
+
+    format: DataFormat | None = None
+    examples: int = 0
+    chars: int = 0
+    _line: int = 0
+    _pending: bytearray = field(default_factory=bytearray)
+
+    def feed(self, chunk: bytes) -> None:
+        self._pending += chunk
+        start = 0
+        while (end := self._pending.find(b"\n", start)) != -1:
+            self._take(bytes(self._pending[start:end]))
+            start = end + 1
+        del self._pending[:start]
+
+    def finish(self) -> FileStats:
+        if self._pending:
+            self._take(bytes(self._pending))
+            self._pending.clear()
+        if self.format is None:
+            raise FormatError(max(self._line, 1), "the file holds no examples")
+        return FileStats(self.format, self.examples, max(1, self.chars // CHARS_PER_TOKEN))
+
+    def _take(self, raw: bytes) -> None:
+        self._line += 1
+        if not raw.strip():
+            return
+        record = parse_line(raw, self._line)
+        try:
+            fmt = detect_format(record)
+            if self.format is not None and fmt is not self.format:
+                raise ValueError(f"is {fmt.value} but earlier lines are {self.format.value}")
+            self.chars += check_record(record, fmt)
+        except ValueError as exc:
+            raise FormatError(self._line, str(exc)) from None
+        self.format = fmt
+        self.examples += 1
+
+
+def inspect_lines(lines: list[str] | list[bytes]) -> FileStats:
+    """Convenience for small in-memory data (tests, the by-hand training entry point)."""
+    inspector = JsonlInspector()
+    for raw in lines:
+        inspector.feed(raw if isinstance(raw, bytes) else raw.encode())
+        inspector.feed(b"\n")
+    return inspector.finish()
