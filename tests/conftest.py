@@ -41,3 +41,23 @@ def tiny_chat_path(models_dir: Path) -> Path:
 def qa_path() -> Path:
     """32 question-and-answer pairs in OpenAI chat format."""
     return DATA / "qa.jsonl"
+
+
+# --- job execution (issue 4): a real S3 endpoint, shared by storage, worker and e2e tests ---
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's server mode on 127.0.0.1 (a real S3 HTTP endpoint), with dummy credentials exported
+    so that subprocesses (API, workers) reach it too."""
+    from moto.server import ThreadedMotoServer
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        os.environ[name] = value
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
