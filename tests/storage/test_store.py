@@ -154,5 +154,5 @@ def test_open_store_urls(s3_endpoint: str, tmp_path: Path) -> None:
 
 def test_s3_missing_bucket_fails_check(s3_endpoint: str) -> None:
     store = S3Store(f"tf-missing-{uuid.uuid4().hex[:8]}", endpoint_url=s3_endpoint)
-    with pytest.raises(Exception, match="404|Not Found|NoSuchBucket"):
+    with pytest.raises(Exception, match=r"404|Not Found|NoSuchBucket"):
         store.check()
