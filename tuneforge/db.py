@@ -1,0 +1,161 @@
+"""Database plumbing: the declarative base, engines and sessions.
+
+The request boundary owns the transaction: `get_session` commits after a successful request and
+rolls back on error; services only flush. Work that must happen only once the data is visible
+(sending a Celery task) is registered with `after_commit` and runs after the commit succeeds.
+A worker task opens one session per unit of work with `session_scope`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import DateTime, Engine, MetaData, TypeDecorator, create_engine, event
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from starlette.requests import Request
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_AFTER_COMMIT = "tuneforge_after_commit"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UtcDateTime column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def make_engine(url: str, *, pool_size: int = 20, max_overflow: int = 20) -> Engine:
+    """An engine for `url`. SQLite gets WAL, foreign keys and a busy timeout on each connection;
+    PostgreSQL a pool large enough for the API's thread pool."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+        )
+        event.listen(engine, "connect", _sqlite_on_connect)
+        return engine
+    return create_engine(
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=False, pool_recycle=3600
+    )
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Runs `callback` once the session's transaction has committed (never after a rollback)."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+def commit(session: Session) -> None:
+    """Commits, then runs the callbacks registered with `after_commit`."""
+    callbacks: list[Callable[[], None]] = session.info.pop(_AFTER_COMMIT, [])
+    session.commit()
+    for callback in callbacks:
+        callback()
+
+
+def rollback(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)
+    session.rollback()
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One unit of work outside a request (worker tasks, CLI): commit on success, else roll back."""
+    session = factory()
+    try:
+        yield session
+        commit(session)
+    except BaseException:
+        rollback(session)
+        raise
+    finally:
+        session.close()
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """The request's session (a FastAPI dependency): commits after the route succeeds, rolls back
+    when it raises. Used with `scope="function"` so the commit happens before the response is sent."""
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    with session_scope(factory) as session:
+        yield session
+
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def alembic_config(url: str) -> AlembicConfig:
+    """Alembic's configuration for `url`, with the repository's migrations directory."""
+    from alembic.config import Config
+
+    config = Config(str(MIGRATIONS_DIR.parent / "alembic.ini"))
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["url"] = url
+    return config
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """`alembic upgrade <revision>` for the database at `url`."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)
