@@ -1,0 +1,211 @@
+"""The bridge between transformers' Trainer and the worker's RunObserver, plus the metrics CSV."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from tuneforge.training.interface import RunInfo, RunObserver, StepMetrics, StopReason
+
+# OpenAI's results-file columns first, then ours.
+CSV_COLUMNS = [
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "learning_rate",
+    "epoch",
+    "tokens_seen",
+    "grad_norm",
+]
+
+
+class NullObserver:
+    """An observer that listens to nothing and never asks to stop (the by-hand entry point)."""
+
+    def on_start(self, info: RunInfo) -> None:
+        pass
+
+    def on_metrics(self, metrics: StepMetrics) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        pass
+
+    def stop_requested(self) -> StopReason | None:
+        return None
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+class MetricsCsv:
+    """`metrics.csv`, one row per optimizer step, written as steps finish (a row is flushed once
+    its step's train and eval logs are both in). Rebuilt from the checkpoint's log history on resume."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._rows: dict[int, dict[str, Any]] = {}
+        self._written: set[int] = set()
+
+    def restart(self, log_history: list[dict[str, Any]]) -> None:
+        self._rows.clear()
+        self._written.clear()
+        with self.path.open("w", newline="") as handle:
+            csv.writer(handle).writerow(CSV_COLUMNS)
+        for entry in log_history:
+            self.add(entry)
+        self.flush()
+
+    def add(self, logs: dict[str, Any], tokens_seen: int | None = None) -> None:
+        step = int(logs.get("step", 0))
+        if step <= 0 or step in self._written:
+            return
+        row = self._rows.setdefault(step, {"step": step})
+        if "loss" in logs:
+            row["train_loss"] = _number(logs["loss"])
+            row["train_accuracy"] = _number(logs.get("mean_token_accuracy"))
+            row["learning_rate"] = _number(logs.get("learning_rate"))
+            row["grad_norm"] = _number(logs.get("grad_norm"))
+            row["epoch"] = _number(logs.get("epoch"))
+            if tokens_seen is not None:
+                row["tokens_seen"] = tokens_seen
+            elif "num_input_tokens_seen" in logs:
+                row["tokens_seen"] = int(logs["num_input_tokens_seen"])
+        if "eval_loss" in logs:
+            row["valid_loss"] = _number(logs["eval_loss"])
+            row["valid_mean_token_accuracy"] = _number(logs.get("eval_mean_token_accuracy"))
+        for earlier in sorted(s for s in self._rows if s < step):
+            self._write(earlier)
+
+    def flush(self) -> None:
+        for step in sorted(self._rows):
+            self._write(step)
+
+    def _write(self, step: int) -> None:
+        row = self._rows.pop(step)
+        self._written.add(step)
+        with self.path.open("a", newline="") as handle:
+            csv.writer(handle).writerow(["" if row.get(c) is None else row[c] for c in CSV_COLUMNS])
+
+
+class ObserverCallback(TrainerCallback):
+    """Tells the observer about the run and asks it after every step whether to stop."""
+
+    def __init__(
+        self,
+        observer: RunObserver,
+        metrics_csv: MetricsCsv,
+        *,
+        num_examples: int,
+        hyperparameters: dict[str, Any],
+        trainable_params: int,
+        total_params: int,
+        checkpoints_dir: Path,
+    ) -> None:
+        self.observer = observer
+        self.metrics_csv = metrics_csv
+        self.num_examples = num_examples
+        self.hyperparameters = hyperparameters
+        self.trainable_params = trainable_params
+        self.total_params = total_params
+        self.checkpoints_dir = checkpoints_dir
+        self.stopped: StopReason | None = None
+        self.start_step = 0
+        self.last_train: dict[str, Any] = {}
+        self.last_eval: dict[str, Any] = {}
+        self._clock = (0.0, 0)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.start_step = state.global_step
+        self.metrics_csv.restart(state.log_history)
+        self._clock = (time.perf_counter(), int(state.num_input_tokens_seen or 0))
+        self.observer.on_start(
+            RunInfo(
+                total_steps=state.max_steps,
+                num_examples=self.num_examples,
+                hyperparameters=self.hyperparameters,
+                trainable_params=self.trainable_params,
+                total_params=self.total_params,
+                start_step=state.global_step,
+            )
+        )
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        reason = self.observer.stop_requested()
+        if reason is not None:
+            self.stopped = reason
+            control.should_training_stop = True
+            control.should_save = True
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not logs or "train_loss" in logs:  # the end-of-training summary, not a step
+            return
+        tokens = int(state.num_input_tokens_seen or 0)
+        self.metrics_csv.add({**logs, "step": state.global_step}, tokens_seen=tokens)
+        started, tokens_at_start = self._clock
+        elapsed = time.perf_counter() - started
+        speed = (tokens - tokens_at_start) / elapsed if elapsed > 0 else None
+        if "loss" in logs:
+            self.last_train = {
+                "train_loss": _number(logs["loss"]),
+                "train_mean_token_accuracy": _number(logs.get("mean_token_accuracy")),
+            }
+        if "eval_loss" in logs:
+            self.last_eval = {
+                "valid_loss": _number(logs["eval_loss"]),
+                "valid_mean_token_accuracy": _number(logs.get("eval_mean_token_accuracy")),
+            }
+        self.observer.on_metrics(
+            StepMetrics(
+                step=state.global_step,
+                total_steps=state.max_steps,
+                epoch=float(state.epoch or 0.0),
+                train_loss=_number(logs["loss"]) if "loss" in logs else None,
+                valid_loss=_number(logs.get("eval_loss")),
+                learning_rate=_number(logs.get("learning_rate")),
+                tokens_seen=tokens,
+                tokens_per_second=speed,
+                train_mean_token_accuracy=_number(logs.get("mean_token_accuracy")),
+                valid_mean_token_accuracy=_number(logs.get("eval_mean_token_accuracy")),
+            )
+        )
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.metrics_csv.flush()
+        path = self.checkpoints_dir / f"checkpoint-{state.global_step}"
+        self.observer.on_checkpoint(
+            state.global_step, path, {"step": state.global_step, **self.last_train, **self.last_eval}
+        )
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.metrics_csv.flush()
+
+    @property
+    def final_metrics(self) -> dict[str, Any]:
+        return {**self.last_train, **self.last_eval}

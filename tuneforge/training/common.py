@@ -1,0 +1,236 @@
+"""What every recipe shares: its config's common fields, the runtime trainer arguments, and the
+train-then-save tail (observer callback, checkpoints, outputs, RunResult)."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneforge.models.spec import AdapterSpec, Hyperparameters
+from tuneforge.training.callbacks import MetricsCsv, NullObserver, ObserverCallback
+from tuneforge.training.data import TrainingData
+from tuneforge.training.hyperparams import RULES, EffectiveHyperparameters
+from tuneforge.training.interface import RunObserver, RunResult
+from tuneforge.training.loading import Device, parameter_counts, use_gradient_checkpointing
+from tuneforge.training.outputs import (
+    MERGEABLE,
+    model_card,
+    name_base_model,
+    save_adapter,
+    save_full_model,
+    save_merged,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+
+@dataclass
+class RecipeConfig:
+    """Fields every recipe takes. Built from a JobSpec and RunPaths by `tuneforge.training.run`."""
+
+    model_dir: Path = field(metadata={"help": "Local directory of the base model."})
+    model_id: str = field(metadata={"help": "The base model's id, recorded in saved configs and cards."})
+    train_file: Path = field(metadata={"help": "Training data, JSONL."})
+    out_dir: Path = field(
+        metadata={"help": "Where checkpoints/, adapter/, model/, merged/ and metrics.csv go."}
+    )
+    valid_file: Path | None = field(default=None, metadata={"help": "Optional validation data, JSONL."})
+    resume_from: Path | None = field(
+        default=None, metadata={"help": "A checkpoint directory written by an earlier run of this job."}
+    )
+    adapter: AdapterSpec = field(default_factory=AdapterSpec, metadata={"help": "Which parameters train."})
+    hyperparameters: Hyperparameters = field(
+        default_factory=Hyperparameters, metadata={"help": "As the job gave them; 'auto' resolved here."}
+    )
+    seed: int | None = field(default=None, metadata={"help": "Random seed; None draws one and reports it."})
+    export_merged: bool = field(
+        default=False, metadata={"help": "Also save the adapter merged into the base."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code shipped with the model."}
+    )
+
+    def effective_seed(self) -> int:
+        if self.seed is None:
+            self.seed = random.SystemRandom().randrange(2**31 - 1)
+        return self.seed
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+@dataclass
+class Finished:
+    """A recipe's outcome: the RunResult for the worker, and the trained model for tests and tools."""
+
+    result: RunResult
+    model: Any
+    tokenizer: Any
+
+
+def runtime_arguments(cfg: RecipeConfig, device: Device, model: PreTrainedModel) -> dict[str, Any]:
+    """Trainer arguments that come from the machine and the service, not from the job."""
+    return {
+        "output_dir": str(cfg.checkpoints_dir),
+        "seed": cfg.effective_seed(),
+        "data_seed": cfg.effective_seed(),
+        "use_cpu": not device.cuda,
+        "bf16": device.cuda and device.dtype_name == "bfloat16",
+        "fp16": False,
+        "gradient_checkpointing": use_gradient_checkpointing(model, device),
+        "logging_strategy": "steps",
+        "logging_steps": 1,
+        "logging_first_step": True,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "save_only_model": False,
+        "dataloader_num_workers": 0,
+        "include_num_input_tokens_seen": "non_padding",
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+
+
+def keep_adapter_in_float32_on_cpu(trainer: Trainer, device: Device) -> None:
+    """TRL casts QLoRA adapter weights to bfloat16 (the paper's recipe for GPUs). On CPU the compute
+    dtype is float32 and bf16 matmuls are slow and lossy, so the trainable weights go back to float32."""
+    if device.cuda:
+        return
+    import torch
+
+    model: Any = trainer.model
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def _last_checkpoint(checkpoints_dir: Path) -> Path | None:
+    found = [p for p in checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def train_and_save(
+    trainer: Trainer,
+    cfg: RecipeConfig,
+    observer: RunObserver | None,
+    *,
+    method: str,
+    tokenizer: PreTrainedTokenizerBase,
+    device: Device,
+    hp: EffectiveHyperparameters,
+    train_data: TrainingData,
+    valid_data: TrainingData | None,
+    batching: str,
+) -> Finished:
+    """Trains (resuming if asked), then writes adapter/model/merged, the card and the RunResult."""
+    from transformers import EarlyStoppingCallback, PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    model: Any = trainer.model
+    # Checkpoints record the model id; PEFT then warns it cannot read a config there (harmless).
+    warnings.filterwarnings("ignore", message="Could not find a config file in")
+    name_base_model(model, cfg.model_id)
+    trainable, total = parameter_counts(model)
+    counted: Counter[str] = Counter(train_data.warnings)
+    if valid_data is not None:
+        counted.update({f"validation_{k}": v for k, v in valid_data.warnings.items()})
+    if cfg.hyperparameters.early_stopping_patience is not None and valid_data is None:
+        counted["early_stopping_without_validation_file"] += 1
+    effective = {**hp.as_dict(), "seed": cfg.effective_seed(), "batching": batching}
+
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_csv = MetricsCsv(cfg.out_dir / "metrics.csv")
+    callback = ObserverCallback(
+        observer or NullObserver(),
+        metrics_csv,
+        num_examples=train_data.stats.examples,
+        hyperparameters=effective,
+        trainable_params=trainable,
+        total_params=total,
+        checkpoints_dir=cfg.checkpoints_dir,
+    )
+    trainer.add_callback(callback)
+    if hp.early_stopping_patience is not None:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=hp.early_stopping_patience))
+
+    output = trainer.train(resume_from_checkpoint=str(cfg.resume_from) if cfg.resume_from else None)
+
+    state = trainer.state
+    data_report = {"train": train_data.stats.as_dict()}
+    if valid_data is not None:
+        data_report["validation"] = valid_data.stats.as_dict()
+    metrics = {"step": state.global_step, **callback.final_metrics}
+    if "train_loss" in output.metrics and state.global_step > callback.start_step:
+        metrics["mean_train_loss"] = output.metrics["train_loss"]
+    adapter_report = cfg.adapter.model_dump(mode="json")
+    result = RunResult(
+        stopped=callback.stopped,
+        final_step=state.global_step,
+        total_steps=state.max_steps,
+        trained_tokens=int(state.num_input_tokens_seen or 0),
+        metrics=metrics,
+        metrics_csv=metrics_csv.path,
+        last_checkpoint=_last_checkpoint(cfg.checkpoints_dir),
+        trainable_params=trainable,
+        total_params=total,
+        warnings=dict(counted),
+        report={
+            "method": method,
+            "model": cfg.model_id,
+            "adapter": adapter_report,
+            "hyperparameters": effective,
+            "rules": RULES,
+            "data": data_report,
+            "warnings": dict(counted),
+            "device": {
+                "cuda": device.cuda,
+                "dtype": device.dtype_name,
+                "attention": device.attn_implementation,
+            },
+            "start_step": callback.start_step,
+        },
+    )
+    if callback.stopped is not None:
+        return Finished(result, model, tokenizer)
+
+    def card(kind: str) -> str:
+        return model_card(
+            model_id=cfg.model_id,
+            method=method,
+            adapter=adapter_report,
+            hyperparameters=effective,
+            data=data_report,
+            metrics=metrics,
+            warnings=dict(counted),
+            trainable_params=trainable,
+            total_params=total,
+            kind=kind,
+        )
+
+    if cfg.adapter.type == "full":
+        result.model_dir = save_full_model(
+            model, tokenizer, cfg.out_dir / "model", cfg.model_id, card("model")
+        )
+    else:
+        result.adapter_dir = save_adapter(
+            model, tokenizer, cfg.out_dir / "adapter", cfg.model_id, card("adapter")
+        )
+        if cfg.export_merged:
+            if cfg.adapter.type in MERGEABLE:
+                result.merged_dir = save_merged(
+                    result.adapter_dir,
+                    cfg.model_dir,
+                    tokenizer,
+                    cfg.out_dir / "merged",
+                    card("merged"),
+                    device,
+                )
+            else:
+                result.warnings["merge_not_supported_for_adapter"] = 1
+                result.report["warnings"] = result.warnings
+    return Finished(result, model, tokenizer)

@@ -1,0 +1,197 @@
+"""Loading a base model and describing its adapter: device, dtype, attention kernel, quantization
+and the PEFT config. Local directories only: nothing is downloaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneforge.models.spec import AdapterSpec, MethodType
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftConfig
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Gradient checkpointing pays off only for models whose activations are large; tiny ones run slower.
+CHECKPOINTING_MIN_PARAMS = 300_000_000
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a run trains and with which numerics."""
+
+    cuda: bool
+    dtype_name: str  # "bfloat16" on CUDA, "float32" on CPU
+    attn_implementation: str  # "flash_attention_2" when installed on CUDA, else "sdpa"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        dtype: torch.dtype = getattr(torch, self.dtype_name)
+        return dtype
+
+    @property
+    def flash_attention(self) -> bool:
+        return self.attn_implementation == "flash_attention_2"
+
+
+def quiet_progress_bars() -> None:
+    """Runs log to the worker, not to a terminal: no per-map and per-shard progress bars."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
+def detect_device() -> Device:
+    import torch
+
+    quiet_progress_bars()
+    if torch.cuda.is_available():
+        flash = importlib.util.find_spec("flash_attn") is not None
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return Device(True, dtype, "flash_attention_2" if flash else "sdpa")
+    return Device(False, "float32", "sdpa")
+
+
+def choose_packing(requested: bool | None, method: MethodType, device: Device) -> bool:
+    """Supervised: padding-free packing where flash attention's variable-length kernels make it pay
+    (CUDA); on CPU/SDPA a packed row attends over its whole length, so length-grouped padded batches
+    are faster (shared/reference/library-notes.md). Pretraining always packs; DPO never does (TRL 1.16
+    has no padding-free DPO). An explicit true/false is honoured for supervised runs."""
+    if method == "pretraining":
+        return True
+    if method == "dpo":
+        return False
+    if requested is not None:
+        return requested
+    return device.flash_attention
+
+
+def quantization_config(adapter: AdapterSpec, device: Device) -> BitsAndBytesConfig | None:
+    if adapter.type != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=adapter.quant_type,
+        bnb_4bit_use_double_quant=adapter.double_quant,
+        bnb_4bit_compute_dtype=device.dtype,
+    )
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    model_dir: Path,
+    device: Device,
+    adapter: AdapterSpec | None = None,
+    *,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The base model, in the device's dtype; 4-bit (bitsandbytes) for QLoRA and prepared for
+    k-bit training. `adapter=None` loads the plain full-precision base (merges, references)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": device.dtype,
+        "attn_implementation": device.attn_implementation,
+        "trust_remote_code": trust_remote_code,
+    }
+    quant = quantization_config(adapter, device) if adapter is not None else None
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if device.cuda:
+            kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=use_gradient_checkpointing(model, device)
+        )
+    return model
+
+
+def use_gradient_checkpointing(model: PreTrainedModel, device: Device) -> bool:
+    return device.cuda and model.num_parameters() >= CHECKPOINTING_MIN_PARAMS
+
+
+def peft_config(adapter: AdapterSpec, model: PreTrainedModel) -> PeftConfig | None:
+    """The PEFT config for an adapter type; None for `full`."""
+    from peft import (
+        IA3Config,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        PromptTuningInit,
+        TaskType,
+    )
+
+    target: Any = adapter.target_modules
+    if adapter.type in ("lora", "dora", "qlora"):
+        alpha: Any = int(adapter.alpha) if float(adapter.alpha).is_integer() else adapter.alpha
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=adapter.r,
+            lora_alpha=alpha,
+            lora_dropout=adapter.dropout,
+            target_modules=target,
+            use_dora=adapter.type == "dora",
+        )
+    if adapter.type == "ia3":
+        if target == "all-linear":
+            # IA3 scales keys, values and the MLP's down projection; feed-forward = the down projection.
+            names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+            target = [n for n in ("k_proj", "v_proj", "down_proj") if n in names] or "all-linear"
+            feedforward = ["down_proj"] if "down_proj" in names else None
+        else:
+            feedforward = [m for m in target if "down" in m or "mlp" in m or "fc" in m] or None
+        return IA3Config(
+            task_type=TaskType.CAUSAL_LM,
+            target_modules=target,
+            feedforward_modules=feedforward,
+        )
+    if adapter.type == "prefix_tuning":
+        return PrefixTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=adapter.num_virtual_tokens,
+        )
+    if adapter.type == "prompt_tuning":
+        return PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=adapter.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.RANDOM,
+        )
+    if adapter.type == "full":
+        return None
+    raise ValueError(f"adapter.type {adapter.type!r} is not supported")
+
+
+def parameter_counts(model: Any) -> tuple[int, int]:
+    """(trainable, total) exactly as PEFT's print_trainable_parameters counts them (4-bit weights
+    counted as their unpacked sizes); for a plain model, the same rule over all parameters."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,85 @@
+"""Continued pre-training: causal language modelling on raw text, packed into full rows (TRL's
+SFTTrainer on a text dataset; "bfd_split" packing splits long texts instead of cutting them).
+Reads top to bottom: load, set up, train, save."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tuneforge.training.common import (
+    Finished,
+    RecipeConfig,
+    keep_adapter_in_float32_on_cpu,
+    runtime_arguments,
+    train_and_save,
+)
+from tuneforge.training.data import read_training_file
+from tuneforge.training.hyperparams import resolve, trainer_arguments
+from tuneforge.training.interface import RunObserver
+from tuneforge.training.loading import choose_packing, detect_device, load_model, load_tokenizer, peft_config
+
+
+@dataclass
+class PretrainingConfig(RecipeConfig):
+    """A continued pre-training run on `{"text"}` lines."""
+
+    packing_strategy: str = field(
+        default="bfd_split",
+        metadata={"help": "TRL packing strategy: bfd_split keeps whole texts together and splits long ones."},
+    )
+
+
+def train(cfg: PretrainingConfig, observer: RunObserver | None = None) -> Finished:
+    from trl import SFTConfig, SFTTrainer
+
+    # Load
+    hp_in = cfg.hyperparameters
+    tokenizer = load_tokenizer(cfg.model_dir)
+    train_data = read_training_file(cfg.train_file, "pretraining", tokenizer, hp_in.max_seq_length)
+    valid_data = (
+        read_training_file(cfg.valid_file, "pretraining", tokenizer, hp_in.max_seq_length, split="validation")
+        if cfg.valid_file
+        else None
+    )
+    device = detect_device()
+    model = load_model(cfg.model_dir, device, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
+
+    # Set up: the number of packed rows decides the steps, so "auto" sees texts, not rows.
+    hp = resolve(
+        hp_in,
+        method="pretraining",
+        adapter=cfg.adapter.type,
+        n_examples=train_data.stats.examples,
+        packing=choose_packing(hp_in.packing, "pretraining", device),
+        has_validation=valid_data is not None,
+    )
+    args = SFTConfig(
+        **runtime_arguments(cfg, device, model),
+        **trainer_arguments(hp, has_validation=valid_data is not None),
+        packing=True,
+        packing_strategy=cfg.packing_strategy,
+        dataset_text_field="text",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data.dataset(),
+        eval_dataset=valid_data.dataset() if valid_data else None,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg.adapter, model),
+    )
+    keep_adapter_in_float32_on_cpu(trainer, device)
+
+    # Train, save
+    return train_and_save(
+        trainer,
+        cfg,
+        observer,
+        method="pretraining",
+        tokenizer=tokenizer,
+        device=device,
+        hp=hp,
+        train_data=train_data,
+        valid_data=valid_data,
+        batching=f"packing ({cfg.packing_strategy})",
+    )

@@ -1,0 +1,72 @@
+"""The worker's entry point: `run_training(spec, paths, observer) -> RunResult`.
+
+Called in a fresh child process (CUDA must not be initialised in a parent that forks). Turns the
+job spec and local paths into the method's recipe config and runs that recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneforge.models.spec import JobSpec
+from tuneforge.training.common import Finished, RecipeConfig
+from tuneforge.training.interface import RunObserver, RunPaths, RunResult
+
+
+def recipe_config(spec: JobSpec, paths: RunPaths) -> RecipeConfig:
+    """The typed config of the recipe that `spec.method.type` names."""
+    common: dict[str, Any] = {
+        "model_dir": paths.model_dir,
+        "model_id": paths.model_id or spec.model,
+        "train_file": paths.train_file,
+        "valid_file": paths.valid_file,
+        "out_dir": paths.out_dir,
+        "resume_from": paths.resume_from,
+        "adapter": spec.adapter,
+        "hyperparameters": spec.hyperparameters,
+        "seed": spec.seed,
+        "export_merged": "merged" in spec.export,
+    }
+    method = spec.method.type
+    if method == "supervised":
+        from tuneforge.training.supervised import SupervisedConfig
+
+        return SupervisedConfig(**common)
+    if method == "dpo":
+        from tuneforge.training.dpo import DpoConfig
+
+        return DpoConfig(**common)
+    if method == "pretraining":
+        from tuneforge.training.pretraining import PretrainingConfig
+
+        return PretrainingConfig(**common)
+    raise ValueError(f"method.type {method!r} is not supported")
+
+
+def run_recipe(spec: JobSpec, paths: RunPaths, observer: RunObserver | None = None) -> Finished:
+    """Like run_training, but also hands back the trained model (tests, notebooks)."""
+    cfg = recipe_config(spec, paths)
+    method = spec.method.type
+    if method == "supervised":
+        from tuneforge.training import supervised
+
+        assert isinstance(cfg, supervised.SupervisedConfig)
+        return supervised.train(cfg, observer)
+    if method == "dpo":
+        from tuneforge.training import dpo
+
+        assert isinstance(cfg, dpo.DpoConfig)
+        return dpo.train(cfg, observer)
+    from tuneforge.training import pretraining
+
+    assert isinstance(cfg, pretraining.PretrainingConfig)
+    return pretraining.train(cfg, observer)
+
+
+def run_training(spec: JobSpec, paths: RunPaths, observer: RunObserver | None = None) -> RunResult:
+    """Trains `spec` on `paths`, telling `observer` about progress; see tuneforge.training.interface.
+
+    Raises `tuneforge.training.data.DataError` for data that cannot train (the message names the
+    file and line) and ValueError for a spec the recipe cannot run.
+    """
+    return run_recipe(spec, paths, observer).result
