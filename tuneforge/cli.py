@@ -30,6 +30,21 @@ def _models_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from tuneforge.api.serve import serve
+
+    return serve(args.host, args.port, access_log=args.access_log)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from tuneforge.db import migrate
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(settings.database_url, args.revision)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tuning jobs as a service.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     path = models_commands.add_parser("path", help="Print a base model's local directory.")
     path.add_argument("model_id")
     path.set_defaults(handler=_models_path)
+    serve = commands.add_parser("serve", help="Run the API (and the embedded worker with no broker).")
+    serve.add_argument("--host", default=None, help="Interface to listen on (default 127.0.0.1).")
+    serve.add_argument("--port", type=int, default=None, help="Port (default 8000).")
+    serve.add_argument("--access-log", action="store_true", help="Log every request.")
+    serve.set_defaults(handler=_serve)
+    migrate = commands.add_parser("migrate", help="Upgrade the database schema (alembic upgrade).")
+    migrate.add_argument("--revision", default="head", help="Target revision (default head).")
+    migrate.set_defaults(handler=_migrate)
     return parser
 
 

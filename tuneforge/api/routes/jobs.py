@@ -1,0 +1,162 @@
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume; events, checkpoints and
+artifacts of a job."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from tuneforge.api.deps import JobDep, ProjectDep, SessionDep, SettingsDep, StoreDep
+from tuneforge.api.errors import BadRequest, NotFound
+from tuneforge.api.schemas import (
+    artifact_object,
+    checkpoint_object,
+    event_object,
+    job_object,
+    list_page,
+)
+from tuneforge.api.services import jobs as job_service
+from tuneforge.models import checkpoint as checkpoints
+from tuneforge.models import job as jobs
+from tuneforge.models.spec import JobSpec
+from tuneforge.storage import ObjectNotFound, ObjectStore
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+_METADATA_PARAM = re.compile(r"^metadata\[(.+)\]$")
+
+Limit20 = Annotated[int, Query(ge=1, le=1000, description="Page size.")]
+Limit10 = Annotated[int, Query(ge=1, le=1000, description="Page size.")]
+After = Annotated[str | None, Query(description="An id: the page starts after it.")]
+
+
+@router.post("", summary="Create a fine-tuning job")
+def create_job(
+    spec: JobSpec, caller: ProjectDep, session: SessionDep, settings: SettingsDep
+) -> dict[str, Any]:
+    return job_object(job_service.create_job(session, settings, caller.project_id, spec))
+
+
+@router.get("", summary="List fine-tuning jobs, newest first")
+def list_jobs(
+    request: Request, caller: ProjectDep, session: SessionDep, after: After = None, limit: Limit20 = 20
+) -> dict[str, Any]:
+    """Filter by metadata with `metadata[key]=value` query parameters (all must match)."""
+    metadata = {
+        m.group(1): value
+        for name, value in request.query_params.multi_items()
+        if (m := _METADATA_PARAM.match(name))
+    }
+    cursor = None
+    if after is not None:
+        cursor = jobs.get_job(session, caller.project_id, after)
+        if cursor is None:
+            raise BadRequest(f"No such fine-tuning job: {after}", param="after")
+    rows = jobs.list_jobs(session, caller.project_id, limit=limit + 1, after=cursor, metadata=metadata)
+    return list_page(rows, limit, job_object, ids=False)
+
+
+@router.get("/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
+def retrieve_job(job: JobDep) -> dict[str, Any]:
+    return job_object(job)
+
+
+@router.post("/{fine_tuning_job_id}/cancel", summary="Cancel a job")
+def cancel_job(job: JobDep, session: SessionDep) -> dict[str, Any]:
+    """A job that has not started stops at once; a running one stops at its next step."""
+    return job_object(jobs.cancel_job(session, job))
+
+
+@router.post("/{fine_tuning_job_id}/pause", summary="Pause a job")
+def pause_job(job: JobDep, session: SessionDep) -> dict[str, Any]:
+    """A queued job pauses at once; a running one checkpoints, then pauses."""
+    return job_object(jobs.pause_job(session, job))
+
+
+@router.post("/{fine_tuning_job_id}/resume", summary="Resume a paused job")
+def resume_job(job: JobDep, session: SessionDep) -> dict[str, Any]:
+    return job_object(job_service.resume_job(session, job))
+
+
+@router.get("/{fine_tuning_job_id}/events", summary="List a job's events, newest first")
+def list_events(job: JobDep, session: SessionDep, after: After = None, limit: Limit20 = 20) -> dict[str, Any]:
+    cursor = None
+    if after is not None:
+        cursor = jobs.get_event(session, job.id, after)
+        if cursor is None:
+            raise BadRequest(f"No such event of job {job.id}: {after}", param="after")
+    rows = jobs.list_events(session, job.id, limit=limit + 1, after=cursor)
+    return list_page(rows, limit, event_object, ids=False)
+
+
+@router.get("/{fine_tuning_job_id}/checkpoints", summary="List a job's checkpoints, newest first")
+def list_checkpoints(
+    job: JobDep, session: SessionDep, after: After = None, limit: Limit10 = 10
+) -> dict[str, Any]:
+    cursor = None
+    if after is not None:
+        cursor = checkpoints.get_checkpoint(session, job.id, after)
+        if cursor is None:
+            raise BadRequest(f"No such checkpoint of job {job.id}: {after}", param="after")
+    rows = checkpoints.list_checkpoints(session, job.id, limit=limit + 1, after=cursor)
+    return list_page(rows, limit, lambda c: checkpoint_object(c, job))
+
+
+@router.get("/{fine_tuning_job_id}/artifacts", summary="List a job's artifacts")
+def list_artifacts(job: JobDep, session: SessionDep) -> dict[str, Any]:
+    rows = checkpoints.list_artifacts(session, job.id)
+    return {"object": "list", "data": [artifact_object(a) for a in rows], "has_more": False}
+
+
+def _stream(store: ObjectStore, key: str, filename: str, content_type: str, size: int) -> StreamingResponse:
+    try:
+        handle = store.open(key)
+    except ObjectNotFound:
+        raise NotFound(f"The bytes of {filename} are not in the store.") from None
+
+    def chunks() -> Any:
+        with handle:
+            while chunk := handle.read(1 << 20):
+                yield chunk
+
+    return StreamingResponse(
+        chunks(),
+        media_type=content_type,
+        headers={"content-length": str(size), "content-disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.get(
+    "/{fine_tuning_job_id}/artifacts/{name}",
+    summary="Download an artifact (adapter, model, merged)",
+    response_class=StreamingResponse,
+)
+def download_artifact(job: JobDep, name: str, session: SessionDep, store: StoreDep) -> StreamingResponse:
+    artifact = checkpoints.get_artifact(session, job.id, name)
+    if artifact is None:
+        raise NotFound(f"Job {job.id} has no artifact named '{name}'.", param="name")
+    filename = (
+        f"{job.id}-{name}.tar.gz" if artifact.content_type == "application/gzip" else f"{job.id}-{name}"
+    )
+    return _stream(store, artifact.storage_key, filename, artifact.content_type, artifact.bytes)
+
+
+@router.get(
+    "/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/artifacts/adapter",
+    summary="Download a checkpoint's adapter",
+    response_class=StreamingResponse,
+)
+def download_checkpoint_adapter(
+    job: JobDep, checkpoint_id: str, session: SessionDep, store: StoreDep
+) -> StreamingResponse:
+    checkpoint = checkpoints.get_checkpoint(session, job.id, checkpoint_id)
+    if checkpoint is None:
+        raise NotFound(f"Job {job.id} has no checkpoint {checkpoint_id}.", param="checkpoint_id")
+    try:
+        size = store.stat(checkpoint.storage_key).size
+    except ObjectNotFound:
+        raise NotFound(f"The adapter of checkpoint {checkpoint_id} is not in the store.") from None
+    return _stream(store, checkpoint.storage_key, f"{checkpoint_id}-adapter.tar.gz", "application/gzip", size)

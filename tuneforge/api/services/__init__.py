@@ -1,0 +1,1 @@
+"""Services: what a route does, in one place, flushing and never committing."""

@@ -1,0 +1,121 @@
+"""Creating fine-tuning jobs: the checks that need the database and the settings, on top of the
+body validation that `JobSpec` does.
+
+`create_job` is the one place a job is born. The job-execution work hooks in here (a job that
+starts in `validating_files`) and so does the estimates work (the `estimate` column).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from sqlalchemy.orm import Session
+
+from tuneforge.api.errors import BadRequest
+from tuneforge.config import Settings
+from tuneforge.db import after_commit, utcnow
+from tuneforge.models import file as files
+from tuneforge.models import job as jobs
+from tuneforge.models.spec import JobSpec
+from tuneforge.training.base_models import UnknownModel, find_base_model
+from tuneforge.training.formats import METHOD_FORMATS
+
+log = logging.getLogger(__name__)
+
+
+def _enqueue_after_commit(session: Session, job_id: str, queue: str) -> None:
+    """Sends the job to the workers once the commit has made it visible. A failed send is logged,
+    not raised: the job is committed and the worker's reconciler sends stale queued jobs again."""
+
+    def send() -> None:
+        from tuneforge.worker.dispatch import enqueue_job
+
+        try:
+            enqueue_job(job_id, queue)
+        except Exception:
+            log.exception("could not enqueue job %s on queue %s; the reconciler will retry", job_id, queue)
+
+    after_commit(session, send)
+
+
+def _checked_file(session: Session, project_id: str, file_id: str, param: str, method: str) -> files.File:
+    label = "Training" if param == "training_file" else "Validation"
+    row = files.get_file(session, project_id, file_id)
+    if row is None:
+        raise BadRequest(f"{label} file {file_id} not found.", param=param, code="file_not_found")
+    if row.purpose != files.PURPOSE_FINE_TUNE:
+        raise BadRequest(
+            f"{label} file {file_id} has purpose '{row.purpose}'; upload it with purpose 'fine-tune'.",
+            param=param,
+            code="invalid_file_purpose",
+        )
+    accepted = sorted(f.value for f in METHOD_FORMATS[method])
+    if row.format not in accepted:
+        raise BadRequest(
+            f"{label} file {file_id} is in {row.format or 'no known'} format, which the {method} method "
+            f"cannot use; it accepts {', '.join(accepted)}.",
+            param=param,
+            code="invalid_file_format",
+        )
+    return row
+
+
+def create_job(session: Session, settings: Settings, project_id: str, spec: JobSpec) -> jobs.Job:
+    """Checks what the body alone cannot tell (model on offer, files in the project and in a
+    format the method accepts), writes the job with its first events and sends it to the
+    workers after the commit."""
+    try:
+        find_base_model(spec.model, settings.models, settings.models_dir)
+    except UnknownModel:
+        raise BadRequest(
+            f"Model '{spec.model}' is not on offer here; GET /v1/models lists the models you can fine-tune.",
+            param="model",
+            code="model_not_available",
+        ) from None
+    method = spec.method.type
+    training = _checked_file(session, project_id, spec.training_file, "training_file", method)
+    if spec.validation_file is not None:
+        _checked_file(session, project_id, spec.validation_file, "validation_file", method)
+
+    seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
+    spec = spec.model_copy(update={"seed": seed})
+    queue = spec.queue or settings.default_queue
+    now = utcnow()
+    job = jobs.Job(
+        id=jobs.new_job_id(),
+        project_id=project_id,
+        model=spec.model,
+        status=jobs.JobStatus.QUEUED.value,
+        spec=spec.model_dump(mode="json"),
+        training_file=spec.training_file,
+        validation_file=spec.validation_file,
+        suffix=spec.suffix,
+        seed=seed,
+        metadata_=spec.metadata,
+        queue=queue,
+        created_at=now,
+        updated_at=now,
+        attempt=0,
+        max_attempts=settings.max_attempts,
+        last_event_seq=0,
+    )
+    session.add(job)
+    session.flush()
+    jobs.add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    jobs.add_event(
+        session,
+        job.id,
+        f"Validated training file {training.id}: {training.examples} examples in {training.format} "
+        f"format, about {training.approx_tokens} tokens.",
+    )
+    jobs.add_event(session, job.id, f"Job queued on queue '{queue}'.")
+    _enqueue_after_commit(session, job.id, queue)
+    return job
+
+
+def resume_job(session: Session, job: jobs.Job) -> jobs.Job:
+    """paused -> queued, and back to the workers after the commit."""
+    job = jobs.resume_job(session, job)
+    _enqueue_after_commit(session, job.id, job.queue)
+    return job
