@@ -30,6 +30,44 @@ def _models_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    """A Celery training worker: one job per process, `--concurrency` processes (one per GPU)."""
+    import os
+
+    from tuneforge.worker.celery_app import celery_app
+
+    settings = get_settings()
+    queues = args.queues or settings.default_queue
+    os.environ["TUNEFORGE_WORKER_QUEUES"] = queues
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    argv = ["worker", "--queues", queues, "--concurrency", str(args.concurrency), "--pool", "prefork"]
+    argv += ["--loglevel", args.loglevel, "--hostname", f"{queues.replace(',', '+')}@%h-{os.getpid()}"]
+    argv += ["--without-gossip", "--without-mingle"]
+    celery_app.worker_main(argv)
+    return 0
+
+
+def _beat(args: argparse.Namespace) -> int:
+    """The reconciler's schedule and the small worker that runs it (queue `control`)."""
+    import os
+
+    from tuneforge.worker.celery_app import celery_app
+
+    settings = get_settings()
+    os.environ["TUNEFORGE_WORKER_QUEUES"] = "control"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    schedule = settings.data_dir / f"beat-schedule-{os.getpid()}"
+    argv = ["worker", "--queues", "control", "--concurrency", "1", "--pool", "solo", "--beat"]
+    argv += ["--schedule", str(schedule), "--loglevel", args.loglevel]
+    argv += ["--hostname", f"control@%h-{os.getpid()}", "--without-gossip", "--without-mingle"]
+    try:
+        celery_app.worker_main(argv)
+    finally:
+        for path in settings.data_dir.glob(f"beat-schedule-{os.getpid()}*"):
+            path.unlink(missing_ok=True)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from tuneforge.api.serve import serve
 
@@ -55,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     path = models_commands.add_parser("path", help="Print a base model's local directory.")
     path.add_argument("model_id")
     path.set_defaults(handler=_models_path)
+    worker = commands.add_parser("worker", help="Run a training worker (Celery).")
+    worker.add_argument("--queues", default=None, help="Comma-separated queues (GPU classes); default gpu.")
+    worker.add_argument("--concurrency", type=int, default=1, help="Jobs at once (one per GPU).")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(handler=_worker)
+    beat = commands.add_parser("beat", help="Run the reconciler's schedule (Celery beat).")
+    beat.add_argument("--loglevel", default="INFO")
+    beat.set_defaults(handler=_beat)
     serve = commands.add_parser("serve", help="Run the API (and the embedded worker with no broker).")
     serve.add_argument("--host", default=None, help="Interface to listen on (default 127.0.0.1).")
     serve.add_argument("--port", type=int, default=None, help="Port (default 8000).")

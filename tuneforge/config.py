@@ -37,6 +37,25 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8000
+    # --- job execution (worker) ---
+    default_queue: str = Field("gpu", description="Worker queue for jobs whose spec names none.")
+    lease_seconds: float = Field(60.0, gt=0, description="A running job's lease; renewed while it runs.")
+    max_attempts: int = Field(3, ge=1, description="Runs of a job (after lost workers) before it fails.")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept per job (the newest).")
+    reconcile_every_seconds: float = Field(15.0, gt=0, description="How often the reconciler runs.")
+    queued_stale_seconds: float = Field(
+        120.0, gt=0, description="A queued job with no run started this long is sent to the broker again."
+    )
+    broker_visibility_timeout: int = Field(
+        3600, ge=1, description="Redis: seconds before an unacknowledged task message is redelivered."
+    )
+    work_dir_override: Path | None = Field(
+        None, validation_alias="TUNEFORGE_WORK_DIR", description="Scratch space of training runs."
+    )
+
+    @property
+    def work_dir(self) -> Path:
+        return (self.work_dir_override or self.data_dir / "work").expanduser().resolve()
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

@@ -1,0 +1,166 @@
+"""Claim, lease, events, checkpoints, cancel, pause, faults: real PostgreSQL, Redis, Celery worker
+processes and training processes, with a stand-in training callable (tests/worker/standin.py)
+so that these run in seconds. The real training runs in tests/e2e."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tuneforge.db import session_scope
+from tuneforge.models.job import JobStatus, cancel_job, pause_job
+from tuneforge.models.job import get_job_any_project as load_job
+from tuneforge.worker.celery_app import RUN_JOB_TASK, make_celery
+
+from .conftest import Services, training_processes, wait_for
+from .helpers import artifacts, checkpoints, events, get_job, metric_steps, seed_job, status
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def send(services: Services):  # type: ignore[no-untyped-def]
+    import os
+
+    saved = dict(os.environ)
+    os.environ.update(services.env)
+    app = make_celery(services.settings())
+    os.environ.clear()
+    os.environ.update(saved)
+
+    def _send(job_id: str) -> None:
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue="gpu")
+
+    return _send
+
+
+@pytest.fixture(scope="module")
+def worker(services: Services):  # type: ignore[no-untyped-def]
+    process = services.worker(extra_env={"STANDIN_STEP_SECONDS": "0.3"})
+    yield process
+    services.stop(process)
+
+
+def _terminal(services: Services, job_id: str) -> str | None:
+    value = status(services, job_id)
+    return value if value in ("succeeded", "failed", "cancelled", "paused") else None
+
+
+def test_job_runs_once_with_batched_events_checkpoints_and_artifacts(
+    services: Services, worker: object, send, qa_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    job_id = seed_job(services, qa_path, max_steps=8, save_every=2)
+    send(job_id)
+    send(job_id)  # a duplicated message: one run
+    assert wait_for(lambda: _terminal(services, job_id), 90, "the job to finish", services) == "succeeded"
+    job = get_job(services, job_id)
+    assert job.attempt == 1
+    assert [e.message for e in events(services, job_id)].count("Fine-tuning job started (attempt 1).") == 1
+    assert metric_steps(services, job_id) == list(range(1, 9))
+    assert [c.step_number for c in checkpoints(services, job_id)] == [6, 8]  # keep 2
+    assert job.fine_tuned_model and job.fine_tuned_model.startswith("ft:tuneforge/tiny-chat:default:test:")
+    assert job.trained_tokens == 80
+    assert job.progress and job.progress["step"] == 8
+    assert job.result_files and job.result_files[0].startswith("file-")
+    adapter = artifacts(services, job_id)["adapter"]
+    assert adapter.bytes > 0 and len(adapter.sha256) == 64
+    assert job.lease_owner is None
+
+
+def test_cancel_while_running_stops_within_a_step(
+    services: Services, worker: object, send, qa_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    job_id = seed_job(services, qa_path, max_steps=200, save_every=50)
+    send(job_id)
+    wait_for(lambda: len(metric_steps(services, job_id)) >= 3, 60, "training to start", services)
+    with session_scope(services.sessions) as session:
+        job = load_job(session, job_id)
+        assert job is not None
+        cancel_job(session, job)
+    asked = time.monotonic()
+    assert wait_for(lambda: _terminal(services, job_id), 30, "the cancel", services) == "cancelled"
+    assert time.monotonic() - asked < 10
+    wait_for(lambda: not _busy_children(), 15, "no training process left")
+
+
+def _busy_children() -> list[object]:
+    """Training processes that received a job (warm spares waiting for one are fine)."""
+    return [p for p in training_processes() if p.cpu_percent(0.05) > 5]
+
+
+def test_pause_then_resume_ends_with_planned_steps(
+    services: Services, worker: object, send, qa_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from tuneforge.models.job import resume_job
+
+    job_id = seed_job(services, qa_path, max_steps=12, save_every=100)
+    send(job_id)
+    wait_for(lambda: len(metric_steps(services, job_id)) >= 3, 60, "training to start", services)
+    with session_scope(services.sessions) as session:
+        job = load_job(session, job_id)
+        assert job is not None
+        pause_job(session, job)
+    assert wait_for(lambda: _terminal(services, job_id), 30, "the pause", services) == "paused"
+    paused_at = checkpoints(services, job_id)[-1].step_number
+    assert 3 <= paused_at < 12
+    with session_scope(services.sessions) as session:
+        job = load_job(session, job_id)
+        assert job is not None
+        resume_job(session, job)
+    send(job_id)
+    assert wait_for(lambda: _terminal(services, job_id), 60, "the resumed run", services) == "succeeded"
+    steps = metric_steps(services, job_id)
+    assert steps == list(range(1, 13)), steps
+    assert get_job(services, job_id).progress["step"] == 12  # type: ignore[index]
+
+
+def test_worker_killed_mid_run_resumes_on_a_new_worker(
+    services: Services, worker: object, send, qa_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    beat = services.beat()
+    try:
+        job_id = seed_job(services, qa_path, max_steps=20, save_every=4)
+        send(job_id)
+        wait_for(
+            lambda: len(checkpoints(services, job_id)) >= 1 and len(metric_steps(services, job_id)) >= 6,
+            60,
+            "a checkpoint",
+            services,
+        )
+        services.stop(worker, signal.SIGKILL)  # type: ignore[arg-type]
+        last = checkpoints(services, job_id)[-1].step_number
+        before = metric_steps(services, job_id)
+        replacement = services.worker(extra_env={"STANDIN_STEP_SECONDS": "0.05"})
+        try:
+            assert wait_for(lambda: _terminal(services, job_id), 90, "recovery", services) == "succeeded"
+        finally:
+            services.stop(replacement)
+        job = get_job(services, job_id)
+        assert job.attempt == 2
+        steps = metric_steps(services, job_id)
+        after = steps[len(before) :]
+        assert after and min(after) > last, (last, before, after)
+        assert steps[-1] == 20
+        messages = " ".join(e.message for e in events(services, job_id))
+        assert "was lost" in messages
+    finally:
+        services.stop(beat)
+
+
+def test_child_crash_fails_with_error_and_log_lines(services: Services, send, qa_path: Path) -> None:  # type: ignore[no-untyped-def]
+    process = services.worker(extra_env={"STANDIN_CRASH_AT": "3"})
+    try:
+        job_id = seed_job(services, qa_path, max_steps=10, save_every=100)
+        send(job_id)
+        assert wait_for(lambda: _terminal(services, job_id), 60, "the failure", services) == "failed"
+    finally:
+        services.stop(process)
+    job = get_job(services, job_id)
+    assert job.error and job.error["code"] == "training_error"
+    assert "stand-in crashed at step 3" in job.error["message"]
+    texts = [e.message for e in events(services, job_id)]
+    assert any("Last lines of the training log" in t and "about to crash" in t for t in texts), texts
+    assert job.status == JobStatus.FAILED

@@ -1,0 +1,57 @@
+"""The Celery app. The database is the source of truth for job state, so there is no result
+backend: a task message only says "look at job X"; the task claims the job with a conditional
+UPDATE and a lease (tuneforge/worker/jobstate.py), which makes redelivered or duplicated
+messages harmless.
+
+Broker: `Settings.celery_broker_url` (Redis in production; a SQLite file for `make run`).
+One job per worker process at a time: prefetch 1, late acks, a fresh pool process per task.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from tuneforge.config import Settings, get_settings
+
+RUN_JOB_TASK = "tuneforge.run_job"
+RECONCILE_TASK = "tuneforge.reconcile"
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("tuneforge", broker=settings.celery_broker_url, include=["tuneforge.worker.tasks"])
+    transport_options: dict[str, Any] = {}
+    if settings.embedded_broker:
+        transport_options["polling_interval"] = 0.2
+    else:
+        transport_options["visibility_timeout"] = settings.broker_visibility_timeout
+    app.conf.update(
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=1,
+        task_default_queue=settings.default_queue,
+        task_create_missing_queues=True,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        beat_schedule={
+            "reconcile-jobs": {
+                "task": RECONCILE_TASK,
+                "schedule": settings.reconcile_every_seconds,
+                "options": {"queue": "control", "expires": settings.reconcile_every_seconds},
+            }
+        },
+        task_routes={RECONCILE_TASK: {"queue": "control"}},
+    )
+    return app
+
+
+celery_app = make_celery()

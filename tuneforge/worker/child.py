@@ -1,0 +1,182 @@
+"""The training process: `python -m tuneforge.worker.child MSG_FD`.
+
+A fresh interpreter per job (CUDA is never initialised in a process that forks). It starts before
+its job is known and imports the heavy libraries first, so a job that arrives finds a warm process;
+then it reads one `run` command on stdin, calls the training entry point with an observer, and
+reports on the message pipe. It knows nothing of the database or the object store: the worker
+task that started it (the supervisor, tuneforge/worker/supervisor.py) does all of that.
+
+Parent -> child (stdin, JSON lines): {"op": "run", "spec": {...}, "paths": {...}, "runner": "mod:fn"},
+{"op": "stop", "reason": "cancel"|"pause"}, {"op": "ack", "step": N} (checkpoint stored).
+Child -> parent (MSG_FD, JSON lines): ready, start, metrics, checkpoint, result, error.
+End of stdin means the parent is gone: the child exits at once, so no training outlives its worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from tuneforge.training.interface import RunInfo, RunPaths, RunResult, StepMetrics, StopReason
+
+DEFAULT_RUNNER = "tuneforge.training.run:run_training"
+CHECKPOINT_ACK_TIMEOUT_S = 600.0
+
+
+class _Channel:
+    """Both directions of the conversation with the supervisor."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+        self._out_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self.run_command: dict[str, Any] | None = None
+        self.stop_reason: StopReason | None = None
+        self.acked: set[int] = set()
+
+    def send(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message, default=str)
+        with self._out_lock:
+            self._out.write(line + "\n")
+            self._out.flush()
+
+    def read_commands(self) -> None:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            command = json.loads(line)
+            with self._cond:
+                op = command.get("op")
+                if op == "run":
+                    self.run_command = command
+                elif op == "stop":
+                    reason = command.get("reason")
+                    if reason in ("cancel", "pause") and self.stop_reason != "cancel":
+                        self.stop_reason = reason
+                elif op == "ack":
+                    self.acked.add(int(command["step"]))
+                self._cond.notify_all()
+        os._exit(3)  # the supervisor is gone: never train on as an orphan
+
+    def wait_for_run(self) -> dict[str, Any]:
+        with self._cond:
+            while self.run_command is None:
+                self._cond.wait()
+            return self.run_command
+
+    def wait_for_ack(self, step: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while step not in self.acked:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+
+class ChannelObserver:
+    """The RunObserver the training loop talks to. A checkpoint returns only once the supervisor
+    has stored it, so a checkpoint the trainer later rotates away is never lost."""
+
+    def __init__(self, channel: _Channel) -> None:
+        self.channel = channel
+
+    def on_start(self, info: RunInfo) -> None:
+        self.channel.send({"type": "start", **dataclasses.asdict(info)})
+
+    def on_metrics(self, metrics: StepMetrics) -> None:
+        self.channel.send({"type": "metrics", **dataclasses.asdict(metrics)})
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        self.channel.send({"type": "checkpoint", "step": step, "path": str(path), "metrics": metrics})
+        if not self.channel.wait_for_ack(step, CHECKPOINT_ACK_TIMEOUT_S):
+            raise RuntimeError(f"checkpoint at step {step} was not stored within {CHECKPOINT_ACK_TIMEOUT_S}s")
+
+    def stop_requested(self) -> StopReason | None:
+        return self.channel.stop_reason
+
+
+def _load_runner(name: str) -> Callable[..., RunResult]:
+    module_name, _, attr = name.partition(":")
+    runner: Callable[..., RunResult] = getattr(importlib.import_module(module_name), attr)
+    return runner
+
+
+def _warm_up(runner: str) -> None:
+    """Import the training stack before the job arrives (the slow part of a cold start)."""
+    if runner == DEFAULT_RUNNER:
+        with contextlib.suppress(Exception):  # reported properly when the job runs
+            _load_runner(runner)
+
+
+def main(argv: list[str]) -> int:
+    message_fd = int(argv[1])
+    out = os.fdopen(message_fd, "w", buffering=1)
+    channel = _Channel(out)
+    threading.Thread(target=channel.read_commands, name="supervisor-commands", daemon=True).start()
+    warm_runner = os.environ.get("TUNEFORGE_TRAINING_RUNNER", DEFAULT_RUNNER)
+    _warm_up(warm_runner)
+    channel.send({"type": "ready", "pid": os.getpid()})
+    command = channel.wait_for_run()
+    try:
+        from tuneforge.models.spec import JobSpec
+        from tuneforge.training.base_models import resolve_model_path
+
+        spec = JobSpec.model_validate(command["spec"])
+        raw = command["paths"]
+        model_dir = raw.get("model_dir") or resolve_model_path(
+            spec.model, command.get("models", ""), Path(command["models_dir"])
+        )
+        paths = RunPaths(
+            model_dir=Path(model_dir),
+            train_file=Path(raw["train_file"]),
+            out_dir=Path(raw["out_dir"]),
+            valid_file=Path(raw["valid_file"]) if raw.get("valid_file") else None,
+            resume_from=Path(raw["resume_from"]) if raw.get("resume_from") else None,
+            model_id=spec.model,
+        )
+        runner = _load_runner(command.get("runner") or DEFAULT_RUNNER)
+        result = runner(spec, paths, ChannelObserver(channel))
+        channel.send({"type": "result", **_result_dict(result)})
+        return 0
+    except BaseException as error:
+        channel.send(
+            {
+                "type": "error",
+                "code": _error_code(error),
+                "message": f"{type(error).__name__}: {error}",
+                "traceback": traceback.format_exc(limit=20),
+            }
+        )
+        return 1
+
+
+def _result_dict(result: RunResult) -> dict[str, Any]:
+    return {
+        key: (str(value) if isinstance(value, Path) else value)
+        for key, value in dataclasses.asdict(result).items()
+    }
+
+
+def _error_code(error: BaseException) -> str:
+    text = f"{type(error).__name__} {error}".lower()
+    if "out of memory" in text or isinstance(error, MemoryError):
+        return "out_of_memory"
+    if type(error).__name__ in ("UnknownModel", "OSError") and "model" in text:
+        return "model_load_failed"
+    return "training_error"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))

@@ -1,0 +1,54 @@
+"""Worker processes started by `tuneforge serve` when no broker is configured: a real Celery
+worker and the reconciler's beat, as child processes of the server, on the same code path as
+production (`tuneforge worker`, `tuneforge beat`), stopped with the server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneforge.config import Settings
+
+
+@dataclass
+class EmbeddedWorker:
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Warm shutdown (SIGTERM: the running task ends, its job is picked up again), then SIGKILL."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def start_embedded_worker(settings: Settings, log_dir: Path | None = None) -> EmbeddedWorker:
+    """Starts `tuneforge worker --concurrency 1` and `tuneforge beat` with this process's settings."""
+    log_dir = log_dir or settings.data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TUNEFORGE_DATA_DIR": str(settings.data_dir)}
+    worker = EmbeddedWorker()
+    for name, args in (
+        ("worker", ["worker", "--queues", settings.default_queue, "--concurrency", "1"]),
+        ("beat", ["beat"]),
+    ):
+        with (log_dir / f"{name}.log").open("ab") as log:
+            worker.processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "tuneforge.cli", *args],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+    return worker

@@ -1,0 +1,109 @@
+"""The deep checks of `validating_files`: the files read with the training readers and measured
+with the base model's real tokenizer. A failure ends the job in `failed` with
+`error.code = "invalid_training_file"` and a message naming the file and the problem."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from typing import Any
+
+from tuneforge.db import session_scope
+from tuneforge.models.file import File
+from tuneforge.models.job import Job, JobStatus, change_status
+from tuneforge.models.spec import JobSpec
+from tuneforge.worker import jobstate
+from tuneforge.worker.jobstate import EventRecord
+
+log = logging.getLogger(__name__)
+
+INVALID_FILE = "invalid_training_file"
+
+
+def validate_job(job_id: str, ctx: Any) -> bool:
+    """validating_files -> queued (True) or failed (False). A job that is no longer validating
+    (a duplicate message, a cancel) is left alone and True returned so the caller tries to claim."""
+    with session_scope(ctx.sessions) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != JobStatus.VALIDATING_FILES:
+            return job is not None
+        spec = JobSpec.model_validate(job.spec)
+        files = {"training_file": session.get(File, job.training_file)}
+        if job.validation_file:
+            files["validation_file"] = session.get(File, job.validation_file)
+        keys = {param: (f.storage_key, f.filename, f.id) for param, f in files.items() if f is not None}
+    work = ctx.settings.work_dir / job_id / f"validate-{uuid.uuid4().hex[:6]}"
+    try:
+        problem, param, summary = _check(spec, keys, ctx, work)
+    except Exception as error:  # a tokenizer that does not load, a store that fails
+        log.exception("job %s: validation error", job_id)
+        problem, param, summary = f"could not validate the files: {type(error).__name__}: {error}", None, {}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    with session_scope(ctx.sessions) as session:
+        if problem is not None:
+            failure = {"code": INVALID_FILE, "message": problem, "param": param}
+            if jobstate.fail_unclaimed(session, job_id, [JobStatus.VALIDATING_FILES], failure):
+                jobstate.add_events(
+                    session, job_id, [EventRecord(f"Validation failed: {problem}", level="error")]
+                )
+            return False
+        if change_status(session, job_id, JobStatus.QUEUED, sources=[JobStatus.VALIDATING_FILES]):
+            events = [EventRecord(summary.pop("message"), data=summary)]
+            if summary.get("warnings"):
+                counts = ", ".join(f"{k}={v}" for k, v in summary["warnings"].items())
+                events.append(EventRecord(f"Data warnings (training continues): {counts}", level="warn"))
+            events.append(EventRecord("Job queued."))
+            jobstate.add_events(session, job_id, events)
+    return True
+
+
+def _check(
+    spec: JobSpec, keys: dict[str, tuple[str, str, str]], ctx: Any, work: Any
+) -> tuple[str | None, str | None, dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    from tuneforge.training.base_models import UnknownModel, resolve_model_path
+    from tuneforge.training.data import DataError, read_training_file
+
+    if "training_file" not in keys:
+        return f"training file {spec.training_file} no longer exists", "training_file", {}
+    try:
+        model_dir = resolve_model_path(spec.model, ctx.settings.models, ctx.settings.models_dir)
+    except UnknownModel:
+        return f"model {spec.model!r} is not on offer on this worker", "model", {}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=ctx.settings.trust_remote_code)
+    max_len = spec.hyperparameters.max_seq_length
+    summary: dict[str, Any] = {"files": {}, "warnings": {}}
+    for param, (key, filename, file_id) in keys.items():
+        path = work / f"{param}.jsonl"
+        ctx.store.download(key, path)
+        try:
+            data = read_training_file(
+                path,
+                spec.method.type,
+                tokenizer,
+                max_len,
+                split="train" if param == "training_file" else "validation",
+            )
+        except DataError as error:
+            return f"{file_id} ({filename}): {str(error).split(': ', 1)[-1]}", param, {}
+        stats = data.stats
+        too_long = data.warnings.get("truncated_examples", 0)
+        if stats.examples and too_long == stats.examples:
+            return (
+                f"{file_id} ({filename}): every one of its {stats.examples} examples is longer than "
+                f"max_seq_length={max_len} tokens (shortest {stats.min_tokens}); raise max_seq_length",
+                param,
+                {},
+            )
+        summary["files"][param] = {"id": file_id, **stats.as_dict()}
+        for name, count in data.warnings.items():
+            summary["warnings"][f"{param}.{name}"] = count
+    train = summary["files"]["training_file"]
+    summary["message"] = (
+        f"Files validated: {train['examples']} training examples, {train['tokens']} tokens "
+        f"(longest {train['max_tokens']}, max_seq_length {max_len})."
+    )
+    return None, None, summary
