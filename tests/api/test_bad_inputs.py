@@ -1,0 +1,211 @@
+"""Every bad input of the acceptance list: each a 4xx with OpenAI's error body, naming the field
+or line, and nothing half-written (no job, no file row, no stored object)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import func, select
+
+from tests.api.conftest import ProjectCtx
+from tuneforge.models.file import File
+from tuneforge.models.job import Job
+
+MODEL = "tuneforge/tiny-chat"
+
+
+def _counts(app: FastAPI) -> tuple[int, int, int]:
+    with app.state.sessionmaker() as session:
+        jobs = session.scalar(select(func.count()).select_from(Job))
+        files = session.scalar(select(func.count()).select_from(File))
+    objects = len(list(app.state.store.list("files/")))
+    return int(jobs or 0), int(files or 0), objects
+
+
+def _error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return dict(body["error"])
+
+
+def _job(project: ProjectCtx, training_file: str, **extra: Any) -> httpx.Response:
+    body = {"model": MODEL, "training_file": training_file, **extra}
+    return project.client.post("/v1/fine_tuning/jobs", json=body, headers=project.headers)
+
+
+def _upload(project: ProjectCtx, content: bytes, **headers: str) -> httpx.Response:
+    return project.client.post(
+        "/v1/files",
+        files={"file": ("bad.jsonl", content)},
+        data={"purpose": "fine-tune"},
+        headers={**project.headers, **headers},
+    )
+
+
+def test_every_bad_input_is_refused_cleanly(
+    project: ProjectCtx, other_project: ProjectCtx, app: FastAPI, chat_jsonl: str, dpo_jsonl: str
+) -> None:
+    chat_file = project.upload(chat_jsonl)
+    other_file = other_project.upload(chat_jsonl)
+    other_job = other_project.openai.fine_tuning.jobs.create(model=MODEL, training_file=other_file).id
+    before = _counts(app)
+
+    # Upload: malformed JSON on line N names N.
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    err = _error(_upload(project, f"{good}\n{good}\n{{not json\n{good}\n".encode()), 400)
+    assert "line 3" in err["message"] and err["param"] == "file" and err["code"] == "invalid_file_format"
+
+    # Upload: a file in no known format.
+    err = _error(_upload(project, b'{"question": "q", "answer": "a"}\n'), 400)
+    assert "line 1" in err["message"] and "no known format" in err["message"]
+
+    # Upload: lines in different formats.
+    mixed = f'{good}\n{{"text": "raw"}}\n'.encode()
+    assert "line 2" in _error(_upload(project, mixed), 400)["message"]
+
+    # Upload: empty file, wrong purpose, no file part.
+    assert _error(_upload(project, b""), 400)["param"] == "file"
+    wrong_purpose = project.client.post(
+        "/v1/files",
+        files={"file": ("x.jsonl", chat_jsonl.encode())},
+        data={"purpose": "assistants"},
+        headers=project.headers,
+    )
+    assert _error(wrong_purpose, 400)["param"] == "purpose"
+    no_file = project.client.post("/v1/files", data={"purpose": "fine-tune"}, headers=project.headers)
+    assert _error(no_file, 400)["param"] == "file"
+
+    # Upload over the limit (this app's limit is 1 MiB): 413, by Content-Length and while streaming.
+    big = (good + "\n").encode() * ((2 << 20) // len(good))
+    err = _error(_upload(project, big), 413)
+    assert err["param"] == "file"
+
+    def chunked() -> Any:
+        for _ in range(40):
+            yield (good + "\n").encode() * 1000
+
+    boundary = "b0undary"
+
+    def body() -> Any:
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'.encode()
+        disposition = 'Content-Disposition: form-data; name="file"; filename="x.jsonl"'
+        yield f"--{boundary}\r\n{disposition}\r\n\r\n".encode()
+        yield from chunked()
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    streamed = project.client.post(
+        "/v1/files",
+        content=body(),
+        headers={**project.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    _error(streamed, 413)
+
+    # Jobs: a DPO job on a chat SFT file.
+    err = _error(_job(project, chat_file, method={"type": "dpo"}), 400)
+    assert err["param"] == "training_file" and "chat" in err["message"] and "preference" in err["message"]
+    # ... and a supervised job on a DPO file.
+    assert _counts(app) == before, "a refused upload left something behind"
+    dpo_file = project.upload(dpo_jsonl)
+    before = _counts(app)
+    assert _error(_job(project, dpo_file), 400)["param"] == "training_file"
+
+    # An unknown model.
+    err = _error(_job(project, chat_file, model="no-such/model"), 400)
+    assert err["param"] == "model" and "no-such/model" in err["message"]
+
+    # n_epochs 0 or 51; batch_size "big".
+    for value in (0, 51):
+        method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": value}}}
+        err = _error(_job(project, chat_file, method=method), 400)
+        assert err["param"] == "method.supervised.hyperparameters.n_epochs"
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": "big"}}}
+    assert _error(_job(project, chat_file, method=method), 400)["param"] == (
+        "method.supervised.hyperparameters.batch_size"
+    )
+    # DPO beta out of range.
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 3}}}
+    assert _error(_job(project, dpo_file, method=method), 400)["param"] == "method.dpo.hyperparameters.beta"
+
+    # A 65-character suffix; 17 metadata pairs; a too-long metadata value.
+    assert _error(_job(project, chat_file, suffix="s" * 65), 400)["param"] == "suffix"
+    metadata = {f"k{i}": "v" for i in range(17)}
+    assert _error(_job(project, chat_file, metadata=metadata), 400)["param"] == "metadata"
+    assert _error(_job(project, chat_file, metadata={"k": "v" * 513}), 400)["param"] == "metadata.k"
+
+    # A reinforcement job: not supported.
+    err = _error(_job(project, chat_file, method={"type": "reinforcement"}), 400)
+    assert err["param"] == "method" and "not supported" in err["message"]
+
+    # A bad adapter, an unknown field, a missing field, malformed JSON.
+    err = _error(_job(project, chat_file, adapter={"type": "lora", "r": 0}), 400)
+    assert err["param"] == "adapter.r"
+    assert _error(_job(project, chat_file, adapter={"type": "magic"}), 400)["param"] == "adapter.type"
+    assert _error(_job(project, chat_file, bogus=1), 400)["param"] == "bogus"
+    missing = project.client.post("/v1/fine_tuning/jobs", json={"model": MODEL}, headers=project.headers)
+    assert _error(missing, 400)["param"] == "training_file"
+    malformed = project.client.post(
+        "/v1/fine_tuning/jobs",
+        content=b'{"model": ',
+        headers={**project.headers, "Content-Type": "application/json"},
+    )
+    _error(malformed, 400)
+
+    # Files that do not exist, or belong to another project.
+    err = _error(_job(project, "file-doesnotexist"), 400)
+    assert err["param"] == "training_file" and "not found" in err["message"]
+    err = _error(_job(project, other_file), 400)
+    assert err["param"] == "training_file" and "not found" in err["message"]
+    err = _error(_job(project, chat_file, validation_file=other_file), 400)
+    assert err["param"] == "validation_file"
+
+    # Another project's file or job: 404.
+    for path in (f"/v1/files/{other_file}", f"/v1/files/{other_file}/content"):
+        _error(project.client.get(path, headers=project.headers), 404)
+    _error(project.client.delete(f"/v1/files/{other_file}", headers=project.headers), 404)
+    for path in ("", "/events", "/checkpoints", "/artifacts"):
+        _error(project.client.get(f"/v1/fine_tuning/jobs/{other_job}{path}", headers=project.headers), 404)
+    for action in ("cancel", "pause", "resume"):
+        response = project.client.post(f"/v1/fine_tuning/jobs/{other_job}/{action}", headers=project.headers)
+        _error(response, 404)
+
+    # Bad paging parameters.
+    assert (
+        _error(project.client.get("/v1/fine_tuning/jobs?limit=0", headers=project.headers), 400)["param"]
+        == "limit"
+    )
+    assert (
+        _error(project.client.get("/v1/fine_tuning/jobs?after=ftjob-nope", headers=project.headers), 400)[
+            "param"
+        ]
+        == "after"
+    )
+
+    # A missing or wrong key: 401.
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}):
+        for method_name, path in (
+            ("GET", "/v1/files"),
+            ("POST", "/v1/fine_tuning/jobs"),
+            ("GET", "/v1/models"),
+        ):
+            response = project.client.request(method_name, path, headers=headers, json={})
+            assert _error(response, 401)["code"] == "invalid_api_key"
+
+    assert _counts(app) == before, "a refused request left something behind"
+    # The other project's job is untouched by all of the above.
+    assert other_project.openai.fine_tuning.jobs.retrieve(other_job).status == "queued"
+
+
+@pytest.mark.parametrize("status_code", [400])
+def test_refused_state_change_is_never_409(project: ProjectCtx, chat_jsonl: str, status_code: int) -> None:
+    job = project.openai.fine_tuning.jobs.create(model=MODEL, training_file=project.upload(chat_jsonl))
+    project.openai.fine_tuning.jobs.cancel(job.id)
+    response = project.client.post(f"/v1/fine_tuning/jobs/{job.id}/cancel", headers=project.headers)
+    assert response.status_code == status_code
+    assert response.headers["x-should-retry"] == "false"
