@@ -1,0 +1,181 @@
+"""`estimate(request)`: the fine-tuning cost calculator. Parameters exactly as PEFT counts them,
+memory by part, tokens, steps and time (only from measured throughput), and a recommendation."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from tuneforge.config import Settings, get_settings
+from tuneforge.estimates import hardware as hw
+from tuneforge.estimates.advisor import Variant, recommend
+from tuneforge.estimates.memory import memory_breakdown
+from tuneforge.estimates.schema import (
+    EstimateError,
+    EstimateRequest,
+    EstimateResponse,
+    FileStats,
+    Memory,
+    Throughput,
+)
+from tuneforge.estimates.skeleton import adapter_counts, model_shape
+
+#: What "auto" means here when the request leaves it to the service (same as a job with no data
+#: size known yet); the training recipe resolves "auto" from the data and reports its values.
+AUTO_BATCH_SIZE = 8
+AUTO_EPOCHS = 3
+
+
+def load_model_config(request: EstimateRequest, settings: Settings) -> tuple[dict[str, Any], str]:
+    """The config dict to build, and the dotted name of the field it came from."""
+    if request.model_config_ is not None:
+        return dict(request.model_config_), "model_config"
+    from tuneforge.training.base_models import UnknownModel, resolve_model_path
+
+    assert request.model is not None
+    try:
+        path = resolve_model_path(request.model, settings.models, settings.models_dir)
+    except UnknownModel as exc:
+        raise EstimateError(
+            f"model {request.model!r} is not on offer here; give model_config for others", "model"
+        ) from exc
+    try:
+        config: dict[str, Any] = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise EstimateError(f"model {request.model!r} has no readable config.json: {exc}", "model") from exc
+    return config, "model"
+
+
+def _device(request: EstimateRequest) -> tuple[str | None, int | None, bool]:
+    """(hardware class, bytes of one device, is a GPU)."""
+    spec = request.hardware
+    if spec is None:
+        return None, None, True
+    name = (spec.gpu or "").strip().lower() or None
+    is_gpu = name != "cpu"
+    if spec.gpu_memory_gb is not None:
+        return name or "custom", int(spec.gpu_memory_gb * hw.GIB), is_gpu
+    if name is None:
+        raise EstimateError("hardware needs gpu (a class) or gpu_memory_gb", "hardware")
+    if name == "cpu":
+        return name, None, False
+    if name not in hw.DEVICE_MEMORY_GIB:
+        raise EstimateError(
+            f"unknown hardware class {name!r}; known: {sorted(hw.DEVICE_MEMORY_GIB)} and cpu, "
+            "or give gpu_memory_gb",
+            "hardware.gpu",
+        )
+    return name, int(hw.DEVICE_MEMORY_GIB[name] * hw.GIB), True
+
+
+def estimate(
+    request: EstimateRequest, *, file_stats: FileStats | None = None, settings: Settings | None = None
+) -> EstimateResponse:
+    settings = settings or get_settings()
+    config, param = load_model_config(request, settings)
+    shape = model_shape(config, param)
+    adapter = request.adapter
+    counts = adapter_counts(config, adapter, param)
+
+    hp = request.hyperparameters
+    stats = file_stats or FileStats()
+    n_examples = request.n_examples or stats.examples
+    n_tokens = request.n_tokens or stats.approx_tokens
+    data_format = request.data_format or stats.format
+    batch_size = hp.batch_size if isinstance(hp.batch_size, int) else AUTO_BATCH_SIZE
+    n_epochs = hp.n_epochs if isinstance(hp.n_epochs, int) else AUTO_EPOCHS
+    seq_len = hp.max_seq_length
+    accumulation = hp.gradient_accumulation_steps
+    hardware_name, device_bytes, is_gpu = _device(request)
+    dtype = request.dtype or ("bf16" if is_gpu else "fp32")
+    devices = request.hardware.count if request.hardware else 1
+
+    def size(variant: Variant) -> int:
+        variant_counts = adapter_counts(config, variant.adapter, param)
+        return memory_breakdown(
+            shape,
+            variant.adapter,
+            variant_counts,
+            dtype=dtype,
+            micro_batch=variant.batch_size,
+            seq_len=variant.seq_len,
+            gradient_checkpointing=variant.gradient_checkpointing,
+            is_gpu=is_gpu,
+        ).total
+
+    memory = memory_breakdown(
+        shape,
+        adapter,
+        counts,
+        dtype=dtype,
+        micro_batch=batch_size,
+        seq_len=seq_len,
+        gradient_checkpointing=request.gradient_checkpointing,
+        is_gpu=is_gpu,
+    )
+
+    examples_per_step = batch_size * accumulation * devices
+    rows = n_examples if n_examples is not None else (math.ceil(n_tokens / seq_len) if n_tokens else None)
+    steps = math.ceil(rows / examples_per_step) * n_epochs if rows else None
+    if steps is not None and hp.max_steps is not None:
+        steps = min(steps, hp.max_steps)
+    elif steps is None and hp.max_steps is not None:
+        steps = hp.max_steps
+
+    throughput = None
+    seconds = None
+    if hardware_name is not None:
+        measured = hw.find_throughput(hardware_name, counts.total_params, adapter.type != "full")
+        if measured is not None:
+            tps = measured.tokens_per_second * measured.total_params / counts.total_params
+            throughput = Throughput(
+                hardware=hardware_name, tokens_per_second=round(tps, 1), source=measured.how
+            )
+            if n_tokens and rows:
+                trained = float(n_tokens * n_epochs)
+                if steps is not None and hp.max_steps is not None:
+                    full_steps = math.ceil(rows / examples_per_step) * n_epochs
+                    trained *= steps / full_steps
+                seconds = round(trained / (tps * devices), 1)
+
+    usable = hw.usable_bytes(device_bytes, is_gpu) if device_bytes is not None else None
+    current = Variant("as asked", adapter, request.gradient_checkpointing, batch_size, accumulation, seq_len)
+    recommendation = recommend(
+        method=request.method,
+        data_format=data_format,
+        domain_shift=request.domain_shift,
+        n_examples=n_examples,
+        current=current,
+        size=size,
+        usable=usable,
+    )
+    return EstimateResponse(
+        model=request.model,
+        architecture=shape.architecture,
+        adapter=adapter,
+        method=request.method,
+        trainable_params=counts.trainable_params,
+        total_params=counts.total_params,
+        trainable_percent=round(100 * counts.trainable_params / counts.total_params, 4),
+        dtype=dtype,
+        memory=Memory(
+            weights=memory.weights,
+            gradients=memory.gradients,
+            optimizer=memory.optimizer,
+            activations=memory.activations,
+            total=memory.total,
+        ),
+        memory_notes=memory.notes,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        n_epochs=n_epochs,
+        tokens_per_epoch=n_tokens,
+        steps=steps,
+        estimated_seconds=seconds,
+        throughput=throughput,
+        hardware=hardware_name,
+        device_memory_bytes=device_bytes,
+        fits=None if usable is None else memory.total <= usable,
+        recommendation=recommendation,
+    )

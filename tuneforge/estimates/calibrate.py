@@ -1,0 +1,178 @@
+"""Check the memory model against a real run: train tiny-chat on CPU for a few steps in a fresh
+process and compare the growth of its peak RSS with the estimate.
+
+    python -m tuneforge.estimates.calibrate [--adapters full,lora,qlora] [--batch-size 8] [--seq-len 512]
+
+Each measurement runs in its own child process (`--child`), so one run's allocations never hide in
+another's peak. The loop is a plain PyTorch loop doing what the supervised recipe does on CPU: fp32
+weights, AdamW, right-padded batches with an attention mask, PEFT adapters (QLoRA: bitsandbytes 4-bit
+with `prepare_model_for_kbit_training`, no gradient checkpointing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tuneforge.models.spec import AdapterSpec
+
+STEPS = 3
+#: Fixed glibc mmap threshold: big tensors are mapped and unmapped, so RSS follows live memory
+#: instead of the heap high-water mark that glibc's adaptive threshold leaves behind.
+MMAP_THRESHOLD = 1 << 20
+
+
+@dataclass
+class Calibration:
+    adapter: str
+    batch_size: int
+    seq_len: int
+    estimated_bytes: int
+    measured_bytes: int
+
+    @property
+    def error(self) -> float:
+        return (self.estimated_bytes - self.measured_bytes) / self.measured_bytes
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child(model_dir: Path, adapter_type: str, batch_size: int, seq_len: int) -> dict[str, int]:
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if adapter_type == "qlora":
+        import bitsandbytes  # noqa: F401  # import cost outside the measurement
+    import peft  # noqa: F401
+
+    vocab = 1000
+    lengths = torch.randint(seq_len // 2, seq_len + 1, (batch_size,))
+    lengths[0] = seq_len
+    ids = torch.randint(10, vocab, (batch_size, seq_len))
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    baseline = _rss()
+
+    kwargs: dict[str, object] = {"dtype": torch.float32}
+    if adapter_type == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
+    if adapter_type != "full":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if adapter_type == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        spec = AdapterSpec.model_validate({"type": adapter_type})
+        config = LoraConfig(
+            r=spec.r,
+            lora_alpha=spec.alpha,  # type: ignore[arg-type]
+            lora_dropout=spec.dropout,
+            target_modules=spec.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)  # type: ignore[assignment]
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for _ in range(STEPS):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"baseline": baseline, "peak": _peak_rss()}
+
+
+def measure(model_dir: Path, adapter_type: str, batch_size: int, seq_len: int) -> int:
+    """Peak RSS growth, in bytes, of a short real run in a fresh process."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+    }
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "tuneforge.estimates.calibrate", "--child", str(model_dir)),
+            *(adapter_type, "--batch-size", str(batch_size), "--seq-len", str(seq_len)),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return int(result["peak"]) - int(result["baseline"])
+
+
+def calibrate(model_dir: Path, adapter_type: str, batch_size: int, seq_len: int) -> Calibration:
+    from tuneforge.estimates.calculator import estimate
+    from tuneforge.estimates.schema import EstimateRequest, Hardware
+
+    config = json.loads((model_dir / "config.json").read_text())
+    request = EstimateRequest.model_validate(
+        {
+            "model_config": config,
+            "adapter": {"type": adapter_type},
+            "hyperparameters": {"batch_size": batch_size, "max_seq_length": seq_len},
+            "hardware": Hardware(gpu="cpu").model_dump(),
+            "dtype": "fp32",
+        }
+    )
+    estimated = estimate(request).memory.total
+    return Calibration(
+        adapter_type, batch_size, seq_len, estimated, measure(model_dir, adapter_type, batch_size, seq_len)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--child", nargs=2, metavar=("MODEL_DIR", "ADAPTER"), help=argparse.SUPPRESS)
+    parser.add_argument("--adapters", default="full,lora,qlora")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(Path(args.child[0]), args.child[1], args.batch_size, args.seq_len)))
+        return 0
+    from tuneforge.config import get_settings
+    from tuneforge.training.tiny_chat import build_tiny_chat
+
+    model_dir = build_tiny_chat(get_settings().models_dir)
+    print("| adapter | batch x seq | estimated MiB | measured RSS growth MiB | error |")
+    print("| --- | --- | --- | --- | --- |")
+    for adapter_type in args.adapters.split(","):
+        c = calibrate(model_dir, adapter_type, args.batch_size, args.seq_len)
+        print(
+            f"| {c.adapter} | {c.batch_size} x {c.seq_len} | {c.estimated_bytes / 2**20:,.1f} | "
+            f"{c.measured_bytes / 2**20:,.1f} | {c.error:+.1%} |",
+            flush=True,
+        )
+        if os.environ.get("TUNEFORGE_CALIBRATION_JSON"):
+            print(json.dumps(asdict(c)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

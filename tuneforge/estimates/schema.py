@@ -1,0 +1,140 @@
+"""Request and response of the cost calculator. The API validates `POST /v1/fine_tuning/estimates`
+bodies with `EstimateRequest` and answers an `EstimateResponse`; the CLI builds the same request."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tuneforge.models.spec import AdapterSpec, Hyperparameters, MethodType
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+
+
+class EstimateError(ValueError):
+    """Bad input to the calculator; `param` names the offending field by its dotted path."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class Hardware(BaseModel):
+    """Where the job would run: a known class (`{"gpu": "a100-80gb"}`, `{"gpu": "cpu"}`) or a
+    memory size (`{"gpu_memory_gb": 24, "count": 1}`). Each device holds a whole replica (data
+    parallel, no sharding), so `fits` compares the per-device total with one device's memory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu: str | None = Field(None, description="Hardware class, e.g. a100-80gb, h100-80gb, l4, cpu.")
+    gpu_memory_gb: Annotated[float, Field(gt=0, le=4096)] | None = Field(
+        None, description="Memory of one device in GB (10^9 bytes); overrides the class's figure."
+    )
+    count: Annotated[int, Field(ge=1, le=1024)] = Field(1, description="Devices (data parallel).")
+
+
+class FileStats(BaseModel):
+    """What the upload recorded about a training file."""
+
+    examples: int | None = None
+    approx_tokens: int | None = None
+    format: str | None = None
+
+
+class EstimateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
+
+    model: str | None = Field(None, description="A base model id on offer (GET /v1/models).")
+    model_config_: dict[str, Any] | None = Field(
+        None,
+        alias="model_config",
+        description="A Hugging Face config.json as a dict; for models whose weights are not here.",
+    )
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    method: MethodType = Field("supervised", description="supervised, dpo or pretraining.")
+    training_file: str | None = Field(None, description="An uploaded file; its recorded counts are used.")
+    n_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="Tokens in one epoch.")
+    n_examples: Annotated[int, Field(ge=1)] | None = Field(None, description="Examples in one epoch.")
+    data_format: str | None = Field(
+        None, description="Detected format of the data (e.g. openai_preference); from the file if given."
+    )
+    domain_shift: bool = Field(
+        False, description="The data is from a domain the base model has barely seen (new language, field)."
+    )
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    hardware: Hardware | None = Field(None, description="Where it would run; default: no fit check.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    dtype: Dtype | None = Field(None, description="Weights/compute dtype; default fp32 on CPU, bf16 on GPUs.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_object(cls, data: Any) -> Any:
+        """Accept OpenAI's `method` object ({"type": ..., "<type>": {"hyperparameters": ...}})."""
+        if isinstance(data, dict) and isinstance(data.get("method"), dict):
+            data = dict(data)
+            method = data["method"]
+            kind = method.get("type", "supervised")
+            data["method"] = kind
+            section = method.get(kind) or {}
+            if isinstance(section, dict) and "hyperparameters" in section and "hyperparameters" not in data:
+                hp = dict(section["hyperparameters"] or {})
+                hp.pop("beta", None)
+                data["hyperparameters"] = hp
+        return data
+
+    @model_validator(mode="after")
+    def _one_model(self) -> EstimateRequest:
+        if (self.model is None) == (self.model_config_ is None):
+            raise ValueError("give exactly one of model (an id) or model_config (a config dict)")
+        return self
+
+
+class Memory(BaseModel):
+    """Bytes per device, by part."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    total: int
+
+
+class Throughput(BaseModel):
+    hardware: str
+    tokens_per_second: float
+    source: str
+
+
+class Recommendation(BaseModel):
+    method: MethodType
+    adapter: str
+    stages: list[str] = Field(description="Methods to run in order, e.g. pretraining then supervised.")
+    reasons: list[str]
+    fit_advice: list[str] = Field(description="Changes that make the job fit, each checked by the model.")
+
+
+class EstimateResponse(BaseModel):
+    object: Literal["fine_tuning.estimate"] = "fine_tuning.estimate"
+    model: str | None
+    architecture: str
+    adapter: AdapterSpec
+    method: MethodType
+    trainable_params: int
+    total_params: int
+    trainable_percent: float
+    dtype: Dtype
+    memory: Memory
+    memory_notes: list[str]
+    batch_size: int
+    seq_len: int
+    n_epochs: int
+    tokens_per_epoch: int | None
+    steps: int | None
+    estimated_seconds: float | None
+    throughput: Throughput | None
+    hardware: str | None
+    device_memory_bytes: int | None
+    fits: bool | None
+    recommendation: Recommendation
