@@ -17,7 +17,10 @@ def start_embedded_worker(settings: Settings) -> Callable[[], None] | None:
     """HOOK for job execution (issue 4): with no broker configured (`settings.embedded_broker`),
     start the embedded worker process here and return a function that stops it. Returning None
     runs the API alone."""
-    return None
+    from tuneforge.worker.embedded import start_embedded_worker as start
+
+    print(f"Embedded worker and reconciler: logs in {settings.data_dir / 'logs'}", flush=True)
+    return start(settings).stop
 
 
 def announce_admin_key(settings: Settings) -> str:

@@ -118,6 +118,7 @@ def _warm_up(runner: str) -> None:
     if runner == DEFAULT_RUNNER:
         with contextlib.suppress(Exception):  # reported properly when the job runs
             _load_runner(runner)
+            importlib.import_module("tuneforge.training.supervised")  # torch, transformers, trl, peft
 
 
 def main(argv: list[str]) -> int:
@@ -171,6 +172,8 @@ def _result_dict(result: RunResult) -> dict[str, Any]:
 
 def _error_code(error: BaseException) -> str:
     text = f"{type(error).__name__} {error}".lower()
+    if type(error).__name__ == "DataError":  # tuneforge.training.data: the file cannot be trained on
+        return "invalid_training_file"
     if "out of memory" in text or isinstance(error, MemoryError):
         return "out_of_memory"
     if type(error).__name__ in ("UnknownModel", "OSError") and "model" in text:

@@ -31,6 +31,16 @@ class EmbeddedWorker:
                 process.wait()
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the server dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def start_embedded_worker(settings: Settings, log_dir: Path | None = None) -> EmbeddedWorker:
     """Starts `tuneforge worker --concurrency 1` and `tuneforge beat` with this process's settings."""
     log_dir = log_dir or settings.data_dir / "logs"
@@ -49,6 +59,7 @@ def start_embedded_worker(settings: Settings, log_dir: Path | None = None) -> Em
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent,
                 )
             )
     return worker

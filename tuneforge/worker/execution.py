@@ -101,6 +101,12 @@ def fine_tuned_model_name(base: str, project: str, suffix: str | None, job_id: s
     return f"ft:{base}:{safe_project}:{suffix or ''}:{short}"
 
 
+def checkpoint_state_key(adapter_key: str) -> str:
+    """A checkpoint row's `storage_key` is its adapter archive (what the checkpoint download
+    endpoint serves); the full trainer state for resuming lies beside it."""
+    return adapter_key.rsplit("/", 1)[0] + "/state.tar.gz"
+
+
 def run_job(job_id: str, ctx: WorkerContext) -> str:
     """Everything one task message asks for. Returns what happened (for logs and tests)."""
     with session_scope(ctx.sessions) as session:
@@ -225,7 +231,7 @@ class JobRun:
         resume_from = None
         if self.checkpoint is not None:
             archive = inputs / "resume.tar.gz"
-            self.store.download(f"{self.checkpoint[2]}/state.tar.gz", archive)
+            self.store.download(checkpoint_state_key(self.checkpoint[2]), archive)
             resume_from = extract_tarball(archive, inputs / f"checkpoint-{self.checkpoint[1]}")
         out_dir = self.work / "out"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +348,8 @@ class JobRun:
         key = f"jobs/{self.job_id}/checkpoints/{checkpoint_id}"
         tmp = self.work / "upload"
         self.store.put_file(f"{key}/state.tar.gz", make_tarball(path, tmp / "state.tar.gz"))
-        self.store.put_file(f"{key}/adapter.tar.gz", make_tarball(path, tmp / "adapter.tar.gz", adapter_only))
+        key = f"{key}/adapter.tar.gz"  # the row points at the adapter; the state lies beside it
+        self.store.put_file(key, make_tarball(path, tmp / "adapter.tar.gz", adapter_only))
         shutil.rmtree(tmp, ignore_errors=True)
         raw = {**getattr(self, "last_metrics", {}), **(message.get("metrics") or {})}
         metrics = {"step": step}
@@ -389,7 +396,7 @@ class JobRun:
                 pruned.append(row.storage_key)
                 session.delete(row)
         for old_key in pruned:
-            self.store.delete_prefix(old_key + "/")
+            self.store.delete_prefix(old_key.rsplit("/", 1)[0] + "/")
         process.send({"op": "ack", "step": step})
 
     def _on_result(self, message: dict[str, Any]) -> str:

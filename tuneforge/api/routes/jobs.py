@@ -7,7 +7,7 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from tuneforge.api.deps import JobDep, ProjectDep, SessionDep, SettingsDep, StoreDep
 from tuneforge.api.errors import BadRequest, NotFound
@@ -31,6 +31,9 @@ _METADATA_PARAM = re.compile(r"^metadata\[(.+)\]$")
 Limit20 = Annotated[int, Query(ge=1, le=1000, description="Page size.")]
 Limit10 = Annotated[int, Query(ge=1, le=1000, description="Page size.")]
 After = Annotated[str | None, Query(description="An id: the page starts after it.")]
+Redirect = Annotated[
+    bool, Query(description="On S3, answer 307 to a presigned URL instead of streaming the bytes.")
+]
 
 
 @router.post("", summary="Create a fine-tuning job")
@@ -134,10 +137,14 @@ def _stream(store: ObjectStore, key: str, filename: str, content_type: str, size
     summary="Download an artifact (adapter, model, merged)",
     response_class=StreamingResponse,
 )
-def download_artifact(job: JobDep, name: str, session: SessionDep, store: StoreDep) -> StreamingResponse:
+def download_artifact(
+    job: JobDep, name: str, session: SessionDep, store: StoreDep, redirect: Redirect = False
+) -> Response:
     artifact = checkpoints.get_artifact(session, job.id, name)
     if artifact is None:
         raise NotFound(f"Job {job.id} has no artifact named '{name}'.", param="name")
+    if redirect and (url := store.presigned_url(artifact.storage_key)):
+        return RedirectResponse(url, status_code=307)
     filename = (
         f"{job.id}-{name}.tar.gz" if artifact.content_type == "application/gzip" else f"{job.id}-{name}"
     )
@@ -150,11 +157,13 @@ def download_artifact(job: JobDep, name: str, session: SessionDep, store: StoreD
     response_class=StreamingResponse,
 )
 def download_checkpoint_adapter(
-    job: JobDep, checkpoint_id: str, session: SessionDep, store: StoreDep
-) -> StreamingResponse:
+    job: JobDep, checkpoint_id: str, session: SessionDep, store: StoreDep, redirect: Redirect = False
+) -> Response:
     checkpoint = checkpoints.get_checkpoint(session, job.id, checkpoint_id)
     if checkpoint is None:
         raise NotFound(f"Job {job.id} has no checkpoint {checkpoint_id}.", param="checkpoint_id")
+    if redirect and (url := store.presigned_url(checkpoint.storage_key)):
+        return RedirectResponse(url, status_code=307)
     try:
         size = store.stat(checkpoint.storage_key).size
     except ObjectNotFound:
