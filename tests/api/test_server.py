@@ -71,7 +71,7 @@ def test_embedded_serve_end_to_end(embedded_server: Server, chat_jsonl: str, dpo
     assert admin.fine_tuning.jobs.checkpoints.list(job.id).data == []
     if admin.fine_tuning.jobs.retrieve(dpo_job.id).status == "queued":
         assert admin.fine_tuning.jobs.cancel(dpo_job.id).status == "cancelled"
-    assert [m.id for m in admin.models.list()][0] == MODEL
+    assert next(m.id for m in admin.models.list()) == MODEL
 
     project = admin_request(server, "POST", "/v1/admin/projects", admin.api_key, json={"name": "p"})
     key = admin_request(server, "POST", f"/v1/admin/projects/{project['id']}/api_keys", admin.api_key)
