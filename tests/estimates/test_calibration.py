@@ -1,0 +1,18 @@
+"""The memory model against a real run: tiny-chat trained on CPU for a few steps in a fresh
+process, peak RSS growth against the estimate (acceptance: within 25%)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tuneforge.estimates.calibrate import calibrate
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", ["full", "lora", "qlora"])
+def test_memory_estimate_within_25_percent_of_measured_peak(tiny_chat_path: Path, adapter: str) -> None:
+    result = calibrate(tiny_chat_path, adapter, batch_size=8, seq_len=512)
+    assert result.measured_bytes > 100 * 2**20  # a real run, big enough to measure
+    assert abs(result.error) < 0.25, result
