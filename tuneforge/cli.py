@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="Upgrade the database schema (alembic upgrade).")
     migrate.add_argument("--revision", default="head", help="Target revision (default head).")
     migrate.set_defaults(handler=_migrate)
+    from tuneforge.estimates.command import add_parser as add_estimate_parser
+
+    add_estimate_parser(commands)
     return parser
 
 
