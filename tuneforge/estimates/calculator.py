@@ -126,9 +126,9 @@ def estimate(
     throughput = None
     seconds = None
     if hardware_name is not None:
-        measured = hw.find_throughput(hardware_name, counts.total_params, adapter.type != "full")
-        if measured is not None:
-            tps = measured.tokens_per_second * measured.total_params / counts.total_params
+        measured = hw.find_throughput(hardware_name, shape.total_params, adapter.type != "full")
+        if measured is not None:  # compute per token grows with the parameter count (6N rule)
+            tps = measured.tokens_per_second * measured.total_params / shape.total_params
             throughput = Throughput(
                 hardware=hardware_name, tokens_per_second=round(tps, 1), source=measured.how
             )

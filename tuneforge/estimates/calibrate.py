@@ -50,15 +50,21 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _child(model_dir: Path, adapter_type: str, batch_size: int, seq_len: int) -> dict[str, int]:
+def _child(
+    model_dir: Path, adapter_type: str, batch_size: int, seq_len: int, steps: int = STEPS, threads: int = 1
+) -> dict[str, float]:
+    import time
+
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     if adapter_type == "qlora":
         import bitsandbytes  # noqa: F401  # import cost outside the measurement
     import peft  # noqa: F401
+
+    from tuneforge.estimates import skeleton  # noqa: F401
 
     vocab = 1000
     lengths = torch.randint(seq_len // 2, seq_len + 1, (batch_size,))
@@ -78,34 +84,52 @@ def _child(model_dir: Path, adapter_type: str, batch_size: int, seq_len: int) ->
         )
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
     if adapter_type != "full":
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        from tuneforge.estimates.skeleton import model_shape, peft_config
 
         if adapter_type == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         spec = AdapterSpec.model_validate({"type": adapter_type})
-        config = LoraConfig(
-            r=spec.r,
-            lora_alpha=spec.alpha,  # type: ignore[arg-type]
-            lora_dropout=spec.dropout,
-            target_modules=spec.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, config)  # type: ignore[assignment]
+        shape = model_shape(json.loads((model_dir / "config.json").read_text()))
+        model = get_peft_model(model, peft_config(spec, shape))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    for _ in range(STEPS):
+    started = 0.0
+    for step in range(steps):
+        if step == 1:  # the first step allocates optimizer states and warms kernels up
+            started = time.perf_counter()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {"baseline": baseline, "peak": _peak_rss()}
+    elapsed = time.perf_counter() - started
+    real_tokens = int(mask.sum()) * (steps - 1)
+    return {"baseline": baseline, "peak": _peak_rss(), "tokens_per_second": real_tokens / elapsed}
 
 
 def measure(model_dir: Path, adapter_type: str, batch_size: int, seq_len: int) -> int:
     """Peak RSS growth, in bytes, of a short real run in a fresh process."""
+    result = _run_child(model_dir, adapter_type, batch_size, seq_len, STEPS, 1)
+    return int(result["peak"]) - int(result["baseline"])
+
+
+def measure_throughput(
+    model_dir: Path, adapter_type: str, batch_size: int, seq_len: int, steps: int
+) -> float:
+    """Real (non-padding) tokens per second of the same loop, all cores, after a warm-up step."""
+    threads = len(os.sched_getaffinity(0))
+    return float(
+        _run_child(model_dir, adapter_type, batch_size, seq_len, steps, threads)["tokens_per_second"]
+    )
+
+
+def _run_child(
+    model_dir: Path, adapter_type: str, batch_size: int, seq_len: int, steps: int, threads: int
+) -> dict[str, float]:
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": str(threads),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
@@ -114,14 +138,15 @@ def measure(model_dir: Path, adapter_type: str, batch_size: int, seq_len: int) -
         [
             *(sys.executable, "-m", "tuneforge.estimates.calibrate", "--child", str(model_dir)),
             *(adapter_type, "--batch-size", str(batch_size), "--seq-len", str(seq_len)),
+            *("--steps", str(steps), "--threads", str(threads)),
         ],
         check=True,
         capture_output=True,
         text=True,
         env=env,
     )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    return int(result["peak"]) - int(result["baseline"])
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def calibrate(model_dir: Path, adapter_type: str, batch_size: int, seq_len: int) -> Calibration:
@@ -152,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapters", default="full,lora,qlora")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=STEPS, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(_child(Path(args.child[0]), args.child[1], args.batch_size, args.seq_len)))
+        child = _child(
+            Path(args.child[0]), args.child[1], args.batch_size, args.seq_len, args.steps, args.threads
+        )
+        print(json.dumps(child))
         return 0
     from tuneforge.config import get_settings
     from tuneforge.training.tiny_chat import build_tiny_chat

@@ -38,14 +38,33 @@ RESERVE_FRACTION = 0.05  # caching-allocator fragmentation
 class Measured:
     hardware: str
     model: str
-    total_params: int
+    total_params: int  # of the base model, adapters not counted
     peft: bool  # an adapter run (frozen base) rather than full fine-tuning
     tokens_per_second: float
     how: str
 
 
 #: tokens/s of real (non-padding) tokens, one device, measured on this project's machines.
-THROUGHPUT: tuple[Measured, ...] = ()
+THROUGHPUT: tuple[Measured, ...] = (
+    Measured(
+        "cpu",
+        "tuneforge/tiny-chat",
+        2_885_888,
+        False,
+        709.0,
+        "tiny-chat full fine-tuning, fp32, batch 8 x 512, 2 shared x86 cores "
+        "(bench/estimate_bench.py --throughput, 2026-11-28)",
+    ),
+    Measured(
+        "cpu",
+        "tuneforge/tiny-chat",
+        2_885_888,
+        True,
+        384.0,
+        "tiny-chat LoRA r=16 all-linear, fp32, batch 8 x 512, 2 shared x86 cores "
+        "(bench/estimate_bench.py --throughput, 2026-11-28)",
+    ),
+)
 
 
 def find_throughput(hardware: str, total_params: int, peft: bool) -> Measured | None:
