@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     models: str = Field("", description="Extra base models on offer: `id=/path,id2=/path2`.")
     trust_remote_code: bool = Field(False, description="Allow models whose code ships with them.")
     max_upload_bytes: int = Field(1 << 30, description="Uploads larger than this answer 413.")
+    api_key_cache_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="How long an API process trusts a project key it has checked (0: always ask the "
+        "database). A key revoked through another API process stops working within this time.",
+    )
     models_dir_override: Path | None = Field(
         None,
         validation_alias="TUNEFORGE_MODELS_DIR",

@@ -9,7 +9,7 @@ A worker task opens one session per unit of work with `session_scope`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import DateTime, Engine, MetaData, TypeDecorator, create_engine, event
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> No
     cursor.close()
 
 
-def make_engine(url: str, *, pool_size: int = 20, max_overflow: int = 20) -> Engine:
+def make_engine(url: str, *, pool_size: int = 40, max_overflow: int = 10) -> Engine:
     """An engine for `url`. SQLite gets WAL, foreign keys and a busy timeout on each connection;
     PostgreSQL a pool large enough for the API's thread pool."""
     parsed = make_url(url)
@@ -127,12 +128,38 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
-def get_session(request: Request) -> Iterator[Session]:
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for read-only requests: autocommit connections from the same pool, so a read
+    costs its queries and nothing else (no BEGIN/COMMIT round trips)."""
+    return make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
+
+
+READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """The request's session (a FastAPI dependency): commits after the route succeeds, rolls back
-    when it raises. Used with `scope="function"` so the commit happens before the response is sent."""
-    factory: sessionmaker[Session] = request.app.state.sessionmaker
-    with session_scope(factory) as session:
+    when it raises. Used with `scope="function"` so the commit happens before the response is
+    sent. Read-only requests get an autocommit session; their end needs no I/O, so it runs on
+    the event loop, while a commit or rollback that talks to the database runs in a thread."""
+    read_only = request.method in READ_ONLY_METHODS
+    state = request.app.state
+    factory: sessionmaker[Session] = state.read_sessionmaker if read_only else state.sessionmaker
+    session = factory()
+    try:
         yield session
+        if read_only:
+            commit(session)
+        else:
+            await run_in_threadpool(commit, session)
+    except BaseException:
+        if session.in_transaction() and not read_only:
+            await run_in_threadpool(rollback, session)
+        else:
+            rollback(session)
+        raise
+    finally:
+        session.close()
 
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"

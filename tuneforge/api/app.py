@@ -8,11 +8,11 @@ from importlib.metadata import version
 
 from fastapi import FastAPI
 
-from tuneforge.api.auth import resolve_admin_key
+from tuneforge.api.auth import KeyCache, resolve_admin_key
 from tuneforge.api.errors import install_error_handlers
 from tuneforge.api.routes import admin, estimates, files, health, jobs, models
 from tuneforge.config import Settings, get_settings
-from tuneforge.db import make_engine, make_sessionmaker
+from tuneforge.db import make_engine, make_read_sessionmaker, make_sessionmaker
 from tuneforge.storage import open_store
 
 DESCRIPTION = (
@@ -41,6 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.read_sessionmaker = make_read_sessionmaker(engine)
+    app.state.key_cache = KeyCache(settings.api_key_cache_seconds)
     app.state.store = open_store(settings.storage_url, settings.s3_endpoint_url)
     app.state.admin_key = resolve_admin_key(settings)
     install_error_handlers(app)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,11 +69,56 @@ def bearer_token(authorization: str | None) -> str:
     return token
 
 
-def authenticate(session: Session, admin_key: str, authorization: str | None) -> Caller:
-    token = bearer_token(authorization)
+class KeyCache:
+    """Project keys this process has checked recently: key hash -> project id, for a few
+    seconds, so a hot path does not ask the database on every request. Revoking a key through
+    this process forgets it at once; other processes stop accepting it within `ttl`."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> str | None:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, key_hash: str, project_id: str) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            if len(self._entries) > 10_000:
+                self._entries.clear()
+            self._entries[key_hash] = (project_id, time.monotonic() + self.ttl)
+
+    def forget(self, key_hash: str) -> None:
+        with self._lock:
+            self._entries.pop(key_hash, None)
+
+
+def admin_caller(token: str, admin_key: str) -> Caller | None:
     if hmac.compare_digest(token.encode(), admin_key.encode()):
         return Caller(projects.DEFAULT_PROJECT_ID, is_admin=True)
-    found = projects.key_for_hash(session, projects.hash_key(token))
-    if found is None or not hmac.compare_digest(found[0], projects.hash_key(token)):
+    return None
+
+
+def project_caller(session: Session, token: str, cache: KeyCache | None = None) -> Caller:
+    """The project of a project key, from the cache or the database. Raises Unauthorized."""
+    key_hash = projects.hash_key(token)
+    if cache is not None and (project_id := cache.get(key_hash)) is not None:
+        return Caller(project_id)
+    found = projects.key_for_hash(session, key_hash)
+    if found is None or not hmac.compare_digest(found[0], key_hash):
         raise Unauthorized(f"Incorrect API key provided: {token[:6]}...")
+    if cache is not None:
+        cache.put(key_hash, found[1])
     return Caller(found[1])
+
+
+def authenticate(
+    session: Session, admin_key: str, authorization: str | None, cache: KeyCache | None = None
+) -> Caller:
+    token = bearer_token(authorization)
+    return admin_caller(token, admin_key) or project_caller(session, token, cache)

@@ -9,25 +9,27 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Header, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from tuneforge.api.auth import Caller, authenticate
+from tuneforge.api.auth import Caller, KeyCache, admin_caller, bearer_token, project_caller
 from tuneforge.api.errors import Forbidden, NotFound
 from tuneforge.config import Settings
 from tuneforge.db import get_session
 from tuneforge.models import file as files
 from tuneforge.models import job as jobs
+from tuneforge.models.project import hash_key
 from tuneforge.storage import ObjectStore
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     store: ObjectStore = request.app.state.store
     return store
 
@@ -36,18 +38,29 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 
 
-def get_caller(
+async def get_caller(
     request: Request,
     session: SessionDep,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Caller:
-    return authenticate(session, request.app.state.admin_key, authorization)
+    """The admin key and recently checked project keys answer on the event loop; a key not seen
+    lately is looked up by hash in a worker thread."""
+    token = bearer_token(authorization)
+    state = request.app.state
+    caller = admin_caller(token, state.admin_key)
+    if caller is not None:
+        return caller
+    cache: KeyCache = state.key_cache
+    project_id = cache.get(hash_key(token))
+    if project_id is not None:
+        return Caller(project_id)
+    return await run_in_threadpool(project_caller, session, token, cache)
 
 
 ProjectDep = Annotated[Caller, Depends(get_caller)]
 
 
-def get_admin(caller: ProjectDep) -> Caller:
+async def get_admin(caller: ProjectDep) -> Caller:
     if not caller.is_admin:
         raise Forbidden("Only the admin key may call the admin endpoints.", code="admin_key_required")
     return caller

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, delete, select
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, bindparam, delete, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tuneforge.db import Base, UtcDateTime, utcnow
@@ -73,8 +73,11 @@ def add_file(
     return row
 
 
+_GET_FILE = select(File).where(File.id == bindparam("file_id"), File.project_id == bindparam("project_id"))
+
+
 def get_file(session: Session, project_id: str, file_id: str) -> File | None:
-    return session.scalar(select(File).where(File.id == file_id, File.project_id == project_id))
+    return session.scalar(_GET_FILE, {"file_id": file_id, "project_id": project_id})
 
 
 def list_files(

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     select,
     update,
 )
@@ -155,8 +156,12 @@ def new_job_id() -> str:
     return new_id("ftjob-")
 
 
+_GET_JOB = select(Job).where(Job.id == bindparam("job_id"), Job.project_id == bindparam("project_id"))
+
+
 def get_job(session: Session, project_id: str, job_id: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project_id))
+    """The caller's job (the hot path of the API: a statement built once, bound per call)."""
+    return session.scalar(_GET_JOB, {"job_id": job_id, "project_id": project_id})
 
 
 def get_job_any_project(session: Session, job_id: str) -> Job | None:
@@ -231,6 +236,29 @@ def add_event(
     session.add(event)
     session.flush()
     return event
+
+
+def add_job(session: Session, job: Job, messages: list[str]) -> Job:
+    """Adds a new job with its first events in one flush (two INSERTs): the events take seq
+    1..n and the job's counter starts at n."""
+    job.last_event_seq = len(messages)
+    session.add(job)
+    session.flush()
+    now = utcnow()
+    session.add_all(
+        JobEvent(
+            id=new_id("ftevent-"),
+            job_id=job.id,
+            seq=seq,
+            created_at=now,
+            level="info",
+            type="message",
+            message=message,
+        )
+        for seq, message in enumerate(messages, start=1)
+    )
+    session.flush()
+    return job
 
 
 def get_event(session: Session, job_id: str, event_id: str) -> JobEvent | None:

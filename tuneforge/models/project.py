@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, String, select, update
+from sqlalchemy import ForeignKey, String, bindparam, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tuneforge.db import Base, UtcDateTime, utcnow
@@ -95,10 +95,12 @@ def revoke_api_key(session: Session, project_id: str, key_id: str) -> ApiKey | N
     return key
 
 
+_KEY_FOR_HASH = select(ApiKey.key_hash, ApiKey.project_id).where(
+    ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None)
+)
+
+
 def key_for_hash(session: Session, key_hash: str) -> tuple[str, str] | None:
     """(key_hash, project_id) of the active key with this hash, or None: an index probe."""
-    stmt = select(ApiKey.key_hash, ApiKey.project_id).where(
-        ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)
-    )
-    row = session.execute(stmt).first()
+    row = session.execute(_KEY_FOR_HASH, {"key_hash": key_hash}).first()
     return (row[0], row[1]) if row else None

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
+from tuneforge.api.auth import KeyCache
 from tuneforge.api.deps import AdminDep, SessionDep
 from tuneforge.api.errors import NotFound
 from tuneforge.api.schemas import ProjectCreate, api_key_object, project_object
+from tuneforge.db import after_commit
 from tuneforge.models import project as projects
 
 router = APIRouter(prefix="/v1/admin/projects", tags=["admin"])
@@ -52,9 +54,17 @@ def list_api_keys(project_id: str, admin: AdminDep, session: SessionDep) -> dict
 
 
 @router.delete("/{project_id}/api_keys/{key_id}", summary="Revoke an API key")
-def revoke_api_key(project_id: str, key_id: str, admin: AdminDep, session: SessionDep) -> dict[str, Any]:
+def revoke_api_key(
+    request: Request, project_id: str, key_id: str, admin: AdminDep, session: SessionDep
+) -> dict[str, Any]:
+    """The key stops working at once on this API process, and within
+    TUNEFORGE_API_KEY_CACHE_SECONDS on the others."""
     _project(session, project_id)
     key = projects.revoke_api_key(session, project_id, key_id)
     if key is None:
         raise NotFound(f"No such API key in project {project_id}: {key_id}", param="key_id")
+    cache: KeyCache = request.app.state.key_cache
+    key_hash = key.key_hash
+    cache.forget(key_hash)
+    after_commit(session, lambda: cache.forget(key_hash))
     return {**api_key_object(key), "deleted": True}

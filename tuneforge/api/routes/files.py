@@ -87,7 +87,7 @@ def list_files(
 
 
 @router.get("/{file_id}", summary="Retrieve a file")
-def retrieve_file(file: FileDep) -> dict[str, Any]:
+async def retrieve_file(file: FileDep) -> dict[str, Any]:
     return file_object(file)
 
 

@@ -7,7 +7,7 @@ import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from tuneforge.api.deps import JobDep, ProjectDep, SessionDep, SettingsDep, StoreDep
 from tuneforge.api.errors import BadRequest, NotFound
@@ -63,8 +63,8 @@ def list_jobs(
 
 
 @router.get("/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
-def retrieve_job(job: JobDep) -> dict[str, Any]:
-    return job_object(job)
+async def retrieve_job(job: JobDep) -> JSONResponse:
+    return JSONResponse(job_object(job))
 
 
 @router.post("/{fine_tuning_job_id}/cancel", summary="Cancel a job")

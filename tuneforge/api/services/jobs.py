@@ -98,18 +98,17 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
         updated_at=now,
         attempt=0,
         max_attempts=settings.max_attempts,
-        last_event_seq=0,
     )
-    session.add(job)
-    session.flush()
-    jobs.add_event(session, job.id, f"Created fine-tuning job: {job.id}")
-    jobs.add_event(
+    jobs.add_job(
         session,
-        job.id,
-        f"Validated training file {training.id}: {training.examples} examples in {training.format} "
-        f"format, about {training.approx_tokens} tokens.",
+        job,
+        [
+            f"Created fine-tuning job: {job.id}",
+            f"Validated training file {training.id}: {training.examples} examples in {training.format} "
+            f"format, about {training.approx_tokens} tokens.",
+            f"Job queued on queue '{queue}'.",
+        ],
     )
-    jobs.add_event(session, job.id, f"Job queued on queue '{queue}'.")
     _enqueue_after_commit(session, job.id, queue)
     return job
 

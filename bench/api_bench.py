@@ -1,0 +1,204 @@
+"""API benchmark: a real `tuneforge serve` (uvicorn) on PostgreSQL, 32 concurrent keep-alive
+clients, three routes side by side in one run:
+
+- GET /healthz, the bare route of the same app returning a constant: the baseline;
+- GET /v1/fine_tuning/jobs/{id}: auth (key hash lookup) + job load + JSON, in a transaction;
+- POST /v1/fine_tuning/jobs: validation, file and model checks, 4 inserts, commit, enqueue.
+
+Prints requests/s, p50 and p99 latency, and each route's ratio to the baseline. The load generator
+is a minimal HTTP/1.1 keep-alive client on asyncio streams (far cheaper per request than an HTTP
+library), run in a separate process so it does not share the server's interpreter.
+
+    .venv/bin/python bench/api_bench.py [--seconds 8] [--clients 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.api.conftest import (  # noqa: E402
+    create_pg_database,
+    drop_pg_database,
+    start_server,
+    stop_server,
+)
+
+ADMIN_KEY = "tf-admin-bench-key"
+BROKER = "redis://127.0.0.1:6379/14"
+
+
+def _request(method: str, path: str, host: str, key: str | None, body: bytes = b"") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: keep-alive"]
+    if key:
+        lines.append(f"Authorization: Bearer {key}")
+    if body:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _client(
+    host: str, port: int, request: bytes, deadline: float, warm_until: float, latencies: list[float]
+) -> int:
+    reader, writer = await asyncio.open_connection(host, port)
+    errors = 0
+    try:
+        while (start := time.perf_counter()) < deadline:
+            writer.write(request)
+            status_line = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            if not status_line.startswith(b"HTTP/1.1 200"):
+                errors += 1
+            if start >= warm_until:
+                latencies.append(time.perf_counter() - start)
+    finally:
+        writer.close()
+    return errors
+
+
+async def _load(host: str, port: int, request: bytes, clients: int, seconds: float) -> dict[str, float]:
+    latencies: list[float] = []
+    now = time.perf_counter()
+    warm_until = now + 1.0
+    deadline = warm_until + seconds
+    errors = await asyncio.gather(
+        *(_client(host, port, request, deadline, warm_until, latencies) for _ in range(clients))
+    )
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / seconds,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+        "errors": sum(errors),
+    }
+
+
+def _load_in_subprocess(url: str, request: bytes, clients: int, seconds: float) -> dict[str, float]:
+    """Runs `_load` in a fresh interpreter so the client and server never share a GIL."""
+    code = (
+        "import asyncio, json, sys; sys.path.insert(0, sys.argv[1]); from bench.api_bench import _load; "
+        "print(json.dumps(asyncio.run(_load(sys.argv[2], int(sys.argv[3]), bytes.fromhex(sys.argv[4]), "
+        "int(sys.argv[5]), float(sys.argv[6])))))"
+    )
+    host, port = url.removeprefix("http://").split(":")
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(REPO), host, port, request.hex(), str(clients), str(seconds)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result: dict[str, float] = json.loads(out.stdout)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=8.0, help="Measured seconds per route.")
+    parser.add_argument("--clients", type=int, default=32, help="Concurrent keep-alive connections.")
+    args = parser.parse_args()
+
+    name, db_url = create_pg_database()
+    try:
+        with TemporaryDirectory() as tmp:
+            env = {
+                "TUNEFORGE_DATABASE_URL": db_url,
+                "TUNEFORGE_BROKER_URL": BROKER,
+                "TUNEFORGE_ADMIN_KEY": ADMIN_KEY,
+            }
+            server = start_server(env, Path(tmp) / "data")
+            try:
+                return _run(server.base_url, server.process.pid, args.clients, args.seconds)
+            finally:
+                stop_server(server)
+    finally:
+        drop_pg_database(name)
+        try:
+            import redis
+
+            redis.Redis.from_url(BROKER).flushdb()
+        except Exception as exc:  # the numbers matter more than the clean-up
+            print(f"(could not flush {BROKER}: {exc})", file=sys.stderr)
+
+
+def _run(base_url: str, pid: int, clients: int, seconds: float) -> int:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    project = httpx.post(f"{base_url}/v1/admin/projects", json={"name": "bench"}, headers=admin).json()
+    key = httpx.post(f"{base_url}/v1/admin/projects/{project['id']}/api_keys", headers=admin).json()["value"]
+    data = (REPO / "tests" / "data" / "qa.jsonl").read_bytes()
+    auth = {"Authorization": f"Bearer {key}"}
+    file_id = httpx.post(
+        f"{base_url}/v1/files",
+        files={"file": ("qa.jsonl", data)},
+        data={"purpose": "fine-tune"},
+        headers=auth,
+    ).json()["id"]
+    create_body = json.dumps({"model": "tuneforge/tiny-chat", "training_file": file_id}).encode()
+    job_id = httpx.post(
+        f"{base_url}/v1/fine_tuning/jobs",
+        content=create_body,
+        headers={**auth, "Content-Type": "application/json"},
+    ).json()["id"]
+
+    host = base_url.removeprefix("http://")
+    routes: list[tuple[str, bytes]] = [
+        ("GET /healthz (baseline)", _request("GET", "/healthz", host, None)),
+        ("GET /v1/fine_tuning/jobs/{id}", _request("GET", f"/v1/fine_tuning/jobs/{job_id}", host, key)),
+        ("POST /v1/fine_tuning/jobs", _request("POST", "/v1/fine_tuning/jobs", host, key, create_body)),
+    ]
+    results: list[tuple[str, dict[str, Any]]] = []
+    server = psutil.Process(pid)
+    for label, request in routes:
+        before = server.cpu_times()
+        busy_before = psutil.cpu_times()
+        result = _load_in_subprocess(base_url, request, clients, seconds)
+        after = server.cpu_times()
+        busy_after = psutil.cpu_times()
+        # The server's own CPU time per request: robust to other load on a shared machine.
+        cpu = (after.user + after.system) - (before.user + before.system)
+        result["cpu_us"] = cpu / max(1, result["requests"] * (seconds + 1) / seconds) * 1e6
+        idle = busy_after.idle - busy_before.idle
+        result["machine_busy"] = 100 * (1 - idle / max(1e-9, sum(busy_after) - sum(busy_before)))
+        results.append((label, result))
+
+    base_rps = results[0][1]["rps"]
+    print(f"PostgreSQL, {clients} concurrent clients, {seconds:.0f} s per route, {os.cpu_count()} CPUs")
+    print(
+        f"{'route':32} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs base':>8} "
+        f"{'srv CPU us/req':>15} {'machine busy':>13} {'errors':>7}"
+    )
+    for label, r in results:
+        print(
+            f"{label:32} {r['rps']:8.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
+            f"{r['rps'] / base_rps:8.2f} {r['cpu_us']:15.0f} {r['machine_busy']:12.0f}% {int(r['errors']):7d}"
+        )
+    get = results[1][1]
+    ok = get["rps"] >= 0.4 * base_rps and get["p99_ms"] < 50
+    print(f"goal (job GET >= 0.40x baseline req/s and p99 < 50 ms): {'met' if ok else 'MISSED'}")
+    return 0 if all(r["errors"] == 0 for _, r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
