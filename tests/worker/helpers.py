@@ -15,7 +15,7 @@ from tuneforge.models.project import ensure_default_project
 from tuneforge.models.spec import JobSpec
 from tuneforge.storage import open_store
 
-from .conftest import Services
+from .procs import Services
 
 
 def seed_job(

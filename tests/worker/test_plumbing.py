@@ -15,8 +15,8 @@ from tuneforge.models.job import JobStatus, cancel_job, pause_job
 from tuneforge.models.job import get_job_any_project as load_job
 from tuneforge.worker.celery_app import RUN_JOB_TASK, make_celery
 
-from .conftest import Services, training_processes, wait_for
 from .helpers import artifacts, checkpoints, events, get_job, metric_steps, seed_job, status
+from .procs import Services, training_processes, wait_for
 
 pytestmark = pytest.mark.slow
 

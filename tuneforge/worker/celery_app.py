@@ -24,7 +24,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app = Celery("tuneforge", broker=settings.celery_broker_url, include=["tuneforge.worker.tasks"])
     transport_options: dict[str, Any] = {}
     if settings.embedded_broker:
-        transport_options["polling_interval"] = 0.2
+        # kombu's SQLAlchemy transport hands its transport options to create_engine, so its
+        # polling interval (default 1 s) can only be set on the class.
+        from kombu.transport import sqlalchemy as sqla_transport
+
+        sqla_transport.Transport.polling_interval = 0.25
     else:
         transport_options["visibility_timeout"] = settings.broker_visibility_timeout
     app.conf.update(
