@@ -91,5 +91,18 @@ def load_job(
     return job
 
 
+def load_job_view(
+    fine_tuning_job_id: Annotated[str, Path(description="A fine-tuning job id (ftjob-...).")],
+    caller: ProjectDep,
+    session: SessionDep,
+) -> jobs.JobView:
+    """A read-only view of the caller's job (GET routes that only show it)."""
+    job = jobs.get_job_view(session, caller.project_id, fine_tuning_job_id)
+    if job is None:
+        raise NotFound(f"No such fine-tuning job: {fine_tuning_job_id}", param="fine_tuning_job_id")
+    return job
+
+
 FileDep = Annotated[files.File, Depends(load_file)]
+JobViewDep = Annotated[jobs.JobView, Depends(load_job_view)]
 JobDep = Annotated[jobs.Job, Depends(load_job)]

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from tuneforge.models.checkpoint import Artifact, Checkpoint
 from tuneforge.models.file import File
-from tuneforge.models.job import Job, JobEvent, JobStatus
+from tuneforge.models.job import Job, JobEvent, JobStatus, JobView
 from tuneforge.models.project import ApiKey, Project
 
 T = TypeVar("T")
@@ -55,14 +55,14 @@ def _method(spec: dict[str, Any]) -> dict[str, Any]:
     return {"type": kind, kind: method.get(kind) or {"hyperparameters": {}}}
 
 
-def _estimated_finish(job: Job) -> int | None:
+def _estimated_finish(job: JobView) -> int | None:
     eta = (job.progress or {}).get("eta_seconds")
     if job.status != JobStatus.RUNNING or eta is None:
         return None
     return int(job.updated_at.timestamp() + float(eta))
 
 
-def job_object(job: Job) -> dict[str, Any]:
+def job_object(job: JobView) -> dict[str, Any]:
     spec = job.spec
     method = _method(spec)
     return {

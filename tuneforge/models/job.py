@@ -25,6 +25,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tuneforge.db import Base, UtcDateTime, utcnow
@@ -162,6 +163,44 @@ _GET_JOB = select(Job).where(Job.id == bindparam("job_id"), Job.project_id == bi
 def get_job(session: Session, project_id: str, job_id: str) -> Job | None:
     """The caller's job (the hot path of the API: a statement built once, bound per call)."""
     return session.scalar(_GET_JOB, {"job_id": job_id, "project_id": project_id})
+
+
+JobView = Job | Row[Any]
+"""A Job, or a row of JOB_VIEW_COLUMNS: both answer the attributes `job_object` reads."""
+
+# What the API shows of a job: a Core row of these columns reads like a Job (same attribute
+# names), for the hot GET path where building an ORM object is most of the cost.
+JOB_VIEW_COLUMNS = (
+    Job.id,
+    Job.project_id,
+    Job.model,
+    Job.status,
+    Job.spec,
+    Job.training_file,
+    Job.validation_file,
+    Job.suffix,
+    Job.seed,
+    Job.metadata_.label("metadata_"),
+    Job.created_at,
+    Job.updated_at,
+    Job.finished_at,
+    Job.error,
+    Job.progress,
+    Job.trained_tokens,
+    Job.trainable_params,
+    Job.total_params,
+    Job.fine_tuned_model,
+    Job.result_files,
+    Job.estimate,
+)
+_GET_JOB_VIEW = select(*JOB_VIEW_COLUMNS).where(
+    Job.id == bindparam("job_id"), Job.project_id == bindparam("project_id")
+)
+
+
+def get_job_view(session: Session, project_id: str, job_id: str) -> Row[Any] | None:
+    """The caller's job as a read-only row with the Job attribute names of JOB_VIEW_COLUMNS."""
+    return session.connection().execute(_GET_JOB_VIEW, {"job_id": job_id, "project_id": project_id}).first()
 
 
 def get_job_any_project(session: Session, job_id: str) -> Job | None:

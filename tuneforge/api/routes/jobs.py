@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
-from tuneforge.api.deps import JobDep, ProjectDep, SessionDep, SettingsDep, StoreDep
+from tuneforge.api.deps import JobDep, JobViewDep, ProjectDep, SessionDep, SettingsDep, StoreDep
 from tuneforge.api.errors import BadRequest, NotFound
 from tuneforge.api.schemas import (
     artifact_object,
@@ -63,7 +63,7 @@ def list_jobs(
 
 
 @router.get("/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
-async def retrieve_job(job: JobDep) -> JSONResponse:
+async def retrieve_job(job: JobViewDep) -> JSONResponse:
     return JSONResponse(job_object(job))
 
 
