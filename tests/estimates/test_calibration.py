@@ -16,3 +16,9 @@ def test_memory_estimate_within_25_percent_of_measured_peak(tiny_chat_path: Path
     result = calibrate(tiny_chat_path, adapter, batch_size=8, seq_len=512)
     assert result.measured_bytes > 100 * 2**20  # a real run, big enough to measure
     assert abs(result.error) < 0.25, result
+
+
+@pytest.mark.slow
+def test_memory_estimate_with_gradient_checkpointing(tiny_chat_path: Path) -> None:
+    result = calibrate(tiny_chat_path, "lora", batch_size=8, seq_len=512, checkpointing=True)
+    assert abs(result.error) < 0.25, result

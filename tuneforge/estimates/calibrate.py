@@ -35,6 +35,7 @@ class Calibration:
     seq_len: int
     estimated_bytes: int
     measured_bytes: int
+    checkpointing: bool = False
 
     @property
     def error(self) -> float:
@@ -51,7 +52,13 @@ def _peak_rss() -> int:
 
 
 def _child(
-    model_dir: Path, adapter_type: str, batch_size: int, seq_len: int, steps: int = STEPS, threads: int = 1
+    model_dir: Path,
+    adapter_type: str,
+    batch_size: int,
+    seq_len: int,
+    steps: int = STEPS,
+    threads: int = 1,
+    checkpointing: bool = False,
 ) -> dict[str, float]:
     import time
 
@@ -93,6 +100,8 @@ def _child(
         spec = AdapterSpec.model_validate({"type": adapter_type})
         shape = model_shape(json.loads((model_dir / "config.json").read_text()))
         model = get_peft_model(model, peft_config(spec, shape))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     started = 0.0
@@ -108,9 +117,11 @@ def _child(
     return {"baseline": baseline, "peak": _peak_rss(), "tokens_per_second": real_tokens / elapsed}
 
 
-def measure(model_dir: Path, adapter_type: str, batch_size: int, seq_len: int) -> int:
+def measure(
+    model_dir: Path, adapter_type: str, batch_size: int, seq_len: int, checkpointing: bool = False
+) -> int:
     """Peak RSS growth, in bytes, of a short real run in a fresh process."""
-    result = _run_child(model_dir, adapter_type, batch_size, seq_len, STEPS, 1)
+    result = _run_child(model_dir, adapter_type, batch_size, seq_len, STEPS, 1, checkpointing)
     return int(result["peak"]) - int(result["baseline"])
 
 
@@ -125,7 +136,13 @@ def measure_throughput(
 
 
 def _run_child(
-    model_dir: Path, adapter_type: str, batch_size: int, seq_len: int, steps: int, threads: int
+    model_dir: Path,
+    adapter_type: str,
+    batch_size: int,
+    seq_len: int,
+    steps: int,
+    threads: int,
+    checkpointing: bool = False,
 ) -> dict[str, float]:
     env = {
         **os.environ,
@@ -139,6 +156,7 @@ def _run_child(
             *(sys.executable, "-m", "tuneforge.estimates.calibrate", "--child", str(model_dir)),
             *(adapter_type, "--batch-size", str(batch_size), "--seq-len", str(seq_len)),
             *("--steps", str(steps), "--threads", str(threads)),
+            *(["--gradient-checkpointing"] if checkpointing else []),
         ],
         check=True,
         capture_output=True,
@@ -149,7 +167,9 @@ def _run_child(
     return result
 
 
-def calibrate(model_dir: Path, adapter_type: str, batch_size: int, seq_len: int) -> Calibration:
+def calibrate(
+    model_dir: Path, adapter_type: str, batch_size: int, seq_len: int, checkpointing: bool = False
+) -> Calibration:
     from tuneforge.estimates.calculator import estimate
     from tuneforge.estimates.schema import EstimateRequest, Hardware
 
@@ -161,11 +181,17 @@ def calibrate(model_dir: Path, adapter_type: str, batch_size: int, seq_len: int)
             "hyperparameters": {"batch_size": batch_size, "max_seq_length": seq_len},
             "hardware": Hardware(gpu="cpu").model_dump(),
             "dtype": "fp32",
+            "gradient_checkpointing": checkpointing,
         }
     )
     estimated = estimate(request).memory.total
     return Calibration(
-        adapter_type, batch_size, seq_len, estimated, measure(model_dir, adapter_type, batch_size, seq_len)
+        adapter_type,
+        batch_size,
+        seq_len,
+        estimated,
+        measure(model_dir, adapter_type, batch_size, seq_len, checkpointing),
+        checkpointing,
     )
 
 
@@ -179,10 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args(argv)
     if args.child:
         child = _child(
-            Path(args.child[0]), args.child[1], args.batch_size, args.seq_len, args.steps, args.threads
+            Path(args.child[0]),
+            args.child[1],
+            args.batch_size,
+            args.seq_len,
+            args.steps,
+            args.threads,
+            args.gradient_checkpointing,
         )
         print(json.dumps(child))
         return 0
@@ -190,12 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.training.tiny_chat import build_tiny_chat
 
     model_dir = build_tiny_chat(get_settings().models_dir)
-    print("| adapter | batch x seq | estimated MiB | measured RSS growth MiB | error |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| adapter | batch x seq | checkpointing | estimated MiB | measured RSS growth MiB | error |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for adapter_type in args.adapters.split(","):
-        c = calibrate(model_dir, adapter_type, args.batch_size, args.seq_len)
+        c = calibrate(model_dir, adapter_type, args.batch_size, args.seq_len, args.gradient_checkpointing)
         print(
-            f"| {c.adapter} | {c.batch_size} x {c.seq_len} | {c.estimated_bytes / 2**20:,.1f} | "
+            f"| {c.adapter} | {c.batch_size} x {c.seq_len} | {'on' if c.checkpointing else 'off'} | "
+            f"{c.estimated_bytes / 2**20:,.1f} | "
             f"{c.measured_bytes / 2**20:,.1f} | {c.error:+.1%} |",
             flush=True,
         )
