@@ -99,7 +99,6 @@ def _base_env(tmp: Path, models_dir: Path) -> dict[str, str]:
             "PYTHONPATH": str(REPO),
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1",
         }
     )
     return env

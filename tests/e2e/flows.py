@@ -17,14 +17,15 @@ from .conftest import Stack
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
-# Supervised LoRA on the 32 QA pairs: enough for tiny-chat to answer them (see tests/training).
+# Supervised LoRA on the 32 QA pairs: what tests/training/test_learning.py teaches tiny-chat with.
 QA_HYPERPARAMETERS: dict[str, Any] = {
-    "n_epochs": 40,
+    "n_epochs": 50,
     "batch_size": 8,
-    "learning_rate": 0.01,
-    "save_every_steps": 40,
+    "learning_rate": 3e-3,
+    "lr_scheduler_type": "constant",
+    "save_every_steps": 50,
 }
-QA_ADAPTER: dict[str, Any] = {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0}
+QA_ADAPTER: dict[str, Any] = {"type": "lora", "dropout": 0.0}
 
 
 def wait_job(client: OpenAI, job_id: str, timeout: float, until: set[str] | None = None) -> FineTuningJob:
@@ -66,7 +67,9 @@ def metric_events(client: OpenAI, job_id: str) -> list[dict[str, Any]]:
     return sorted((e.data for e in data if e.data), key=lambda d: d["step"])  # type: ignore[no-any-return]
 
 
-def check_succeeded_job(stack: Stack, job_id: str, tmp: Path, *, redirect: bool = False) -> Path:
+def check_succeeded_job(
+    stack: Stack, job_id: str, tmp: Path, *, redirect: bool = False, resumed: bool = False
+) -> Path:
     """Everything the acceptance asks of a finished job; returns the unpacked adapter directory."""
     client = stack.sdk()
     job = client.fine_tuning.jobs.retrieve(job_id)
@@ -79,7 +82,8 @@ def check_succeeded_job(stack: Stack, job_id: str, tmp: Path, *, redirect: bool 
     losses = [m["train_loss"] for m in metrics if m.get("train_loss") is not None]
     assert len(losses) >= 2 and min(losses[-3:]) < losses[0], losses
     steps = [m["step"] for m in metrics]
-    assert len(steps) == len(set(steps)), "a metrics step was logged twice"
+    if not resumed:  # a resumed run logs again the steps after its last checkpoint
+        assert len(steps) == len(set(steps)), "a metrics step was logged twice"
 
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job_id).data
     assert checkpoints and all(c.step_number > 0 for c in checkpoints)

@@ -1,4 +1,4 @@
-"""Loads a downloaded adapter with PEFT onto tiny-chat and asks it the QA set."""
+"""Loads a downloaded adapter with PEFT onto tiny-chat and asks it the QA set (greedy)."""
 
 from __future__ import annotations
 
@@ -18,21 +18,16 @@ def qa_accuracy(base_dir: Path, adapter_dir: Path | None, qa_path: Path) -> floa
 
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
-    right = total = 0
-    for line in qa_path.read_text().splitlines():
-        messages = json.loads(line)["messages"]
-        prompt, answer = messages[:-1], messages[-1]["content"]
-        ids = tokenizer.apply_chat_template(
-            prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        with torch.no_grad():
-            out = model.generate(
-                **ids,
-                max_new_tokens=16,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            )
-        text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        right += text == answer
-        total += 1
-    return right / total
+    rows = [json.loads(line)["messages"] for line in qa_path.read_text().splitlines()]
+    prompts = [m[:-1] for m in rows]
+    expected = [m[-1]["content"] for m in rows]
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=16, do_sample=False)
+    answers = [
+        tokenizer.decode(row, skip_special_tokens=True).strip()
+        for row in out[:, batch["input_ids"].shape[1] :]
+    ]
+    return sum(a == e for a, e in zip(answers, expected, strict=True)) / len(expected)

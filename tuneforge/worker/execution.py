@@ -304,7 +304,8 @@ class JobRun:
         text = f"Training started: {total} steps on {message['num_examples']} examples"
         if start:
             text += f", resuming after step {start}"
-        self.pending.append(EventRecord(text + ".", data={"hyperparameters": hp, **self.params}))
+        where = {"worker": self.ctx.owner, "training_pid": self.process.pid if self.process else None}
+        self.pending.append(EventRecord(text + ".", data={"hyperparameters": hp, **self.params, **where}))
         self._flush()
 
     def _on_metrics(self, message: dict[str, Any]) -> None:
