@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     port: int = 8000
     # --- job execution (worker) ---
     default_queue: str = Field("gpu", description="Worker queue for jobs whose spec names none.")
+    worker_classes: str = Field(
+        "",
+        description="Device memory per worker queue in GiB, `gpu=80,small=24`: each new job is "
+        "estimated against it and refused when it fits none (see refuse_unfit_jobs).",
+    )
+    refuse_unfit_jobs: bool = Field(
+        True, description="Refuse a job whose estimate fits no worker class (with worker_classes set)."
+    )
     lease_seconds: float = Field(60.0, gt=0, description="A running job's lease; renewed while it runs.")
     max_attempts: int = Field(3, ge=1, description="Runs of a job (after lost workers) before it fails.")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept per job (the newest).")

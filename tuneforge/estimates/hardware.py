@@ -84,4 +84,4 @@ def find_throughput(hardware: str, total_params: int, peft: bool) -> Measured | 
 def usable_bytes(device_bytes: int, is_gpu: bool) -> int:
     if not is_gpu:
         return device_bytes
-    return int(device_bytes * (1 - RESERVE_FRACTION)) - RESERVE_FIXED_BYTES
+    return max(int(device_bytes * (1 - RESERVE_FRACTION)) - RESERVE_FIXED_BYTES, 0)

@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session
 from tuneforge.api.errors import BadRequest
 from tuneforge.config import Settings
 from tuneforge.db import after_commit, utcnow
+from tuneforge.estimates import EstimateError, FileStats
+from tuneforge.estimates.jobs import JobDoesNotFit, job_estimate
 from tuneforge.models import file as files
 from tuneforge.models import job as jobs
 from tuneforge.models.spec import JobSpec
@@ -81,6 +83,14 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
     spec = spec.model_copy(update={"seed": seed})
     queue = spec.queue or settings.default_queue
+    try:
+        stats = FileStats(
+            examples=training.examples, approx_tokens=training.approx_tokens, format=training.format
+        )
+        estimate = job_estimate(spec, stats, settings)
+    except EstimateError as exc:
+        code = "job_does_not_fit" if isinstance(exc, JobDoesNotFit) else "invalid_adapter"
+        raise BadRequest(exc.message, param=exc.param, code=code) from None
     now = utcnow()
     job = jobs.Job(
         id=jobs.new_job_id(),
@@ -98,6 +108,7 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
         updated_at=now,
         attempt=0,
         max_attempts=settings.max_attempts,
+        estimate=estimate,
     )
     jobs.add_job(
         session,

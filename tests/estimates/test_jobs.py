@@ -1,0 +1,117 @@
+"""Each job stores the estimate made at creation; with worker classes configured, a job that fits
+none is refused with a clear 400 (unless TUNEFORGE_REFUSE_UNFIT_JOBS is off)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tuneforge.config import Settings
+from tuneforge.db import migrate
+from tuneforge.estimates.jobs import parse_worker_classes
+
+ADMIN_KEY = "tf-admin-estimates-jobs-0123456789"
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+MiB = 2**20
+
+
+@pytest.fixture
+def make_client(
+    tmp_path: Path, models_dir: Path, tiny_chat_path: Path
+) -> Iterator[Callable[..., TestClient]]:
+    from tuneforge.api.app import create_app
+
+    clients: list[TestClient] = []
+
+    def make(**overrides: Any) -> TestClient:
+        data_dir = tmp_path / f"data{len(clients)}"
+        data_dir.mkdir()
+        url = f"sqlite:///{data_dir / 'tuneforge.db'}"
+        migrate(url)
+        settings = Settings(data_dir=data_dir, database_url=url, admin_key=ADMIN_KEY, **overrides)  # type: ignore[arg-type]
+        client = TestClient(create_app(settings), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+        client.app.state.engine.dispose()  # type: ignore[attr-defined]
+
+
+def _create(client: TestClient, qa_path: Path, **body: Any) -> Any:
+    upload = client.post(
+        "/v1/files",
+        headers=AUTH,
+        files={"file": ("qa.jsonl", qa_path.read_bytes())},
+        data={"purpose": "fine-tune"},
+    )
+    assert upload.status_code == 200, upload.text
+    job = {"model": "tuneforge/tiny-chat", "training_file": upload.json()["id"], **body}
+    return client.post("/v1/fine_tuning/jobs", headers=AUTH, json=job)
+
+
+def test_job_stores_its_estimate(make_client: Callable[..., TestClient], qa_path: Path) -> None:
+    client = make_client(worker_classes="gpu=80")
+    response = _create(client, qa_path, adapter={"type": "lora", "r": 8})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    estimate = job["estimate"]
+    assert estimate["trainable_params"] > 0
+    assert estimate["memory"]["total"] > 0
+    assert estimate["worker_classes"] == {"gpu": True}
+    assert estimate["hardware"] == "gpu"
+    assert estimate["steps"] == 12  # 32 examples, auto batch 8, auto 3 epochs
+    again = client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=AUTH).json()
+    assert again["estimate"] == estimate
+
+
+def test_job_without_worker_classes_still_gets_an_estimate(
+    make_client: Callable[..., TestClient], qa_path: Path
+) -> None:
+    response = _create(make_client(), qa_path)
+    assert response.status_code == 200, response.text
+    assert response.json()["estimate"]["fits"] is None
+
+
+def test_job_that_fits_no_worker_class_is_refused(
+    make_client: Callable[..., TestClient], qa_path: Path
+) -> None:
+    client = make_client(worker_classes="gpu=0.2,small=0.1")  # GiB: 200 MiB and 100 MiB
+    body = {"adapter": {"type": "full"}, "hyperparameters": {"batch_size": 16, "max_seq_length": 2048}}
+    response = _create(client, qa_path, **body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "job_does_not_fit"
+    assert error["param"] == "adapter"
+    assert "GiB" in error["message"] and "queue 'gpu'" in error["message"]
+
+
+def test_refusal_can_be_turned_off(make_client: Callable[..., TestClient], qa_path: Path) -> None:
+    client = make_client(worker_classes="gpu=0.1", refuse_unfit_jobs=False)
+    response = _create(client, qa_path, adapter={"type": "full"}, hyperparameters={"max_seq_length": 2048})
+    assert response.status_code == 200, response.text
+    assert response.json()["estimate"]["worker_classes"] == {"gpu": False}
+
+
+def test_unmatched_target_modules_refused_at_creation(
+    make_client: Callable[..., TestClient], qa_path: Path
+) -> None:
+    response = _create(make_client(), qa_path, adapter={"type": "lora", "target_modules": ["attn"]})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "adapter.target_modules"
+    assert "q_proj" in error["message"]
+
+
+def test_parse_worker_classes() -> None:
+    assert parse_worker_classes("gpu=80, small=24") == {"gpu": 80.0, "small": 24.0}
+    assert parse_worker_classes("") == {}
+    for bad in ("gpu", "gpu=", "=80", "gpu=-1", "gpu=lots"):
+        with pytest.raises(ValueError, match="queue=GiB"):
+            parse_worker_classes(bad)
