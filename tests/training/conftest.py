@@ -27,27 +27,28 @@ def _one_thread() -> None:
 
 @dataclass
 class RecordingObserver:
-    """Records everything; asks to stop after `stop_after` steps when set."""
+    """Records everything; asks to stop once `stop_after` steps are done (it is asked after each)."""
 
     stop_after: int | None = None
     stop_reason: StopReason = "pause"
     info: RunInfo | None = None
     metrics: list[StepMetrics] = field(default_factory=list)
     checkpoints: list[tuple[int, Path, dict[str, Any]]] = field(default_factory=list)
-    steps_seen: int = 0
+    steps_done: int = 0
 
     def on_start(self, info: RunInfo) -> None:
         self.info = info
+        self.steps_done = info.start_step
 
     def on_metrics(self, metrics: StepMetrics) -> None:
         self.metrics.append(metrics)
-        self.steps_seen = metrics.step
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         self.checkpoints.append((step, path, metrics))
 
     def stop_requested(self) -> StopReason | None:
-        if self.stop_after is not None and self.steps_seen >= self.stop_after:
+        self.steps_done += 1
+        if self.stop_after is not None and self.steps_done >= self.stop_after:
             return self.stop_reason
         return None
 
