@@ -42,6 +42,7 @@ def seed_job(
         "method": {"type": method, method: {"hyperparameters": hp}},
         **(extra or {}),
     }
+    body["method"][method]["hyperparameters"] = {**hp, **body["method"][method]["hyperparameters"]}
     spec = JobSpec.model_validate(body)
     with session_scope(services.sessions) as session:
         project = ensure_default_project(session)

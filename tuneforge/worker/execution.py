@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tuneforge.config import Settings
-from tuneforge.db import make_engine, make_sessionmaker, session_scope
+from tuneforge.db import make_engine, make_sessionmaker, session_scope, utcnow
 from tuneforge.models.checkpoint import (
     Checkpoint,
     add_checkpoint,
@@ -200,6 +200,7 @@ class JobRun:
         self.first_metrics: tuple[float, int] | None = None
         self.stop_sent: str | None = None
         self.process: TrainingProcess | None = None
+        self.run_sent_at = time.monotonic()
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -255,6 +256,7 @@ class JobRun:
                 "runner": os.environ.get("TUNEFORGE_TRAINING_RUNNER") or None,
             }
         )
+        self.run_sent_at = time.monotonic()
         return self._supervise(self.process)
 
     def _supervise(self, process: TrainingProcess) -> str:
@@ -304,7 +306,11 @@ class JobRun:
         text = f"Training started: {total} steps on {message['num_examples']} examples"
         if start:
             text += f", resuming after step {start}"
-        where = {"worker": self.ctx.owner, "training_pid": self.process.pid if self.process else None}
+        where = {
+            "worker": self.ctx.owner,
+            "training_pid": self.process.pid if self.process else None,
+            "setup_seconds": round(time.monotonic() - self.run_sent_at, 3),  # model load, data, trainer
+        }
         self.pending.append(EventRecord(text + ".", data={"hyperparameters": hp, **self.params, **where}))
         self._flush()
 
@@ -331,6 +337,7 @@ class JobRun:
                 ": ".join([parts[0], ", ".join(parts[1:])]) if parts[1:] else parts[0],
                 type="metrics",
                 data=data,
+                at=utcnow(),
             )
         )
         self.progress = {

@@ -25,6 +25,7 @@ class EventRecord:
     level: str = "info"
     type: str = "message"
     data: dict[str, Any] | None = None
+    at: datetime | None = None  # when it happened, if earlier than its (batched) write
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def add_events(session: Session, job_id: str, events: list[EventRecord]) -> None
                 "id": new_id("ftevent-"),
                 "job_id": job_id,
                 "seq": first + i,
-                "created_at": now,
+                "created_at": e.at or now,
                 "level": e.level,
                 "type": e.type,
                 "message": e.message,
