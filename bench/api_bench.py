@@ -104,10 +104,11 @@ def _load_in_subprocess(url: str, request: bytes, clients: int, seconds: float) 
     host, port = url.removeprefix("http://").split(":")
     out = subprocess.run(
         [sys.executable, "-c", code, str(REPO), host, port, request.hex(), str(clients), str(seconds)],
-        check=True,
         capture_output=True,
         text=True,
     )
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{out.stderr[-3000:]}")
     result: dict[str, float] = json.loads(out.stdout)
     return result
 
@@ -160,6 +161,7 @@ def _run(base_url: str, pid: int, clients: int, seconds: float) -> int:
         f"{base_url}/v1/fine_tuning/jobs",
         content=create_body,
         headers={**auth, "Content-Type": "application/json"},
+        timeout=300,  # the first creation may build tiny-chat for the job's estimate
     ).json()["id"]
 
     host = base_url.removeprefix("http://")

@@ -30,6 +30,13 @@ class Settings(BaseSettings):
     models: str = Field("", description="Extra base models on offer: `id=/path,id2=/path2`.")
     trust_remote_code: bool = Field(False, description="Allow models whose code ships with them.")
     max_upload_bytes: int = Field(1 << 30, description="Uploads larger than this answer 413.")
+    api_threads: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Threads that run database work in one API process. Few threads contend less "
+        "for the interpreter lock: lower tail latency than many.",
+    )
     api_key_cache_seconds: float = Field(
         10.0,
         ge=0,

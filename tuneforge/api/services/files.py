@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 import anyio.from_thread
 import anyio.to_thread
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -21,6 +22,10 @@ from tuneforge.api.errors import BadRequest, PayloadTooLarge
 from tuneforge.models import file as files
 from tuneforge.storage import ObjectStore
 from tuneforge.training.formats import FileStats, FormatError, JsonlInspector
+
+# Uploads hold a thread for as long as the client sends; they get their own threads so that a
+# few slow uploads never starve the (small) pool that runs database work.
+UPLOAD_THREADS = anyio.CapacityLimiter(32)
 
 # Room for the multipart framing and the small form fields beside the file.
 MULTIPART_OVERHEAD = 1 << 20
@@ -213,7 +218,7 @@ async def receive_upload(request: Request, store: ObjectStore, max_bytes: int) -
         return size, pump.inspector.finish()
 
     try:
-        size, stats = await anyio.to_thread.run_sync(store_and_check)
+        size, stats = await anyio.to_thread.run_sync(store_and_check, limiter=UPLOAD_THREADS)
     except FormatError as exc:
         await anyio.to_thread.run_sync(store.delete, key)
         raise BadRequest(
