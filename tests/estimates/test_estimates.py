@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tuneforge.estimates import EstimateError, EstimateRequest, FileStats, estimate
+from tuneforge.training.hyperparams import auto_batch_size, auto_epochs
 
 LLAMA_31_8B: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -117,14 +118,12 @@ def test_counts_equal_peft_on_other_architectures(config: dict[str, Any], adapte
     elif kind == "prompt_tuning":
         peft_config = PromptTuningConfig(num_virtual_tokens=12, task_type="CAUSAL_LM")
     elif kind == "ia3":
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as IA3
-
-        if config["model_type"] in IA3:  # PEFT's default targets for the architecture
-            peft_config = IA3Config(task_type="CAUSAL_LM")
-        else:  # none known: every linear layer, scaling outputs
-            peft_config = IA3Config(
-                target_modules="all-linear", feedforward_modules=[], task_type="CAUSAL_LM"
-            )
+        # The recipe's IA3 rule: keys, values and the down projection (feed-forward) among the
+        # model's module names: all three on Qwen2, only down_proj on Phi-3 (fused qkv_proj).
+        targets = ["k_proj", "v_proj", "down_proj"] if config["model_type"] == "qwen2" else ["down_proj"]
+        peft_config = IA3Config(
+            target_modules=targets, feedforward_modules=["down_proj"], task_type="CAUSAL_LM"
+        )
     else:
         peft_config = None
     result = estimate(_request(config, adapter=adapter))
@@ -263,7 +262,9 @@ def test_file_stats_fill_tokens_and_examples() -> None:
         _request(QWEN2_SMALL), file_stats=FileStats(examples=64, approx_tokens=6400, format="chat")
     )
     assert result.tokens_per_epoch == 6400
-    assert result.steps == 3 * 8  # auto: 3 epochs, batch 8
+    # "auto" resolved by the training recipe's rules: batch 4 and 3 epochs for 64 examples
+    assert (result.batch_size, result.n_epochs) == (auto_batch_size(64), auto_epochs(64)) == (4, 3)
+    assert result.steps == 3 * 16
 
 
 def test_advisor_few_examples_prompt_tuning() -> None:

@@ -20,9 +20,10 @@ from tuneforge.estimates.schema import (
     Throughput,
 )
 from tuneforge.estimates.skeleton import adapter_counts, model_shape
+from tuneforge.training import hyperparams as training_hp
 
-#: What "auto" means here when the request leaves it to the service (same as a job with no data
-#: size known yet); the training recipe resolves "auto" from the data and reports its values.
+#: "auto" with no data size known; with one, the training recipe's own rules
+#: (tuneforge.training.hyperparams.auto_batch_size / auto_epochs) resolve it.
 AUTO_BATCH_SIZE = 8
 AUTO_EPOCHS = 3
 
@@ -83,10 +84,18 @@ def estimate(
     n_examples = request.n_examples or stats.examples
     n_tokens = request.n_tokens or stats.approx_tokens
     data_format = request.data_format or stats.format
-    batch_size = hp.batch_size if isinstance(hp.batch_size, int) else AUTO_BATCH_SIZE
-    n_epochs = hp.n_epochs if isinstance(hp.n_epochs, int) else AUTO_EPOCHS
     seq_len = hp.max_seq_length
     accumulation = hp.gradient_accumulation_steps
+    # Rows the trainer iterates: examples, or packed sequences when only a token count is known.
+    rows = n_examples if n_examples is not None else (math.ceil(n_tokens / seq_len) if n_tokens else None)
+    if isinstance(hp.batch_size, int):
+        batch_size = hp.batch_size
+    else:
+        batch_size = training_hp.auto_batch_size(rows) if rows else AUTO_BATCH_SIZE
+    if isinstance(hp.n_epochs, int):
+        n_epochs = hp.n_epochs
+    else:
+        n_epochs = training_hp.auto_epochs(rows) if rows else AUTO_EPOCHS
     hardware_name, device_bytes, is_gpu = _device(request)
     dtype = request.dtype or ("bf16" if is_gpu else "fp32")
     devices = request.hardware.count if request.hardware else 1
@@ -115,13 +124,10 @@ def estimate(
         is_gpu=is_gpu,
     )
 
-    examples_per_step = batch_size * accumulation * devices
-    rows = n_examples if n_examples is not None else (math.ceil(n_tokens / seq_len) if n_tokens else None)
-    steps = math.ceil(rows / examples_per_step) * n_epochs if rows else None
-    if steps is not None and hp.max_steps is not None:
-        steps = min(steps, hp.max_steps)
-    elif steps is None and hp.max_steps is not None:
-        steps = hp.max_steps
+    epoch_steps = (
+        training_hp.steps_per_epoch(math.ceil(rows / devices), batch_size, accumulation) if rows else None
+    )
+    steps = hp.max_steps if hp.max_steps is not None else (n_epochs * epoch_steps if epoch_steps else None)
 
     throughput = None
     seconds = None
@@ -134,9 +140,8 @@ def estimate(
             )
             if n_tokens and rows:
                 trained = float(n_tokens * n_epochs)
-                if steps is not None and hp.max_steps is not None:
-                    full_steps = math.ceil(rows / examples_per_step) * n_epochs
-                    trained *= steps / full_steps
+                if hp.max_steps is not None and epoch_steps:
+                    trained *= hp.max_steps / (n_epochs * epoch_steps)
                 seconds = round(trained / (tps * devices), 1)
 
     usable = hw.usable_bytes(device_bytes, is_gpu) if device_bytes is not None else None

@@ -93,13 +93,12 @@ def _child(
     if adapter_type != "full":
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        from tuneforge.estimates.skeleton import model_shape, peft_config
+        from tuneforge.estimates.skeleton import peft_config
 
         if adapter_type == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         spec = AdapterSpec.model_validate({"type": adapter_type})
-        shape = model_shape(json.loads((model_dir / "config.json").read_text()))
-        model = get_peft_model(model, peft_config(spec, shape))
+        model = get_peft_model(model, peft_config(spec, model))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

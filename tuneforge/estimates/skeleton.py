@@ -263,41 +263,12 @@ def check_targets(shape: ModelShape, adapter: AdapterSpec, module_names: list[st
         )
 
 
-def peft_config(adapter: AdapterSpec, shape: ModelShape) -> Any:
-    """The PEFT config the calculator applies for an adapter spec (None for `full`)."""
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+def peft_config(adapter: AdapterSpec, model: Any) -> Any:
+    """The PEFT config a job with this adapter trains with: the training recipe's own
+    (`tuneforge.training.loading.peft_config`), so the counts are those the job will report."""
+    from tuneforge.training.loading import peft_config as recipe_peft_config
 
-    targets: Any = adapter.target_modules
-    if adapter.type in ("lora", "qlora", "dora"):
-        return LoraConfig(
-            r=adapter.r,
-            lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # PEFT accepts a float
-            lora_dropout=adapter.dropout,
-            target_modules=targets,
-            use_dora=adapter.type == "dora",
-            task_type=TaskType.CAUSAL_LM,
-        )
-    if adapter.type == "ia3":
-        from peft.utils.constants import (
-            TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
-        )
-        from peft.utils.constants import (
-            TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as IA3_TARGETS,
-        )
-
-        if targets == "all-linear" and shape.model_type in IA3_TARGETS:
-            targets = list(IA3_TARGETS[shape.model_type])
-        feedforward = list(FEEDFORWARD.get(shape.model_type, []))
-        if isinstance(targets, list):
-            feedforward = [f for f in feedforward if f in targets]
-        return IA3Config(
-            target_modules=targets, feedforward_modules=feedforward, task_type=TaskType.CAUSAL_LM
-        )
-    if adapter.type == "prefix_tuning":
-        return PrefixTuningConfig(num_virtual_tokens=adapter.num_virtual_tokens, task_type=TaskType.CAUSAL_LM)
-    if adapter.type == "prompt_tuning":
-        return PromptTuningConfig(num_virtual_tokens=adapter.num_virtual_tokens, task_type=TaskType.CAUSAL_LM)
-    return None
+    return recipe_peft_config(adapter, model)
 
 
 @lru_cache(maxsize=256)
@@ -312,7 +283,7 @@ def _counts(key: str, param: str, adapter_json: str) -> AdapterCounts:
     check_targets(shape, adapter, [n for n, _ in model.named_modules()])
     try:
         with _quiet():
-            peft_model = get_peft_model(model, peft_config(adapter, shape))
+            peft_model = get_peft_model(model, peft_config(adapter, model))
     except ValueError as exc:
         raise EstimateError(
             f"PEFT refused the adapter for this model: {exc}; linear modules are {shape.linear_leaf_names}",
