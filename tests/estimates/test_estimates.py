@@ -329,3 +329,13 @@ def test_warm_8b_estimate_is_fast() -> None:
     start = time.perf_counter()
     estimate(request)
     assert time.perf_counter() - start < 0.5
+
+
+def test_absurd_sizes_are_refused_before_building() -> None:
+    err = _error({"model_config": {**LLAMA_31_8B, "num_hidden_layers": 10**6}})
+    assert err.param == "model_config.num_hidden_layers"
+
+
+def test_remote_code_pointer_is_ignored() -> None:
+    config = {**QWEN2_SMALL, "auto_map": {"AutoModelForCausalLM": "evil.Model"}}
+    assert estimate(_request(config)).total_params == estimate(_request(QWEN2_SMALL)).total_params

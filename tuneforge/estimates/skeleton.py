@@ -27,6 +27,15 @@ REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attent
 #: Required as well when the architecture's config class has the field (Llama, Qwen, Mistral...).
 REQUIRED_IF_KNOWN = ("intermediate_size",)
 
+#: Upper bounds that keep a meta build cheap (a bigger config is a typo or an attack, not a model).
+FIELD_LIMITS = {
+    "vocab_size": 4_000_000,
+    "hidden_size": 131_072,
+    "num_hidden_layers": 512,
+    "num_attention_heads": 4_096,
+    "intermediate_size": 1_048_576,
+}
+
 GATE_NAMES = frozenset({"gate_proj", "gate_up_proj", "w1", "w3", "gate"})
 #: Leaf names of linear layers that read the same input tensor inside one block.
 SHARED_INPUT_GROUPS = (
@@ -143,7 +152,14 @@ def validate_config(config: dict[str, Any], param: str) -> Any:
         value = config.get(field, config.get(spelled))
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise EstimateError(f"{param}.{spelled} must be a positive integer", f"{param}.{spelled}")
-    kwargs = {k: v for k, v in config.items() if k != "model_type"}
+        if value > FIELD_LIMITS[field]:
+            raise EstimateError(
+                f"{param}.{spelled} = {value:,} is larger than any model this calculator builds "
+                f"(at most {FIELD_LIMITS[field]:,})",
+                f"{param}.{spelled}",
+            )
+    # No remote code: `auto_map` would point transformers at code shipped with a checkpoint.
+    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}
     try:
         with _quiet():
             return config_class(**kwargs)
