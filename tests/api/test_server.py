@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import openai
 import psutil
 import pytest
 from openai import OpenAI
@@ -35,7 +36,7 @@ def _client(server: Server, key: str, **kwargs: object) -> OpenAI:
 
 @pytest.fixture
 def embedded_server(tmp_path: Path, models_dir: Path) -> Iterator[Server]:
-    server = start_server({}, tmp_path / "tuneforge")
+    server = start_server({"TUNEFORGE_MAX_UPLOAD_BYTES": str(4 << 20)}, tmp_path / "tuneforge")
     yield server
     stop_server(server)
 
@@ -79,6 +80,13 @@ def test_embedded_serve_end_to_end(embedded_server: Server, chat_jsonl: str, dpo
     assert admin.files.delete(uploaded.id).deleted
     assert not (data_dir / "objects" / "files" / uploaded.id).exists()
     assert httpx.get(server.base_url + "/readyz").status_code == 200
+
+    line = chat_jsonl.splitlines(keepends=True)[0].encode()
+    with pytest.raises(openai.APIStatusError) as too_big:
+        admin.files.create(file=("big.jsonl", line * ((5 << 20) // len(line))), purpose="fine-tune")
+    assert too_big.value.status_code == 413
+    with pytest.raises(openai.AuthenticationError):
+        _client(server, "tf-wrong").files.list()
 
 
 @pytest.fixture
