@@ -40,7 +40,7 @@ from tests.api.conftest import (  # noqa: E402
 )
 
 ADMIN_KEY = "tf-admin-bench-key"
-BROKER = "redis://127.0.0.1:6379/14"
+BROKER = "redis://127.0.0.1:6379/4"
 
 
 def _request(method: str, path: str, host: str, key: str | None, body: bytes = b"") -> bytes:

@@ -4,7 +4,7 @@ A throwaway database per backend and test run (PostgreSQL: a uniquely named data
 127.0.0.1:5432, dropped afterwards), its schema built by the migrations; one app per backend,
 driven in-process through the official `openai` SDK (its http_client is a TestClient) and raw
 httpx; a fresh project and key per test so tests never see each other's objects. Job messages
-go to a real Redis broker (db 13), where no worker consumes them, so jobs stay queued.
+go to a real Redis broker (db 5, this suite's own), where no worker consumes them, so jobs stay queued.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tuneforge.config import Settings, get_settings
 from tuneforge.db import migrate
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-TEST_BROKER = "redis://127.0.0.1:6379/13"
+TEST_BROKER = "redis://127.0.0.1:6379/5"
 ADMIN_KEY = "tf-admin-test-key-0123456789"
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
@@ -52,7 +52,7 @@ def drop_pg_database(name: str) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _test_broker() -> Iterator[None]:
-    """Job messages of in-process apps go to Redis db 13 (read by get_settings in dispatch)."""
+    """Job messages of in-process apps go to Redis db 5 (read by get_settings in dispatch)."""
     previous = os.environ.get("TUNEFORGE_BROKER_URL")
     os.environ["TUNEFORGE_BROKER_URL"] = TEST_BROKER
     get_settings.cache_clear()
