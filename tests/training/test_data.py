@@ -112,3 +112,50 @@ def test_identical_preference_pairs_are_counted(tiny_chat_path: Path, tmp_path: 
     result = train(make_spec("dpo", max_steps=1, batch_size=2), tiny_chat_path, path, tmp_path / "run").result
     assert result.warnings == {"identical_preference_pairs": 1}
     assert result.final_step == 1
+
+
+def _copy_with_template(tiny_chat_path: Path, into: Path, template: str | None) -> Path:
+    import shutil
+
+    target = into / "model"
+    shutil.copytree(tiny_chat_path, target)
+    jinja = target / "chat_template.jinja"
+    if template is None:
+        jinja.unlink()
+    else:
+        jinja.write_text(template)
+    return target
+
+
+def test_templates_without_generation_markers_train_whole_conversations(
+    tiny_chat_path: Path, tmp_path: Path
+) -> None:
+    plain_chatml = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    model_dir = _copy_with_template(tiny_chat_path, tmp_path, plain_chatml)
+    records = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Skip", "weight": 0},
+                {"role": "user", "content": "Again"},
+                {"role": "assistant", "content": "Hello again."},
+            ]
+        },
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+    result = train(make_spec(max_steps=1, batch_size=2), model_dir, path, tmp_path / "run").result
+    assert result.warnings == {"assistant_only_loss_unavailable": 1, "weight_zero_not_honoured": 1}
+    assert result.final_step == 1
+
+
+def test_a_tokenizer_without_chat_template_gets_chatml(tiny_chat_path: Path, tmp_path: Path) -> None:
+    model_dir = _copy_with_template(tiny_chat_path, tmp_path, None)
+    result = train(
+        make_spec(max_steps=1, batch_size=4), model_dir, DATA / "qa.jsonl", tmp_path / "run"
+    ).result
+    assert result.warnings == {"chat_template_missing_used_chatml": 1}
+    assert result.adapter_dir is not None and (result.adapter_dir / "chat_template.jinja").is_file()

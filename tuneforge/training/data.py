@@ -16,6 +16,7 @@ nothing to learn from), DPO pairs whose chosen equals rejected. The counts go in
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,9 +182,16 @@ def _convert_preference(fmt: DataFormat, record: dict[str, Any]) -> dict[str, An
     }
 
 
+_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template marks assistant content with `{% generation %}`."""
+    return bool(_GENERATION_MARKER.search(str(tokenizer.chat_template or "")))
+
+
 def template_honours_weight(tokenizer: PreTrainedTokenizerBase) -> bool:
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    return "weight" in template and "generation" in template
+    return has_generation_markers(tokenizer) and "weight" in str(tokenizer.chat_template)
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], **kwargs: Any) -> dict[str, Any]:
@@ -193,7 +201,7 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], **kwarg
 
 def _chat_lengths(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> tuple[int, int]:
     """(all tokens, assistant tokens in the loss) of one conversation under the model's template."""
-    if "generation" in str(tokenizer.chat_template):
+    if has_generation_markers(tokenizer):
         out = _render(tokenizer, messages, return_assistant_tokens_mask=True)
         return len(out["input_ids"]), int(sum(out["assistant_masks"]))
     ids = _render(tokenizer, messages)["input_ids"]

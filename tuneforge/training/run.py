@@ -1,20 +1,25 @@
 """The worker's entry point: `run_training(spec, paths, observer) -> RunResult`.
 
 Called in a fresh child process (CUDA must not be initialised in a parent that forks). Turns the
-job spec and local paths into the method's recipe config and runs that recipe.
+job spec and local paths into the method's recipe config and runs that recipe. Importing this
+module does not import torch; running it does.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneforge.models.spec import JobSpec
-from tuneforge.training.common import Finished, RecipeConfig
 from tuneforge.training.interface import RunObserver, RunPaths, RunResult
+
+if TYPE_CHECKING:
+    from tuneforge.training.common import Finished, RecipeConfig
 
 
 def recipe_config(spec: JobSpec, paths: RunPaths) -> RecipeConfig:
     """The typed config of the recipe that `spec.method.type` names."""
+    from tuneforge.config import get_settings
+
     common: dict[str, Any] = {
         "model_dir": paths.model_dir,
         "model_id": paths.model_id or spec.model,
@@ -26,6 +31,7 @@ def recipe_config(spec: JobSpec, paths: RunPaths) -> RecipeConfig:
         "hyperparameters": spec.hyperparameters,
         "seed": spec.seed,
         "export_merged": "merged" in spec.export,
+        "trust_remote_code": get_settings().trust_remote_code,
     }
     method = spec.method.type
     if method == "supervised":
@@ -44,21 +50,14 @@ def recipe_config(spec: JobSpec, paths: RunPaths) -> RecipeConfig:
 
 
 def run_recipe(spec: JobSpec, paths: RunPaths, observer: RunObserver | None = None) -> Finished:
-    """Like run_training, but also hands back the trained model (tests, notebooks)."""
+    """Like run_training, but also hands back the trained model and tokenizer (tests, notebooks)."""
+    from tuneforge.training import dpo, pretraining, supervised
+
     cfg = recipe_config(spec, paths)
-    method = spec.method.type
-    if method == "supervised":
-        from tuneforge.training import supervised
-
-        assert isinstance(cfg, supervised.SupervisedConfig)
+    if isinstance(cfg, supervised.SupervisedConfig):
         return supervised.train(cfg, observer)
-    if method == "dpo":
-        from tuneforge.training import dpo
-
-        assert isinstance(cfg, dpo.DpoConfig)
+    if isinstance(cfg, dpo.DpoConfig):
         return dpo.train(cfg, observer)
-    from tuneforge.training import pretraining
-
     assert isinstance(cfg, pretraining.PretrainingConfig)
     return pretraining.train(cfg, observer)
 
@@ -66,7 +65,7 @@ def run_recipe(spec: JobSpec, paths: RunPaths, observer: RunObserver | None = No
 def run_training(spec: JobSpec, paths: RunPaths, observer: RunObserver | None = None) -> RunResult:
     """Trains `spec` on `paths`, telling `observer` about progress; see tuneforge.training.interface.
 
-    Raises `tuneforge.training.data.DataError` for data that cannot train (the message names the
-    file and line) and ValueError for a spec the recipe cannot run.
+    Raises `tuneforge.training.data.DataError` (a ValueError) for data that cannot train, with the
+    file and line in the message, and ValueError for a spec the recipe cannot run.
     """
     return run_recipe(spec, paths, observer).result

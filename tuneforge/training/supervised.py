@@ -16,8 +16,10 @@ from tuneforge.training.data import read_training_file
 from tuneforge.training.hyperparams import resolve, trainer_arguments
 from tuneforge.training.interface import RunObserver
 from tuneforge.training.loading import (
+    assistant_only_loss_available,
     choose_packing,
     detect_device,
+    ensure_chat_template,
     load_model,
     load_tokenizer,
     peft_config,
@@ -42,6 +44,7 @@ def train(cfg: SupervisedConfig, observer: RunObserver | None = None) -> Finishe
     # Load
     hp_in = cfg.hyperparameters
     tokenizer = load_tokenizer(cfg.model_dir)
+    added_template = ensure_chat_template(tokenizer)
     train_data = read_training_file(cfg.train_file, "supervised", tokenizer, hp_in.max_seq_length)
     valid_data = (
         read_training_file(cfg.valid_file, "supervised", tokenizer, hp_in.max_seq_length, split="validation")
@@ -52,6 +55,13 @@ def train(cfg: SupervisedConfig, observer: RunObserver | None = None) -> Finishe
     model = load_model(cfg.model_dir, device, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
 
     # Set up
+    assistant_only = cfg.assistant_only_loss and train_data.kind == "conversational"
+    if added_template and train_data.kind == "conversational":
+        train_data.warnings["chat_template_missing_used_chatml"] += 1
+    if assistant_only and not assistant_only_loss_available(tokenizer):
+        # A template TRL cannot mark: train on whole conversations rather than refuse the job.
+        assistant_only = False
+        train_data.warnings["assistant_only_loss_unavailable"] += 1
     packing = choose_packing(hp_in.packing, "supervised", device)
     hp = resolve(
         hp_in,
@@ -69,7 +79,7 @@ def train(cfg: SupervisedConfig, observer: RunObserver | None = None) -> Finishe
         packing=packing,
         packing_strategy="bfd",
         train_sampling_strategy="random" if packing else "group_by_length",
-        assistant_only_loss=cfg.assistant_only_loss and train_data.kind == "conversational",
+        assistant_only_loss=assistant_only,
         completion_only_loss=cfg.completion_only_loss if train_data.kind == "prompt_completion" else None,
     )
     trainer = SFTTrainer(
