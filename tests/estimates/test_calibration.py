@@ -22,3 +22,10 @@ def test_memory_estimate_within_25_percent_of_measured_peak(tiny_chat_path: Path
 def test_memory_estimate_with_gradient_checkpointing(tiny_chat_path: Path) -> None:
     result = calibrate(tiny_chat_path, "lora", batch_size=8, seq_len=512, checkpointing=True)
     assert abs(result.error) < 0.25, result
+
+
+@pytest.mark.slow
+def test_memory_estimate_against_the_training_recipe(tiny_chat_path: Path) -> None:
+    """The same check through run_training (TRL SFTTrainer), which adds host-side overhead."""
+    result = calibrate(tiny_chat_path, "lora", batch_size=8, seq_len=512, recipe=True)
+    assert abs(result.error) < 0.25, result

@@ -116,11 +116,78 @@ def _child(
     return {"baseline": baseline, "peak": _peak_rss(), "tokens_per_second": real_tokens / elapsed}
 
 
+def _recipe_child(
+    model_dir: Path, adapter_type: str, batch_size: int, seq_len: int, steps: int
+) -> dict[str, float]:
+    """The same measurement through the training recipe itself (TRL SFTTrainer via
+    `run_training`), on chat examples long enough to fill `seq_len` after truncation."""
+    import random
+    import tempfile
+
+    import accelerate  # noqa: F401
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+    from trl import SFTConfig, SFTTrainer  # noqa: F401
+
+    from tuneforge.models.spec import JobSpec
+    from tuneforge.training import supervised  # noqa: F401
+    from tuneforge.training.interface import RunPaths
+    from tuneforge.training.run import run_training
+    from tuneforge.training.tiny_chat import CORPUS
+
+    torch.set_num_threads(1)
+    if adapter_type == "qlora":
+        import bitsandbytes  # noqa: F401
+    words = CORPUS.read_text().split()
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        train = Path(tmp) / "train.jsonl"
+        with train.open("w") as out:
+            for _ in range(batch_size * (steps + 1)):
+                answer = " ".join(rng.choice(words) for _ in range(seq_len * 2))
+                messages = [
+                    {"role": "user", "content": "Tell me a story."},
+                    {"role": "assistant", "content": answer},
+                ]
+                out.write(json.dumps({"messages": messages}) + "\n")
+        spec = JobSpec.model_validate(
+            {
+                "model": "tuneforge/tiny-chat",
+                "training_file": "file-calibration",
+                "seed": 0,
+                "adapter": {"type": adapter_type},
+                "method": {
+                    "type": "supervised",
+                    "supervised": {
+                        "hyperparameters": {
+                            "batch_size": batch_size,
+                            "max_seq_length": seq_len,
+                            "max_steps": steps,
+                            "n_epochs": 1,
+                            "save_every_steps": 10 * steps,
+                        }
+                    },
+                },
+            }
+        )
+        baseline = _rss()
+        run_training(spec, RunPaths(model_dir=model_dir, train_file=train, out_dir=Path(tmp) / "out"))
+        return {"baseline": baseline, "peak": _peak_rss()}
+
+
 def measure(
-    model_dir: Path, adapter_type: str, batch_size: int, seq_len: int, checkpointing: bool = False
+    model_dir: Path,
+    adapter_type: str,
+    batch_size: int,
+    seq_len: int,
+    checkpointing: bool = False,
+    recipe: bool = False,
 ) -> int:
     """Peak RSS growth, in bytes, of a short real run in a fresh process."""
-    result = _run_child(model_dir, adapter_type, batch_size, seq_len, STEPS, 1, checkpointing)
+    result = _run_child(model_dir, adapter_type, batch_size, seq_len, STEPS, 1, checkpointing, recipe)
     return int(result["peak"]) - int(result["baseline"])
 
 
@@ -142,6 +209,7 @@ def _run_child(
     steps: int,
     threads: int,
     checkpointing: bool = False,
+    recipe: bool = False,
 ) -> dict[str, float]:
     env = {
         **os.environ,
@@ -156,6 +224,7 @@ def _run_child(
             *(adapter_type, "--batch-size", str(batch_size), "--seq-len", str(seq_len)),
             *("--steps", str(steps), "--threads", str(threads)),
             *(["--gradient-checkpointing"] if checkpointing else []),
+            *(["--recipe"] if recipe else []),
         ],
         check=True,
         capture_output=True,
@@ -167,8 +236,14 @@ def _run_child(
 
 
 def calibrate(
-    model_dir: Path, adapter_type: str, batch_size: int, seq_len: int, checkpointing: bool = False
+    model_dir: Path,
+    adapter_type: str,
+    batch_size: int,
+    seq_len: int,
+    checkpointing: bool = False,
+    recipe: bool = False,
 ) -> Calibration:
+    """Estimate against a measured peak; `recipe` measures a run of the training recipe itself."""
     from tuneforge.estimates.calculator import estimate
     from tuneforge.estimates.schema import EstimateRequest, Hardware
 
@@ -189,7 +264,7 @@ def calibrate(
         batch_size,
         seq_len,
         estimated,
-        measure(model_dir, adapter_type, batch_size, seq_len, checkpointing),
+        measure(model_dir, adapter_type, batch_size, seq_len, checkpointing, recipe),
         checkpointing,
     )
 
@@ -205,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--recipe", action="store_true", help="Measure through run_training (TRL).")
     args = parser.parse_args(argv)
+    if args.child and args.recipe:
+        result = _recipe_child(Path(args.child[0]), args.child[1], args.batch_size, args.seq_len, args.steps)
+        print(json.dumps(result))
+        return 0
     if args.child:
         child = _child(
             Path(args.child[0]),
@@ -225,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| adapter | batch x seq | checkpointing | estimated MiB | measured RSS growth MiB | error |")
     print("| --- | --- | --- | --- | --- | --- |")
     for adapter_type in args.adapters.split(","):
-        c = calibrate(model_dir, adapter_type, args.batch_size, args.seq_len, args.gradient_checkpointing)
+        c = calibrate(
+            model_dir, adapter_type, args.batch_size, args.seq_len, args.gradient_checkpointing, args.recipe
+        )
         print(
             f"| {c.adapter} | {c.batch_size} x {c.seq_len} | {'on' if c.checkpointing else 'off'} | "
             f"{c.estimated_bytes / 2**20:,.1f} | "

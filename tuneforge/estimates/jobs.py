@@ -13,6 +13,7 @@ from tuneforge.estimates.calculator import estimate
 from tuneforge.estimates.hardware import GIB, usable_bytes
 from tuneforge.estimates.schema import EstimateError, EstimateRequest, FileStats
 from tuneforge.models.spec import Hyperparameters, JobSpec
+from tuneforge.training.loading import CHECKPOINTING_MIN_PARAMS
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def parse_worker_classes(value: str) -> dict[str, float]:
     return classes
 
 
-def _request(spec: JobSpec, hardware: dict[str, Any] | None) -> EstimateRequest:
+def _request(spec: JobSpec, hardware: dict[str, Any] | None, checkpointing: bool = False) -> EstimateRequest:
     hp = Hyperparameters.model_validate(
         spec.hyperparameters.model_dump(include=set(Hyperparameters.model_fields))
     )
@@ -46,6 +47,7 @@ def _request(spec: JobSpec, hardware: dict[str, Any] | None) -> EstimateRequest:
         method=spec.method.type,
         hyperparameters=hp,
         hardware=hardware,
+        gradient_checkpointing=checkpointing,
     )
 
 
@@ -63,6 +65,9 @@ def job_estimate(spec: JobSpec, stats: FileStats, settings: Settings) -> dict[st
     hardware = {"gpu": target, "gpu_memory_gb": classes[target]} if target is not None else None
     try:
         result = estimate(_request(spec, hardware), file_stats=stats, settings=settings)
+        if target != "cpu" and result.total_params >= CHECKPOINTING_MIN_PARAMS:
+            # the recipe turns gradient checkpointing on for big models on CUDA; estimate what it runs
+            result = estimate(_request(spec, hardware, True), file_stats=stats, settings=settings)
     except EstimateError as exc:
         if exc.param == "adapter.target_modules":
             raise
