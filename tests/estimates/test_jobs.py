@@ -115,3 +115,27 @@ def test_parse_worker_classes() -> None:
     for bad in ("gpu", "gpu=", "=80", "gpu=-1", "gpu=lots"):
         with pytest.raises(ValueError, match="queue=GiB"):
             parse_worker_classes(bad)
+
+
+def test_big_model_job_is_estimated_with_checkpointing_like_the_recipe(tmp_path: Path) -> None:
+    """A configured model needs only its config.json here; on a GPU class, a model of 300M+
+    parameters is estimated with gradient checkpointing, which the recipe turns on for it."""
+    import json
+
+    from tests.estimates.test_estimates import LLAMA_31_8B
+    from tuneforge.estimates import FileStats
+    from tuneforge.estimates.jobs import job_estimate
+    from tuneforge.models.spec import JobSpec
+
+    model_dir = tmp_path / "llama-8b"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    settings = Settings(data_dir=tmp_path, models=f"meta/llama-8b={model_dir}", worker_classes="gpu=80")
+    spec = JobSpec.model_validate(
+        {"model": "meta/llama-8b", "training_file": "file-x", "adapter": {"type": "qlora"}}
+    )
+    estimate = job_estimate(spec, FileStats(examples=5000, approx_tokens=2_000_000), settings)
+    assert estimate is not None
+    assert any("gradient checkpointing" in note for note in estimate["memory_notes"])
+    assert estimate["worker_classes"] == {"gpu": True}
+    assert estimate["trainable_params"] == 41_943_040  # r=16 on every linear layer but the head
