@@ -109,3 +109,6 @@ def test_training_file_counts_are_used(client: TestClient, qa_path: Path) -> Non
     assert result["tokens_per_epoch"] and result["tokens_per_epoch"] > 0
     assert result["steps"] == 4 * 8  # 32 examples: the recipe's auto rules give 4 epochs of batch 4
     assert result["recommendation"]["adapter"] == "prompt_tuning"  # 32 examples is few
+    # tiny-chat on CPU is a measured throughput: a time, and where its figure comes from
+    assert result["estimated_seconds"] > 0
+    assert "estimate_bench.py" in result["throughput"]["source"]

@@ -8,13 +8,17 @@ from fastapi import APIRouter
 
 from tuneforge.api.deps import ProjectDep, SessionDep, SettingsDep
 from tuneforge.api.errors import BadRequest
-from tuneforge.estimates import EstimateError, EstimateRequest, FileStats, estimate
+from tuneforge.estimates import EstimateError, EstimateRequest, EstimateResponse, FileStats, estimate
 from tuneforge.models import file as files
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["estimates"])
 
 
-@router.post("/estimates", summary="What a fine-tuning job would cost, and which method fits")
+@router.post(
+    "/estimates",
+    response_model=EstimateResponse,
+    summary="What a fine-tuning job would cost, and which method fits",
+)
 def create_estimate(
     body: EstimateRequest, caller: ProjectDep, session: SessionDep, settings: SettingsDep
 ) -> dict[str, Any]:
