@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.training.conftest import DATA, RecordingObserver, make_spec, train, train_losses
+from tests.training.conftest import DATA, RecordingObserver, make_spec, read_metrics, train, train_losses
 from tuneforge.models.spec import AdapterSpec
 from tuneforge.training.loading import Device, load_model
 
@@ -127,6 +127,7 @@ def test_dpo_trains_and_reloads(adapter_type: str, tiny_chat_path: Path, tmp_pat
     assert len(losses) == 8 and _falls(losses), losses
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
     assert result.report["hyperparameters"]["beta"] == 0.1
+    assert all(row["reward_margin"] for row in read_metrics(result.metrics_csv))  # type: ignore[arg-type]
 
     probe = _probe(tiny_chat_path)
     torch.testing.assert_close(

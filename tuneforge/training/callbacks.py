@@ -23,6 +23,8 @@ CSV_COLUMNS = [
     "epoch",
     "tokens_seen",
     "grad_norm",
+    "reward_accuracy",  # DPO: share of pairs whose chosen reward beats the rejected one
+    "reward_margin",  # DPO: mean chosen-minus-rejected reward
 ]
 
 
@@ -78,6 +80,8 @@ class MetricsCsv:
             row["learning_rate"] = _number(logs.get("learning_rate"))
             row["grad_norm"] = _number(logs.get("grad_norm"))
             row["epoch"] = _number(logs.get("epoch"))
+            row["reward_accuracy"] = _number(logs.get("rewards/accuracies"))
+            row["reward_margin"] = _number(logs.get("rewards/margins"))
             if tokens_seen is not None:
                 row["tokens_seen"] = tokens_seen
             elif "num_input_tokens_seen" in logs:

@@ -190,6 +190,17 @@ def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(_GENERATION_MARKER.search(str(tokenizer.chat_template or "")))
 
 
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Gives a tokenizer without a chat template tiny-chat's ChatML-style one (with generation
+    markers); True when it had to. The adapter's saved tokenizer carries the template it trained with."""
+    if tokenizer.chat_template:
+        return False
+    from tuneforge.training.tiny_chat import CHAT_TEMPLATE
+
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return True
+
+
 def template_honours_weight(tokenizer: PreTrainedTokenizerBase) -> bool:
     return has_generation_markers(tokenizer) and "weight" in str(tokenizer.chat_template)
 
@@ -247,6 +258,14 @@ def read_training_file(
     stats = DataStats(format=fmt.value)
     lengths: list[int] = []
     rows: list[dict[str, Any]] = []
+
+    conversational = fmt in (DataFormat.CHAT, DataFormat.ALPACA, DataFormat.SHAREGPT)
+    conversational |= fmt is DataFormat.PREFERENCE_OPENAI or (
+        fmt is DataFormat.PREFERENCE
+        and not all(isinstance(records[0].get(k, ""), str) for k in ("prompt", "chosen"))
+    )
+    if conversational and ensure_chat_template(tokenizer):
+        warnings["chat_template_missing_used_chatml"] += 1
 
     if method == "supervised":
         honours_weight = template_honours_weight(tokenizer)

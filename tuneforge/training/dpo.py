@@ -20,7 +20,6 @@ from tuneforge.training.interface import RunObserver
 from tuneforge.training.loading import (
     choose_packing,
     detect_device,
-    ensure_chat_template,
     load_model,
     load_tokenizer,
     peft_config,
@@ -43,15 +42,12 @@ def train(cfg: DpoConfig, observer: RunObserver | None = None) -> Finished:
     # Load
     hp_in = cfg.hyperparameters
     tokenizer = load_tokenizer(cfg.model_dir)
-    added_template = ensure_chat_template(tokenizer)
     train_data = read_training_file(cfg.train_file, "dpo", tokenizer, hp_in.max_seq_length)
     valid_data = (
         read_training_file(cfg.valid_file, "dpo", tokenizer, hp_in.max_seq_length, split="validation")
         if cfg.valid_file
         else None
     )
-    if added_template and isinstance(train_data.rows[0]["prompt"], list):
-        train_data.warnings["chat_template_missing_used_chatml"] += 1
     device = detect_device()
     model = load_model(cfg.model_dir, device, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
     reference = None

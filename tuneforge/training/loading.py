@@ -100,17 +100,6 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Gives a tokenizer without a chat template tiny-chat's ChatML-style one (with generation
-    markers); True when it had to. The adapter's saved tokenizer carries the template it trained with."""
-    if tokenizer.chat_template:
-        return False
-    from tuneforge.training.tiny_chat import CHAT_TEMPLATE
-
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return True
-
-
 def assistant_only_loss_available(tokenizer: PreTrainedTokenizerBase) -> bool:
     """True when the template has `{% generation %}` markers, or TRL knows a training variant of it."""
     from trl.chat_template_utils import get_training_chat_template

@@ -19,7 +19,6 @@ from tuneforge.training.loading import (
     assistant_only_loss_available,
     choose_packing,
     detect_device,
-    ensure_chat_template,
     load_model,
     load_tokenizer,
     peft_config,
@@ -44,7 +43,6 @@ def train(cfg: SupervisedConfig, observer: RunObserver | None = None) -> Finishe
     # Load
     hp_in = cfg.hyperparameters
     tokenizer = load_tokenizer(cfg.model_dir)
-    added_template = ensure_chat_template(tokenizer)
     train_data = read_training_file(cfg.train_file, "supervised", tokenizer, hp_in.max_seq_length)
     valid_data = (
         read_training_file(cfg.valid_file, "supervised", tokenizer, hp_in.max_seq_length, split="validation")
@@ -56,8 +54,6 @@ def train(cfg: SupervisedConfig, observer: RunObserver | None = None) -> Finishe
 
     # Set up
     assistant_only = cfg.assistant_only_loss and train_data.kind == "conversational"
-    if added_template and train_data.kind == "conversational":
-        train_data.warnings["chat_template_missing_used_chatml"] += 1
     if assistant_only and not assistant_only_loss_available(tokenizer):
         # A template TRL cannot mark: train on whole conversations rather than refuse the job.
         assistant_only = False
