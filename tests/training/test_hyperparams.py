@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,7 @@ def test_by_hand_entry_point(tiny_chat_path: Path, models_dir: Path, tmp_path: P
         [sys.executable, "-m", "tuneforge.training", str(spec_path), "--out", str(tmp_path / "out")],
         capture_output=True,
         text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=300,
         check=False,
     )
