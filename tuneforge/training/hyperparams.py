@@ -138,11 +138,13 @@ def resolve(
     n_examples: int,
     packing: bool,
     has_validation: bool,
+    n_rows: int | None = None,
 ) -> EffectiveHyperparameters:
     """Resolves "auto" values from the number of training examples.
 
     `packing` is the batching the recipe chose (see `choose_packing`); `n_examples` counts the
-    examples that will train (after the reader dropped unusable ones).
+    examples that will train (after the reader dropped unusable ones); `n_rows` the training rows
+    when packing makes them fewer (pretraining), for the default checkpoint interval.
     """
     n_epochs = auto_epochs(n_examples) if hp.n_epochs == "auto" else hp.n_epochs
     batch_size = auto_batch_size(n_examples) if hp.batch_size == "auto" else hp.batch_size
@@ -171,7 +173,7 @@ def resolve(
         beta=beta,
     )
     if draft.save_every_steps is None:
-        steps = total_steps(n_examples, draft)
+        steps = total_steps(n_rows or n_examples, draft)
         draft = EffectiveHyperparameters(**{**draft.as_dict(), "save_every_steps": max(1, steps // 4)})
     return draft
 

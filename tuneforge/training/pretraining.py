@@ -4,6 +4,7 @@ Reads top to bottom: load, set up, train, save."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from tuneforge.training.common import (
@@ -52,6 +53,7 @@ def train(cfg: PretrainingConfig, observer: RunObserver | None = None) -> Finish
         n_examples=train_data.stats.examples,
         packing=choose_packing(hp_in.packing, "pretraining", device),
         has_validation=valid_data is not None,
+        n_rows=math.ceil(train_data.stats.tokens / hp_in.max_seq_length),
     )
     args = SFTConfig(
         **runtime_arguments(cfg, device, model),
