@@ -64,3 +64,14 @@ def test_cancel_stops_after_the_current_step(tiny_chat_path: Path, tmp_path: Pat
     assert result.stopped == "cancel" and result.final_step == 1
     assert result.last_checkpoint is not None and result.last_checkpoint.name == "checkpoint-1"
     assert [row["step"] for row in read_metrics(result.metrics_csv)] == ["1"]  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_seeded_runs_are_deterministic(tiny_chat_path: Path, tmp_path: Path) -> None:
+    first = train(_spec(), tiny_chat_path, DATA / "qa.jsonl", tmp_path / "a").result
+    again = train(_spec(), tiny_chat_path, DATA / "qa.jsonl", tmp_path / "b").result
+    assert read_metrics(first.metrics_csv) == read_metrics(again.metrics_csv)  # type: ignore[arg-type]
+    assert first.adapter_dir is not None and again.adapter_dir is not None
+    assert (first.adapter_dir / "adapter_model.safetensors").read_bytes() == (
+        again.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()
