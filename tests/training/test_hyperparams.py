@@ -82,16 +82,18 @@ def test_every_hyperparameter_maps_onto_trl_configs(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_validation_file_and_explicit_packing(tiny_chat_path: Path, tmp_path: Path) -> None:
-    spec = make_spec(max_steps=4, batch_size=8, eval_every_steps=2, packing=True, early_stopping_patience=3)
+    spec = make_spec(max_steps=4, batch_size=8, eval_every_steps=3, packing=True, early_stopping_patience=3)
     observer = RecordingObserver()
     run_dir = tmp_path / "run"
     result = train(
         spec, tiny_chat_path, DATA / "qa.jsonl", run_dir, observer, valid_file=DATA / "qa.jsonl"
     ).result
     rows = read_metrics(result.metrics_csv)  # type: ignore[arg-type]
-    assert [bool(r["valid_loss"]) for r in rows] == [False, True, False, True]
-    assert rows[1]["valid_mean_token_accuracy"]
-    assert result.metrics["valid_loss"] == float(rows[3]["valid_loss"])
+    # Every 3 steps, and the final weights (transformers evaluates at the last step too).
+    assert [bool(r["valid_loss"]) for r in rows] == [False, False, True, True]
+    assert rows[2]["valid_mean_token_accuracy"]
+    assert result.metrics["full_valid_loss"] == float(rows[3]["valid_loss"]) == result.metrics["valid_loss"]
+    assert result.metrics["full_valid_mean_token_accuracy"] == float(rows[3]["valid_mean_token_accuracy"])
     assert result.report["hyperparameters"]["packing"] is True
     assert result.report["hyperparameters"]["batching"] == "packing"
     assert result.report["data"]["validation"]["examples"] == 32

@@ -164,7 +164,15 @@ def train_and_save(
     data_report = {"train": train_data.stats.as_dict()}
     if valid_data is not None:
         data_report["validation"] = valid_data.stats.as_dict()
+    if valid_data is not None and callback.stopped is None:
+        # OpenAI's full_valid_* metrics: the whole validation file on the final weights.
+        evaluated_at = [e["step"] for e in state.log_history if "eval_loss" in e]
+        if not evaluated_at or evaluated_at[-1] != state.global_step:
+            trainer.evaluate()
     metrics = {"step": state.global_step, **callback.final_metrics}
+    if valid_data is not None and callback.stopped is None:
+        metrics["full_valid_loss"] = metrics.get("valid_loss")
+        metrics["full_valid_mean_token_accuracy"] = metrics.get("valid_mean_token_accuracy")
     if "train_loss" in output.metrics and state.global_step > callback.start_step:
         metrics["mean_train_loss"] = output.metrics["train_loss"]
     adapter_report = cfg.adapter.model_dump(mode="json")
