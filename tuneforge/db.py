@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from anyio import CapacityLimiter, to_thread
 from sqlalchemy import DateTime, Engine, MetaData, TypeDecorator, create_engine, event
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 if TYPE_CHECKING:
@@ -136,6 +136,11 @@ def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
+# Commits and rollbacks get threads of their own. A request's commit must never queue behind
+# route bodies in the shared pool: those may be waiting for the very locks the commit releases
+# (SQLite's write lock, a PostgreSQL row lock), which would deadlock until a timeout.
+TRANSACTION_END_THREADS = CapacityLimiter(64)
+
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
     """The request's session (a FastAPI dependency): commits after the route succeeds, rolls back
@@ -151,10 +156,10 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         if read_only:
             commit(session)
         else:
-            await run_in_threadpool(commit, session)
+            await to_thread.run_sync(commit, session, limiter=TRANSACTION_END_THREADS)
     except BaseException:
         if session.in_transaction() and not read_only:
-            await run_in_threadpool(rollback, session)
+            await to_thread.run_sync(rollback, session, limiter=TRANSACTION_END_THREADS)
         else:
             rollback(session)
         raise

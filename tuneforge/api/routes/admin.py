@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from tuneforge.api.auth import KeyCache
 from tuneforge.api.deps import AdminDep, SessionDep
@@ -24,39 +23,39 @@ def _project(session: SessionDep, project_id: str) -> projects.Project:
 
 
 @router.post("", summary="Create a project")
-def create_project(body: ProjectCreate, admin: AdminDep, session: SessionDep) -> dict[str, Any]:
-    return project_object(projects.create_project(session, body.name))
+def create_project(body: ProjectCreate, admin: AdminDep, session: SessionDep) -> JSONResponse:
+    return JSONResponse(project_object(projects.create_project(session, body.name)))
 
 
 @router.get("", summary="List projects")
-def list_projects(admin: AdminDep, session: SessionDep) -> dict[str, Any]:
+def list_projects(admin: AdminDep, session: SessionDep) -> JSONResponse:
     rows = projects.list_projects(session)
-    return {"object": "list", "data": [project_object(p) for p in rows], "has_more": False}
+    return JSONResponse({"object": "list", "data": [project_object(p) for p in rows], "has_more": False})
 
 
 @router.get("/{project_id}", summary="Retrieve a project")
-def retrieve_project(project_id: str, admin: AdminDep, session: SessionDep) -> dict[str, Any]:
-    return project_object(_project(session, project_id))
+def retrieve_project(project_id: str, admin: AdminDep, session: SessionDep) -> JSONResponse:
+    return JSONResponse(project_object(_project(session, project_id)))
 
 
 @router.post("/{project_id}/api_keys", summary="Create an API key (its value is shown only here)")
-def create_api_key(project_id: str, admin: AdminDep, session: SessionDep) -> dict[str, Any]:
+def create_api_key(project_id: str, admin: AdminDep, session: SessionDep) -> JSONResponse:
     _project(session, project_id)
     key, plaintext = projects.create_api_key(session, project_id)
-    return api_key_object(key, plaintext)
+    return JSONResponse(api_key_object(key, plaintext))
 
 
 @router.get("/{project_id}/api_keys", summary="List a project's API keys (never their values)")
-def list_api_keys(project_id: str, admin: AdminDep, session: SessionDep) -> dict[str, Any]:
+def list_api_keys(project_id: str, admin: AdminDep, session: SessionDep) -> JSONResponse:
     _project(session, project_id)
     rows = projects.list_api_keys(session, project_id)
-    return {"object": "list", "data": [api_key_object(k) for k in rows], "has_more": False}
+    return JSONResponse({"object": "list", "data": [api_key_object(k) for k in rows], "has_more": False})
 
 
 @router.delete("/{project_id}/api_keys/{key_id}", summary="Revoke an API key")
 def revoke_api_key(
     request: Request, project_id: str, key_id: str, admin: AdminDep, session: SessionDep
-) -> dict[str, Any]:
+) -> JSONResponse:
     """The key stops working at once on this API process, and within
     TUNEFORGE_API_KEY_CACHE_SECONDS on the others."""
     _project(session, project_id)
@@ -67,4 +66,4 @@ def revoke_api_key(
     key_hash = key.key_hash
     cache.forget(key_hash)
     after_commit(session, lambda: cache.forget(key_hash))
-    return {**api_key_object(key), "deleted": True}
+    return JSONResponse({**api_key_object(key), "deleted": True})

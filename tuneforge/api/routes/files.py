@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from tuneforge.api.deps import FileDep, ProjectDep, SessionDep, SettingsDep, StoreDep
 from tuneforge.api.errors import BadRequest
@@ -40,7 +40,7 @@ _UPLOAD_BODY = {
 @router.post("", openapi_extra=_UPLOAD_BODY, summary="Upload a JSONL training file")
 async def upload_file(
     request: Request, caller: ProjectDep, session: SessionDep, settings: SettingsDep, store: StoreDep
-) -> dict[str, Any]:
+) -> JSONResponse:
     upload = await receive_upload(request, store, settings.max_upload_bytes)
 
     def record() -> files.File:
@@ -63,7 +63,7 @@ async def upload_file(
     except BaseException:
         await run_in_threadpool(store.delete, upload.storage_key)
         raise
-    return file_object(row)
+    return JSONResponse(file_object(row))
 
 
 @router.get("", summary="List files")
@@ -74,7 +74,7 @@ def list_files(
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     order: Annotated[Literal["asc", "desc"], Query()] = "desc",
     purpose: Annotated[str | None, Query()] = None,
-) -> dict[str, Any]:
+) -> JSONResponse:
     cursor = None
     if after is not None:
         cursor = files.get_file(session, caller.project_id, after)
@@ -83,12 +83,12 @@ def list_files(
     rows = files.list_files(
         session, caller.project_id, limit=limit + 1, after=cursor, purpose=purpose, ascending=order == "asc"
     )
-    return list_page(rows, limit, file_object)
+    return JSONResponse(list_page(rows, limit, file_object))
 
 
 @router.get("/{file_id}", summary="Retrieve a file")
-async def retrieve_file(file: FileDep) -> dict[str, Any]:
-    return file_object(file)
+async def retrieve_file(file: FileDep) -> JSONResponse:
+    return JSONResponse(file_object(file))
 
 
 @router.get("/{file_id}/content", summary="Download a file's bytes", response_class=StreamingResponse)
@@ -116,8 +116,8 @@ def file_content(file: FileDep, store: StoreDep) -> StreamingResponse:
 
 
 @router.delete("/{file_id}", summary="Delete a file")
-def delete_file(file: FileDep, caller: ProjectDep, session: SessionDep, store: StoreDep) -> dict[str, Any]:
+def delete_file(file: FileDep, caller: ProjectDep, session: SessionDep, store: StoreDep) -> JSONResponse:
     files.delete_file(session, caller.project_id, file.id)
     key = file.storage_key
     after_commit(session, lambda: store.delete(key))
-    return {"id": file.id, "object": "file", "deleted": True}
+    return JSONResponse({"id": file.id, "object": "file", "deleted": True})

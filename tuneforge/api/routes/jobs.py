@@ -37,16 +37,14 @@ Redirect = Annotated[
 
 
 @router.post("", summary="Create a fine-tuning job")
-def create_job(
-    spec: JobSpec, caller: ProjectDep, session: SessionDep, settings: SettingsDep
-) -> dict[str, Any]:
-    return job_object(job_service.create_job(session, settings, caller.project_id, spec))
+def create_job(spec: JobSpec, caller: ProjectDep, session: SessionDep, settings: SettingsDep) -> JSONResponse:
+    return JSONResponse(job_object(job_service.create_job(session, settings, caller.project_id, spec)))
 
 
 @router.get("", summary="List fine-tuning jobs, newest first")
 def list_jobs(
     request: Request, caller: ProjectDep, session: SessionDep, after: After = None, limit: Limit20 = 20
-) -> dict[str, Any]:
+) -> JSONResponse:
     """Filter by metadata with `metadata[key]=value` query parameters (all must match)."""
     metadata = {
         m.group(1): value
@@ -59,7 +57,7 @@ def list_jobs(
         if cursor is None:
             raise BadRequest(f"No such fine-tuning job: {after}", param="after")
     rows = jobs.list_jobs(session, caller.project_id, limit=limit + 1, after=cursor, metadata=metadata)
-    return list_page(rows, limit, job_object, ids=False)
+    return JSONResponse(list_page(rows, limit, job_object, ids=False))
 
 
 @router.get("/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
@@ -68,50 +66,50 @@ async def retrieve_job(job: JobViewDep) -> JSONResponse:
 
 
 @router.post("/{fine_tuning_job_id}/cancel", summary="Cancel a job")
-def cancel_job(job: JobDep, session: SessionDep) -> dict[str, Any]:
+def cancel_job(job: JobDep, session: SessionDep) -> JSONResponse:
     """A job that has not started stops at once; a running one stops at its next step."""
-    return job_object(jobs.cancel_job(session, job))
+    return JSONResponse(job_object(jobs.cancel_job(session, job)))
 
 
 @router.post("/{fine_tuning_job_id}/pause", summary="Pause a job")
-def pause_job(job: JobDep, session: SessionDep) -> dict[str, Any]:
+def pause_job(job: JobDep, session: SessionDep) -> JSONResponse:
     """A queued job pauses at once; a running one checkpoints, then pauses."""
-    return job_object(jobs.pause_job(session, job))
+    return JSONResponse(job_object(jobs.pause_job(session, job)))
 
 
 @router.post("/{fine_tuning_job_id}/resume", summary="Resume a paused job")
-def resume_job(job: JobDep, session: SessionDep) -> dict[str, Any]:
-    return job_object(job_service.resume_job(session, job))
+def resume_job(job: JobDep, session: SessionDep) -> JSONResponse:
+    return JSONResponse(job_object(job_service.resume_job(session, job)))
 
 
 @router.get("/{fine_tuning_job_id}/events", summary="List a job's events, newest first")
-def list_events(job: JobDep, session: SessionDep, after: After = None, limit: Limit20 = 20) -> dict[str, Any]:
+def list_events(job: JobDep, session: SessionDep, after: After = None, limit: Limit20 = 20) -> JSONResponse:
     cursor = None
     if after is not None:
         cursor = jobs.get_event(session, job.id, after)
         if cursor is None:
             raise BadRequest(f"No such event of job {job.id}: {after}", param="after")
     rows = jobs.list_events(session, job.id, limit=limit + 1, after=cursor)
-    return list_page(rows, limit, event_object, ids=False)
+    return JSONResponse(list_page(rows, limit, event_object, ids=False))
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints", summary="List a job's checkpoints, newest first")
 def list_checkpoints(
     job: JobDep, session: SessionDep, after: After = None, limit: Limit10 = 10
-) -> dict[str, Any]:
+) -> JSONResponse:
     cursor = None
     if after is not None:
         cursor = checkpoints.get_checkpoint(session, job.id, after)
         if cursor is None:
             raise BadRequest(f"No such checkpoint of job {job.id}: {after}", param="after")
     rows = checkpoints.list_checkpoints(session, job.id, limit=limit + 1, after=cursor)
-    return list_page(rows, limit, lambda c: checkpoint_object(c, job))
+    return JSONResponse(list_page(rows, limit, lambda c: checkpoint_object(c, job)))
 
 
 @router.get("/{fine_tuning_job_id}/artifacts", summary="List a job's artifacts")
-def list_artifacts(job: JobDep, session: SessionDep) -> dict[str, Any]:
+def list_artifacts(job: JobDep, session: SessionDep) -> JSONResponse:
     rows = checkpoints.list_artifacts(session, job.id)
-    return {"object": "list", "data": [artifact_object(a) for a in rows], "has_more": False}
+    return JSONResponse({"object": "list", "data": [artifact_object(a) for a in rows], "has_more": False})
 
 
 def _stream(store: ObjectStore, key: str, filename: str, content_type: str, size: int) -> StreamingResponse:

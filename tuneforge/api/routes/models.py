@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
 from tuneforge.api.deps import ProjectDep, SessionDep, SettingsDep
 from tuneforge.api.errors import NotFound
@@ -30,18 +31,20 @@ def _all_models(caller: ProjectDep, session: SessionDep, settings: SettingsDep) 
 
 
 @router.get("", summary="List models: base models on offer, then your fine-tuned ones")
-def list_models(caller: ProjectDep, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
-    return {"object": "list", "data": _all_models(caller, session, settings)}
+def list_models(caller: ProjectDep, session: SessionDep, settings: SettingsDep) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": _all_models(caller, session, settings)})
 
 
 @router.get("/{model_id:path}", summary="Retrieve a model")
 def retrieve_model(
     model_id: str, caller: ProjectDep, session: SessionDep, settings: SettingsDep
-) -> dict[str, Any]:
+) -> JSONResponse:
     for entry in list_base_models(settings.models, settings.models_dir):
         if entry.id == model_id:
-            return model_object(entry.id, entry.created, BASE_OWNER)
+            return JSONResponse(model_object(entry.id, entry.created, BASE_OWNER))
     job = jobs.find_fine_tuned_model(session, caller.project_id, model_id)
     if job is None:
         raise NotFound(f"The model '{model_id}' does not exist.", param="model")
-    return model_object(model_id, unix(job.finished_at or job.created_at) or 0, caller.project_id)
+    return JSONResponse(
+        model_object(model_id, unix(job.finished_at or job.created_at) or 0, caller.project_id)
+    )
