@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from tuneforge.models.spec import AdapterSpec
 
@@ -116,8 +117,36 @@ def _child(
     return {"baseline": baseline, "peak": _peak_rss(), "tokens_per_second": real_tokens / elapsed}
 
 
+class _Clock:
+    """A run observer that notes when each step's metrics arrive and the tokens seen by then."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, int]] = []
+
+    def on_start(self, info: Any) -> None:
+        pass
+
+    def on_metrics(self, metrics: Any) -> None:
+        import time
+
+        if metrics.tokens_seen is not None and metrics.train_loss is not None:
+            self.marks.append((time.perf_counter(), int(metrics.tokens_seen)))
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        pass
+
+    def stop_requested(self) -> None:
+        return None
+
+    def tokens_per_second(self) -> float:
+        if len(self.marks) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) / (t1 - t0)
+
+
 def _recipe_child(
-    model_dir: Path, adapter_type: str, batch_size: int, seq_len: int, steps: int
+    model_dir: Path, adapter_type: str, batch_size: int, seq_len: int, steps: int, threads: int = 1
 ) -> dict[str, float]:
     """The same measurement through the training recipe itself (TRL SFTTrainer via
     `run_training`), on chat examples long enough to fill `seq_len` after truncation."""
@@ -138,7 +167,7 @@ def _recipe_child(
     from tuneforge.training.run import run_training
     from tuneforge.training.tiny_chat import CORPUS
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     if adapter_type == "qlora":
         import bitsandbytes  # noqa: F401
     words = CORPUS.read_text().split()
@@ -168,14 +197,16 @@ def _recipe_child(
                             "max_steps": steps,
                             "n_epochs": 1,
                             "save_every_steps": 10 * steps,
+                            "packing": False,
                         }
                     },
                 },
             }
         )
         baseline = _rss()
-        run_training(spec, RunPaths(model_dir=model_dir, train_file=train, out_dir=Path(tmp) / "out"))
-        return {"baseline": baseline, "peak": _peak_rss()}
+        clock = _Clock()
+        run_training(spec, RunPaths(model_dir=model_dir, train_file=train, out_dir=Path(tmp) / "out"), clock)
+        return {"baseline": baseline, "peak": _peak_rss(), "tokens_per_second": clock.tokens_per_second()}
 
 
 def measure(
@@ -189,6 +220,16 @@ def measure(
     """Peak RSS growth, in bytes, of a short real run in a fresh process."""
     result = _run_child(model_dir, adapter_type, batch_size, seq_len, STEPS, 1, checkpointing, recipe)
     return int(result["peak"]) - int(result["baseline"])
+
+
+def measure_recipe_throughput(
+    model_dir: Path, adapter_type: str, batch_size: int, seq_len: int, steps: int
+) -> float:
+    """Real tokens per second of the training recipe (TRL), all cores, between the first and the
+    last step's metrics (the first step's warm-up left out)."""
+    threads = len(os.sched_getaffinity(0))
+    result = _run_child(model_dir, adapter_type, batch_size, seq_len, steps, threads, recipe=True)
+    return float(result["tokens_per_second"])
 
 
 def measure_throughput(
@@ -283,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", action="store_true", help="Measure through run_training (TRL).")
     args = parser.parse_args(argv)
     if args.child and args.recipe:
-        result = _recipe_child(Path(args.child[0]), args.child[1], args.batch_size, args.seq_len, args.steps)
+        result = _recipe_child(
+            Path(args.child[0]), args.child[1], args.batch_size, args.seq_len, args.steps, args.threads
+        )
         print(json.dumps(result))
         return 0
     if args.child:

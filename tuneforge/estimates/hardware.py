@@ -51,18 +51,18 @@ THROUGHPUT: tuple[Measured, ...] = (
         "tuneforge/tiny-chat",
         2_885_888,
         False,
-        709.0,
-        "tiny-chat full fine-tuning, fp32, batch 8 x 512, 2 shared x86 cores "
-        "(bench/estimate_bench.py --throughput, 2026-11-28)",
+        540.0,
+        "tiny-chat full fine-tuning through the training recipe (TRL), fp32, batch 8 x 512, best of 3 "
+        "on 2 shared x86 cores (bench/estimate_bench.py --throughput, 2026-11-28)",
     ),
     Measured(
         "cpu",
         "tuneforge/tiny-chat",
         2_885_888,
         True,
-        384.0,
-        "tiny-chat LoRA r=16 all-linear, fp32, batch 8 x 512, 2 shared x86 cores "
-        "(bench/estimate_bench.py --throughput, 2026-11-28)",
+        730.0,
+        "tiny-chat LoRA r=16 all-linear through the training recipe (TRL), fp32, batch 8 x 512, best "
+        "of 3 on 2 shared x86 cores (bench/estimate_bench.py --throughput, 2026-11-28)",
     ),
 )
 
