@@ -201,3 +201,32 @@ def test_200mb_upload_keeps_memory_flat(
         assert stored.stat().st_size == size
     finally:
         stop_server(server)
+
+
+def test_concurrent_cancels_one_wins(db_server: Server, chat_jsonl: str) -> None:
+    """Ten clients cancel the same queued job at once: one succeeds, nine get a 400, and the job
+    has exactly one cancellation event (conditional UPDATEs; commits never wait behind locks)."""
+    server = db_server
+    project = admin_request(server, "POST", "/v1/admin/projects", ADMIN_KEY, json={"name": "race"})
+    key = admin_request(server, "POST", f"/v1/admin/projects/{project['id']}/api_keys", ADMIN_KEY)["value"]
+    http = httpx.Client(limits=httpx.Limits(max_connections=20), timeout=60)
+    client = _client(server, key, http_client=http)
+    file_id = client.files.create(file=("qa.jsonl", chat_jsonl.encode()), purpose="fine-tune").id
+    job_id = client.fine_tuning.jobs.create(model=MODEL, training_file=file_id).id
+    barrier = threading.Barrier(10)
+
+    def cancel(_: int) -> int:
+        barrier.wait()
+        response = http.post(
+            f"{server.base_url}/v1/fine_tuning/jobs/{job_id}/cancel",
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        return response.status_code
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        codes = sorted(pool.map(cancel, range(10)))
+    assert codes == [200] + [400] * 9
+    assert client.fine_tuning.jobs.retrieve(job_id).status == "cancelled"
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job_id)]
+    assert messages.count("Job cancelled.") == 1
+    http.close()
