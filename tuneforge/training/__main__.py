@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.config import get_settings
     from tuneforge.models.spec import JobSpec
     from tuneforge.training.base_models import UnknownModel, resolve_model_path
+    from tuneforge.training.data import DataError
     from tuneforge.training.run import run_training
 
     try:
@@ -81,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         resume_from=args.resume_from,
         model_id=model_id,
     )
-    result = run_training(spec, paths, PrintingObserver())
+    if not paths.train_file.is_file():
+        parser.error(f"training_file {paths.train_file} is not a file")
+    try:
+        result = run_training(spec, paths, PrintingObserver())
+    except DataError as exc:
+        parser.error(str(exc))
     summary = {
         "stopped": result.stopped,
         "final_step": result.final_step,
