@@ -5,9 +5,11 @@ so that these run in seconds. The real training runs in tests/e2e."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tuneforge.db import session_scope
@@ -117,6 +119,49 @@ def test_pause_then_resume_ends_with_planned_steps(
     assert get_job(services, job_id).progress["step"] == 12  # type: ignore[index]
 
 
+def test_validating_files_then_queued_then_run(
+    services: Services, worker: object, send, qa_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    job_id = seed_job(services, qa_path, status=JobStatus.VALIDATING_FILES, max_steps=3, save_every=3)
+    send(job_id)
+    assert wait_for(lambda: _terminal(services, job_id), 90, "the job", services) == "succeeded"
+    texts = [e.message for e in events(services, job_id)]
+    assert texts[0].startswith("Files validated: 32 training examples"), texts
+    assert texts.index("Job queued.") < texts.index("Fine-tuning job started (attempt 1).")
+
+
+def test_validation_failure_names_the_problem(
+    services: Services, worker: object, send, qa_path: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    job_id = seed_job(
+        services,
+        qa_path,
+        status=JobStatus.VALIDATING_FILES,
+        extra={"method": {"type": "supervised", "supervised": {"hyperparameters": {"max_seq_length": 8}}}},
+    )
+    send(job_id)
+    assert wait_for(lambda: _terminal(services, job_id), 90, "the validation", services) == "failed"
+    job = get_job(services, job_id)
+    assert job.error is not None and job.error["code"] == "invalid_training_file"
+    assert "max_seq_length=8" in job.error["message"] and job.error["param"] == "training_file"
+    assert job.attempt == 0  # never claimed for training
+
+
+def test_a_dead_spare_training_process_does_not_cost_the_job(
+    services: Services, worker: subprocess.Popen[bytes], send, qa_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    def spares() -> list[psutil.Process]:
+        return [p for p in training_processes() if worker.pid in {a.pid for a in p.parents()}]
+
+    victims = wait_for(spares, 60, "the idle worker's spare training process", services)
+    for victim in victims:
+        victim.kill()
+    job_id = seed_job(services, qa_path, max_steps=3, save_every=3)
+    send(job_id)
+    assert wait_for(lambda: _terminal(services, job_id), 90, "the job", services) == "succeeded"
+
+
+# Last: this one kills the module's worker.
 def test_worker_killed_mid_run_resumes_on_a_new_worker(
     services: Services, worker: object, send, qa_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -164,31 +209,3 @@ def test_child_crash_fails_with_error_and_log_lines(services: Services, send, qa
     texts = [e.message for e in events(services, job_id)]
     assert any("Last lines of the training log" in t and "about to crash" in t for t in texts), texts
     assert job.status == JobStatus.FAILED
-
-
-def test_validating_files_then_queued_then_run(
-    services: Services, worker: object, send, qa_path: Path
-) -> None:  # type: ignore[no-untyped-def]
-    job_id = seed_job(services, qa_path, status=JobStatus.VALIDATING_FILES, max_steps=3, save_every=3)
-    send(job_id)
-    assert wait_for(lambda: _terminal(services, job_id), 90, "the job", services) == "succeeded"
-    texts = [e.message for e in events(services, job_id)]
-    assert texts[0].startswith("Files validated: 32 training examples"), texts
-    assert texts.index("Job queued.") < texts.index("Fine-tuning job started (attempt 1).")
-
-
-def test_validation_failure_names_the_problem(
-    services: Services, worker: object, send, qa_path: Path, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
-    job_id = seed_job(
-        services,
-        qa_path,
-        status=JobStatus.VALIDATING_FILES,
-        extra={"method": {"type": "supervised", "supervised": {"hyperparameters": {"max_seq_length": 8}}}},
-    )
-    send(job_id)
-    assert wait_for(lambda: _terminal(services, job_id), 90, "the validation", services) == "failed"
-    job = get_job(services, job_id)
-    assert job.error is not None and job.error["code"] == "invalid_training_file"
-    assert "max_seq_length=8" in job.error["message"] and job.error["param"] == "training_file"
-    assert job.attempt == 0  # never claimed for training

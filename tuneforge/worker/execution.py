@@ -239,8 +239,14 @@ class JobRun:
 
         self.process = _take_training_process(self.settings)
         if not self.process.wait_ready(READY_TIMEOUT_S):
-            code, message = describe_exit(self.process.exit_code())
-            return self._fail(code, f"the training process did not start: {message}", self.process)
+            # A spare that died while it waited (killed, or the code changed under it) must not
+            # cost the job: start a fresh one once before giving up.
+            log.warning("job %s: the waiting training process is gone; starting a fresh one", self.job_id)
+            self.process.stop(grace=1.0)
+            self.process = TrainingProcess.spawn(_child_log_path(self.settings))
+            if not self.process.wait_ready(READY_TIMEOUT_S):
+                code, message = describe_exit(self.process.exit_code())
+                return self._fail(code, f"the training process did not start: {message}", self.process)
         self.process.send(
             {
                 "op": "run",
@@ -438,6 +444,7 @@ class JobRun:
                     JobStatus.PAUSED,
                     progress=progress,
                     pause_requested_at=None,
+                    attempt=Job.attempt - 1,  # a pause is not a failed attempt (max_attempts)
                 ):
                     raise LeaseLost
                 jobstate.add_events(
