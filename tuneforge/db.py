@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anyio import CapacityLimiter, to_thread
-from sqlalchemy import DateTime, Engine, MetaData, TypeDecorator, create_engine, event
+from psycopg.rows import namedtuple_row
+from sqlalchemy import DateTime, Engine, MetaData, Row, Select, TypeDecorator, create_engine, event
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from starlette.requests import Request
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
+    from psycopg import AsyncConnection
+    from psycopg_pool import AsyncConnectionPool
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -132,6 +135,58 @@ def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions for read-only requests: autocommit connections from the same pool, so a read
     costs its queries and nothing else (no BEGIN/COMMIT round trips)."""
     return make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
+
+
+class Reader:
+    """Single-row reads for the hot GET paths (the bearer-key check, a job by id), awaited on the
+    event loop. On PostgreSQL they run on a pool of psycopg `AsyncConnection`s in autocommit mode
+    (opened by the app's lifespan; it grows to `max_connections`, enough for every request in
+    flight not to wait): no thread hop, no session, each statement compiled once to SQL and
+    prepared by the server. On SQLite (embedded, one process) they run in a worker thread on an
+    autocommit connection of the engine. Either way a row answers the labels of the statement's
+    columns as attributes; nothing is cached."""
+
+    def __init__(self, engine: Engine, max_connections: int = 32) -> None:
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._sql: dict[Select, str] = {}
+        self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        if engine.dialect.name == "postgresql":
+            from psycopg_pool import AsyncConnectionPool
+
+            conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+            self._pool = AsyncConnectionPool(
+                conninfo,
+                min_size=2,
+                max_size=max_connections,
+                kwargs={"autocommit": True, "row_factory": namedtuple_row},
+                open=False,
+            )
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            await self._pool.open(wait=True, timeout=30)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def first(self, statement: Select, params: dict[str, Any]) -> Any:
+        """The first row of `statement` bound with `params`, or None."""
+        if self._pool is None:
+            return await to_thread.run_sync(self._first_sync, statement, params)
+        sql = self._sql.get(statement)
+        if sql is None:
+            sql = self._sql[statement] = str(statement.compile(dialect=self._engine.dialect))
+        connection = await self._pool.getconn()
+        try:
+            cursor = await connection.execute(sql, params, prepare=True)
+            return await cursor.fetchone()
+        finally:
+            await self._pool.putconn(connection)
+
+    def _first_sync(self, statement: Select, params: dict[str, Any]) -> Row[Any] | None:
+        with self._engine.connect() as connection:
+            return connection.execute(statement, params).first()
 
 
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

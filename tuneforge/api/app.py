@@ -13,7 +13,7 @@ from tuneforge.api.auth import KeyCache, resolve_admin_key
 from tuneforge.api.errors import install_error_handlers
 from tuneforge.api.routes import admin, estimates, files, health, jobs, models
 from tuneforge.config import Settings, get_settings
-from tuneforge.db import make_engine, make_read_sessionmaker, make_sessionmaker
+from tuneforge.db import Reader, make_engine, make_read_sessionmaker, make_sessionmaker
 from tuneforge.storage import open_store
 
 DESCRIPTION = (
@@ -25,12 +25,17 @@ DESCRIPTION = (
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     engine = make_engine(settings.database_url)
+    reader = Reader(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
-        yield
-        engine.dispose()
+        await reader.open()
+        try:
+            yield
+        finally:
+            await reader.close()
+            engine.dispose()
 
     app = FastAPI(
         title="Tuneforge",
@@ -44,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.read_sessionmaker = make_read_sessionmaker(engine)
+    app.state.reader = reader
     app.state.key_cache = KeyCache(settings.api_key_cache_seconds)
     app.state.store = open_store(settings.storage_url, settings.s3_endpoint_url)
     app.state.admin_key = resolve_admin_key(settings)

@@ -15,10 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.orm import Session
-
 from tuneforge.api.errors import Unauthorized
 from tuneforge.config import Settings
+from tuneforge.db import Reader
 from tuneforge.models import project as projects
 
 ADMIN_KEY_FILE = "admin_key"
@@ -104,12 +103,12 @@ def admin_caller(token: str, admin_key: str) -> Caller | None:
     return None
 
 
-def project_caller(session: Session, token: str, cache: KeyCache | None = None) -> Caller:
+async def project_caller(reader: Reader, token: str, cache: KeyCache | None = None) -> Caller:
     """The project of a project key, from the cache or the database. Raises Unauthorized."""
     key_hash = projects.hash_key(token)
     if cache is not None and (project_id := cache.get(key_hash)) is not None:
         return Caller(project_id)
-    found = projects.key_for_hash(session, key_hash)
+    found = await projects.read_key_for_hash(reader, key_hash)
     if found is None or not hmac.compare_digest(found[0], key_hash):
         raise Unauthorized(f"Incorrect API key provided: {token[:6]}...")
     if cache is not None:
@@ -117,8 +116,9 @@ def project_caller(session: Session, token: str, cache: KeyCache | None = None) 
     return Caller(found[1])
 
 
-def authenticate(
-    session: Session, admin_key: str, authorization: str | None, cache: KeyCache | None = None
+async def authenticate(
+    reader: Reader, admin_key: str, authorization: str | None, cache: KeyCache | None = None
 ) -> Caller:
+    """The caller of a request's Authorization header: the admin, or a project key's project."""
     token = bearer_token(authorization)
-    return admin_caller(token, admin_key) or project_caller(session, token, cache)
+    return admin_caller(token, admin_key) or await project_caller(reader, token, cache)

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Path, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
-from tuneforge.api.auth import Caller, KeyCache, admin_caller, bearer_token, project_caller
+from tuneforge.api.auth import Caller, authenticate
 from tuneforge.api.errors import Forbidden, NotFound
 from tuneforge.config import Settings
 from tuneforge.db import get_session
 from tuneforge.models import file as files
 from tuneforge.models import job as jobs
-from tuneforge.models.project import hash_key
 from tuneforge.storage import ObjectStore
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
@@ -35,26 +33,17 @@ async def get_store(request: Request) -> ObjectStore:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+JobId = Annotated[str, Path(description="A fine-tuning job id (ftjob-...).")]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 
 
-async def get_caller(
-    request: Request,
-    session: SessionDep,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> Caller:
-    """The admin key and recently checked project keys answer on the event loop; a key not seen
-    lately is looked up by hash in a worker thread."""
-    token = bearer_token(authorization)
+async def get_caller(request: Request) -> Caller:
+    """The admin key and recently checked project keys answer at once; another key is looked up
+    by hash through the app's `Reader` (on the event loop on PostgreSQL)."""
     state = request.app.state
-    caller = admin_caller(token, state.admin_key)
-    if caller is not None:
-        return caller
-    cache: KeyCache = state.key_cache
-    project_id = cache.get(hash_key(token))
-    if project_id is not None:
-        return Caller(project_id)
-    return await run_in_threadpool(project_caller, session, token, cache)
+    return await authenticate(
+        state.reader, state.admin_key, request.headers.get("authorization"), state.key_cache
+    )
 
 
 ProjectDep = Annotated[Caller, Depends(get_caller)]
@@ -81,7 +70,7 @@ def load_file(
 
 
 def load_job(
-    fine_tuning_job_id: Annotated[str, Path(description="A fine-tuning job id (ftjob-...).")],
+    fine_tuning_job_id: JobId,
     caller: ProjectDep,
     session: SessionDep,
 ) -> jobs.Job:
@@ -91,18 +80,5 @@ def load_job(
     return job
 
 
-def load_job_view(
-    fine_tuning_job_id: Annotated[str, Path(description="A fine-tuning job id (ftjob-...).")],
-    caller: ProjectDep,
-    session: SessionDep,
-) -> jobs.JobView:
-    """A read-only view of the caller's job (GET routes that only show it)."""
-    job = jobs.get_job_view(session, caller.project_id, fine_tuning_job_id)
-    if job is None:
-        raise NotFound(f"No such fine-tuning job: {fine_tuning_job_id}", param="fine_tuning_job_id")
-    return job
-
-
 FileDep = Annotated[files.File, Depends(load_file)]
-JobViewDep = Annotated[jobs.JobView, Depends(load_job_view)]
 JobDep = Annotated[jobs.Job, Depends(load_job)]

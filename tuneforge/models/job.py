@@ -28,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from tuneforge.db import Base, UtcDateTime, utcnow
+from tuneforge.db import Base, Reader, UtcDateTime, utcnow
 from tuneforge.models.ids import new_id
 
 DEFAULT_QUEUE = "default"
@@ -166,7 +166,8 @@ def get_job(session: Session, project_id: str, job_id: str) -> Job | None:
 
 
 JobView = Job | Row[Any]
-"""A Job, or a row of JOB_VIEW_COLUMNS: both answer the attributes `job_object` reads."""
+"""A Job, or a row of JOB_VIEW_COLUMNS (SQLAlchemy's Row, or psycopg's named tuple from the
+`Reader`): all answer the attributes `job_object` reads."""
 
 # What the API shows of a job: a Core row of these columns reads like a Job (same attribute
 # names), for the hot GET path where building an ORM object is most of the cost.
@@ -198,9 +199,10 @@ _GET_JOB_VIEW = select(*JOB_VIEW_COLUMNS).where(
 )
 
 
-def get_job_view(session: Session, project_id: str, job_id: str) -> Row[Any] | None:
+async def read_job_view(reader: Reader, project_id: str, job_id: str) -> JobView | None:
     """The caller's job as a read-only row with the Job attribute names of JOB_VIEW_COLUMNS."""
-    return session.connection().execute(_GET_JOB_VIEW, {"job_id": job_id, "project_id": project_id}).first()
+    row: JobView | None = await reader.first(_GET_JOB_VIEW, {"job_id": job_id, "project_id": project_id})
+    return row
 
 
 def get_job_any_project(session: Session, job_id: str) -> Job | None:

@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, String, bindparam, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from tuneforge.db import Base, UtcDateTime, utcnow
+from tuneforge.db import Base, Reader, UtcDateTime, utcnow
 from tuneforge.models.ids import new_id
 
 DEFAULT_PROJECT_ID = "default"
@@ -100,7 +100,7 @@ _KEY_FOR_HASH = select(ApiKey.key_hash, ApiKey.project_id).where(
 )
 
 
-def key_for_hash(session: Session, key_hash: str) -> tuple[str, str] | None:
+async def read_key_for_hash(reader: Reader, key_hash: str) -> tuple[str, str] | None:
     """(key_hash, project_id) of the active key with this hash, or None: an index probe."""
-    row = session.execute(_KEY_FOR_HASH, {"key_hash": key_hash}).first()
+    row = await reader.first(_KEY_FOR_HASH, {"key_hash": key_hash})
     return (row[0], row[1]) if row else None

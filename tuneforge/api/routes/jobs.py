@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
-from tuneforge.api.deps import JobDep, JobViewDep, ProjectDep, SessionDep, SettingsDep, StoreDep
+from tuneforge.api.deps import JobDep, JobId, ProjectDep, SessionDep, SettingsDep, StoreDep
 from tuneforge.api.errors import BadRequest, NotFound
 from tuneforge.api.schemas import (
     artifact_object,
@@ -61,7 +61,12 @@ def list_jobs(
 
 
 @router.get("/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
-async def retrieve_job(job: JobViewDep) -> JSONResponse:
+async def retrieve_job(fine_tuning_job_id: JobId, caller: ProjectDep, request: Request) -> JSONResponse:
+    """The hot path of polling clients: one read of the shown columns on the event loop (no
+    session, no thread hop on PostgreSQL), never cached."""
+    job = await jobs.read_job_view(request.app.state.reader, caller.project_id, fine_tuning_job_id)
+    if job is None:
+        raise NotFound(f"No such fine-tuning job: {fine_tuning_job_id}", param="fine_tuning_job_id")
     return JSONResponse(job_object(job))
 
 
