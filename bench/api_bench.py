@@ -2,7 +2,7 @@
 clients, three routes side by side in one run:
 
 - GET /healthz, the bare route of the same app returning a constant: the baseline;
-- GET /v1/fine_tuning/jobs/{id}: auth (key hash lookup) + job load + JSON, in a transaction;
+- GET /v1/fine_tuning/jobs/{id}: bearer-key check + one read of the job's shown columns + JSON;
 - POST /v1/fine_tuning/jobs: validation, file and model checks, 4 inserts, commit, enqueue.
 
 Prints requests/s, p50 and p99 latency, and each route's ratio to the baseline. The load generator
