@@ -198,6 +198,7 @@ class JobRun:
         self.progress_dirty = False
         self.params: dict[str, int] = {}
         self.first_metrics: tuple[float, int] | None = None
+        self.last_metrics: dict[str, Any] = {}
         self.stop_sent: str | None = None
         self.process: TrainingProcess | None = None
         self.run_sent_at = time.monotonic()
@@ -220,6 +221,8 @@ class JobRun:
                 log_path = self.process.log_path
                 log_path.unlink(missing_ok=True)
             shutil.rmtree(self.work, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.work.parent.rmdir()  # the job's directory, once no attempt uses it
 
     def _execute(self) -> str:
         inputs = self.work / "inputs"
@@ -365,7 +368,7 @@ class JobRun:
         key = f"{key}/adapter.tar.gz"  # the row points at the adapter; the state lies beside it
         self.store.put_file(key, make_tarball(path, tmp / "adapter.tar.gz", adapter_only))
         shutil.rmtree(tmp, ignore_errors=True)
-        raw = {**getattr(self, "last_metrics", {}), **(message.get("metrics") or {})}
+        raw = {**self.last_metrics, **(message.get("metrics") or {})}
         metrics = {"step": step}
         for name in (
             "train_loss",
