@@ -113,3 +113,33 @@ def assert_training_process_gone(client: object, job_id: str) -> None:
     while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids):
         assert time.monotonic() < deadline, f"training process {pids} still alive"
         time.sleep(0.2)
+
+
+def test_pause_then_resume_continues_to_planned_steps(
+    distributed: Stack, qa_path: Path, tiny_chat_path: Path, tmp_path: Path
+) -> None:
+    client = distributed.sdk()
+    job_id = create_job(
+        client,
+        qa_path,
+        hyperparameters={"max_steps": 120, "batch_size": 4, "learning_rate": 3e-3, "save_every_steps": 100},
+    )
+    deadline = time.monotonic() + 300
+    while len(metric_events(client, job_id)) < 3:
+        assert time.monotonic() < deadline, distributed.logs()
+        time.sleep(0.3)
+    client.fine_tuning.jobs.pause(job_id)
+    paused = wait_job(client, job_id, timeout=120, until={"paused", "failed", "succeeded"})
+    assert paused.status == "paused", paused.error
+    stopped_at = max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job_id).data)
+    assert 3 <= stopped_at < 100
+    client.fine_tuning.jobs.resume(job_id)
+    job = wait_job(client, job_id, timeout=300)
+    assert job.status == "succeeded", (job.error, distributed.logs())
+    steps = [m["step"] for m in metric_events(client, job_id)]
+    assert steps[-1] == 120 and max(steps) == 120
+    events = list(reversed(client.fine_tuning.jobs.list_events(job_id, limit=1000).data))
+    resumed = next(i for i, e in enumerate(events) if e.message.startswith("Job resumed"))
+    after = [e.data["step"] for e in events[resumed:] if e.type == "metrics" and e.data]
+    assert after and min(after) == stopped_at + 1, (stopped_at, after)
+    check_succeeded_job(distributed, job_id, tmp_path, resumed=True)
