@@ -239,6 +239,8 @@ def main() -> int:
             wait(job_id)
             services.append(timeline(job_id))
             time.sleep(20)  # the next pool process warms its training process
+        for i, t in enumerate(services, 1):
+            print(f"service round {i}: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))
         best = min(services, key=lambda t: t["total"])
         direct = min(directs)
         to_first = best["first_step"]
