@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -121,7 +120,9 @@ def make_chat_data(tokenizer: Any, path: Path, n: int, lengths: tuple[int, int],
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from tuneforge.estimates.calibrate import peak_rss
+
+    return peak_rss() / 2**20
 
 
 def _gpu_stats() -> dict[str, Any]:

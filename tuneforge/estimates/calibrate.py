@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -48,8 +47,15 @@ def _rss() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak_rss() -> int:
+    """This process's own high-water RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries the
+    parent's high-water mark across fork/vfork and exec into it, so a child started from a big
+    process (a long pytest run) would report its parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM")
 
 
 def _child(
@@ -114,7 +120,7 @@ def _child(
         optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - started
     real_tokens = int(mask.sum()) * (steps - 1)
-    return {"baseline": baseline, "peak": _peak_rss(), "tokens_per_second": real_tokens / elapsed}
+    return {"baseline": baseline, "peak": peak_rss(), "tokens_per_second": real_tokens / elapsed}
 
 
 class _Clock:
@@ -206,7 +212,7 @@ def _recipe_child(
         baseline = _rss()
         clock = _Clock()
         run_training(spec, RunPaths(model_dir=model_dir, train_file=train, out_dir=Path(tmp) / "out"), clock)
-        return {"baseline": baseline, "peak": _peak_rss(), "tokens_per_second": clock.tokens_per_second()}
+        return {"baseline": baseline, "peak": peak_rss(), "tokens_per_second": clock.tokens_per_second()}
 
 
 def measure(
