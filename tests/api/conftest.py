@@ -4,7 +4,8 @@ A throwaway database per backend and test run (PostgreSQL: a uniquely named data
 127.0.0.1:5432, dropped afterwards), its schema built by the migrations; one app per backend,
 driven in-process through the official `openai` SDK (its http_client is a TestClient) and raw
 httpx; a fresh project and key per test so tests never see each other's objects. Job messages
-go to a real Redis broker (db 5, this suite's own), where no worker consumes them, so jobs stay queued.
+go to a real Redis broker (db 5, this suite's own), where no worker consumes them, so jobs stay
+in validating_files.
 """
 
 from __future__ import annotations
@@ -238,3 +239,12 @@ def admin_request(server: Server, method: str, path: str, key: str, **kwargs: An
     )
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def mark_validated(app: FastAPI, job_id: str) -> None:
+    """validating_files -> queued, as a worker's file validation would (this suite runs no worker)."""
+    from tuneforge.db import session_scope
+    from tuneforge.models.job import JobStatus, change_status
+
+    with session_scope(app.state.sessionmaker) as session:
+        assert change_status(session, job_id, JobStatus.QUEUED, sources=[JobStatus.VALIDATING_FILES])

@@ -199,7 +199,7 @@ def test_every_bad_input_is_refused_cleanly(
 
     assert _counts(app) == before, "a refused request left something behind"
     # The other project's job is untouched by all of the above.
-    assert other_project.openai.fine_tuning.jobs.retrieve(other_job).status == "queued"
+    assert other_project.openai.fine_tuning.jobs.retrieve(other_job).status == "validating_files"
 
 
 @pytest.mark.parametrize("status_code", [400])

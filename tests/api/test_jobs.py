@@ -9,7 +9,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from tests.api.conftest import ProjectCtx
+from tests.api.conftest import ProjectCtx, mark_validated
 from tuneforge.db import session_scope
 from tuneforge.models import job as jobs
 from tuneforge.models.checkpoint import add_checkpoint
@@ -39,7 +39,7 @@ def test_create_supervised_job_with_extensions(project: ProjectCtx, chat_jsonl: 
     )
     assert job.id.startswith("ftjob-")
     assert job.object == "fine_tuning.job"
-    assert job.status == "queued"
+    assert job.status == "validating_files"
     assert job.model == MODEL
     assert job.training_file == file_id and job.validation_file == file_id
     assert job.organization_id == project.id
@@ -85,12 +85,11 @@ def test_legacy_hyperparameters_mean_supervised(project: ProjectCtx, chat_jsonl:
 def test_events_and_empty_checkpoints(project: ProjectCtx, chat_jsonl: str) -> None:
     job = project.openai.fine_tuning.jobs.create(model=MODEL, training_file=project.upload(chat_jsonl))
     events = list(project.openai.fine_tuning.jobs.list_events(job.id))
-    assert [e.object for e in events] == ["fine_tuning.job.event"] * 3
+    assert [e.object for e in events] == ["fine_tuning.job.event"] * 2
     assert all(e.id.startswith("ftevent-") for e in events)
     messages = [e.message for e in events][::-1]  # newest first on the wire
     assert messages[0].startswith("Created fine-tuning job")
-    assert messages[1].startswith("Validated training file")
-    assert messages[2].startswith("Job queued")
+    assert messages[1].startswith("Validating training file")  # a worker adds "validated", "queued"
     page = project.openai.fine_tuning.jobs.list_events(job.id, limit=1)
     assert len(page.data) == 1 and page.has_more
     rest = project.openai.fine_tuning.jobs.list_events(job.id, after=page.data[0].id, limit=5)
@@ -149,8 +148,13 @@ def test_list_paging_and_metadata_filter(project: ProjectCtx, chat_jsonl: str) -
     assert project.openai.fine_tuning.jobs.list(metadata={"batch": "zzz"}).data == []
 
 
-def test_cancel_queued_job_at_once(project: ProjectCtx, chat_jsonl: str) -> None:
+@pytest.mark.parametrize("validated", [False, True], ids=["validating_files", "queued"])
+def test_cancel_waiting_job_at_once(
+    project: ProjectCtx, app: FastAPI, chat_jsonl: str, validated: bool
+) -> None:
     job = project.openai.fine_tuning.jobs.create(model=MODEL, training_file=project.upload(chat_jsonl))
+    if validated:
+        mark_validated(app, job.id)
     cancelled = project.openai.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled"
     assert cancelled.finished_at is not None
@@ -166,8 +170,11 @@ def test_cancel_queued_job_at_once(project: ProjectCtx, chat_jsonl: str) -> None
         project.openai.fine_tuning.jobs.resume(job.id)
 
 
-def test_pause_and_resume_queued_job(project: ProjectCtx, chat_jsonl: str) -> None:
+def test_pause_and_resume_queued_job(project: ProjectCtx, app: FastAPI, chat_jsonl: str) -> None:
     job = project.openai.fine_tuning.jobs.create(model=MODEL, training_file=project.upload(chat_jsonl))
+    with pytest.raises(openai.BadRequestError, match="still being validated"):
+        project.openai.fine_tuning.jobs.pause(job.id)
+    mark_validated(app, job.id)
     paused = project.openai.fine_tuning.jobs.pause(job.id)
     assert paused.status == "paused"
     with pytest.raises(openai.BadRequestError, match="already paused"):
@@ -199,7 +206,7 @@ def test_running_job_records_cancel_and_pause_requests(
     messages = [e.message for e in project.openai.fine_tuning.jobs.list_events(job.id).data]
     assert messages[0].startswith("Cancellation requested")
     assert messages[1].startswith("Pause requested")
-    assert len(messages) == 5
+    assert len(messages) == 4  # created, validating, and the two requests
 
 
 @pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
@@ -255,7 +262,7 @@ def test_jobs_are_scoped_to_the_project(
     ):
         with pytest.raises(openai.NotFoundError):
             call()
-    assert project.openai.fine_tuning.jobs.retrieve(job.id).status == "queued"
+    assert project.openai.fine_tuning.jobs.retrieve(job.id).status == "validating_files"
 
 
 def test_artifacts_list_and_download(project: ProjectCtx, app: FastAPI, chat_jsonl: str) -> None:

@@ -21,6 +21,15 @@ def _start_warm_training_process(**_: Any) -> None:
 
     if _consumed_queues() != {"control"}:
         prepare_training_process(get_settings())
+        _import_validation_stack()
+
+
+def _import_validation_stack() -> None:
+    """A job's first work here is validating its files with the real tokenizer: import that stack
+    while the process waits for a job, not on the job's clock. Nothing here touches CUDA."""
+    from transformers import AutoTokenizer  # noqa: F401
+
+    import tuneforge.training.data  # noqa: F401
 
 
 @worker_process_shutdown.connect

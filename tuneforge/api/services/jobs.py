@@ -65,8 +65,10 @@ def _checked_file(session: Session, project_id: str, file_id: str, param: str, m
 
 def create_job(session: Session, settings: Settings, project_id: str, spec: JobSpec) -> jobs.Job:
     """Checks what the body alone cannot tell (model on offer, files in the project and in a
-    format the method accepts), writes the job with its first events and sends it to the
-    workers after the commit."""
+    format the method accepts), writes the job in validating_files with its first events and
+    sends it to the workers after the commit: a worker runs the deep checks (token lengths with
+    the real tokenizer, fit with the method), then queues and runs it, or fails it with
+    `invalid_training_file`."""
     try:
         find_base_model(spec.model, settings.models, settings.models_dir)
     except UnknownModel:
@@ -96,7 +98,7 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
         id=jobs.new_job_id(),
         project_id=project_id,
         model=spec.model,
-        status=jobs.JobStatus.QUEUED.value,
+        status=jobs.JobStatus.VALIDATING_FILES.value,
         spec=spec.model_dump(mode="json"),
         training_file=spec.training_file,
         validation_file=spec.validation_file,
@@ -115,9 +117,8 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
         job,
         [
             f"Created fine-tuning job: {job.id}",
-            f"Validated training file {training.id}: {training.examples} examples in {training.format} "
-            f"format, about {training.approx_tokens} tokens.",
-            f"Job queued on queue '{queue}'.",
+            f"Validating training file {training.id}: {training.examples} examples in {training.format} "
+            f"format, about {training.approx_tokens} tokens; queue '{queue}'.",
         ],
     )
     _enqueue_after_commit(session, job.id, queue)
