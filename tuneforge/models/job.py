@@ -358,6 +358,23 @@ def _finished_reason(job: Job) -> str:
     return f"it has already {job.status}" if job.status != JobStatus.CANCELLED else "it is already cancelled"
 
 
+def _request_of_running(session: Session, job: Job, column: str) -> bool:
+    """Records a cancel or pause request (`column`) on a running job that has none yet; False when
+    the job stopped running or another request won the race. The worker acts on it."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job.id,
+            Job.status == JobStatus.RUNNING.value,
+            getattr(Job, column).is_(None),
+        )
+        .values({column: now, "updated_at": now})
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 def cancel_job(session: Session, job: Job) -> Job:
     """validating_files/queued/paused -> cancelled at once; running -> records the request for the
     worker (which stops and sets cancelled). Refuses a finished job."""
@@ -368,18 +385,7 @@ def cancel_job(session: Session, job: Job) -> Job:
         if status is JobStatus.RUNNING:
             if job.cancel_requested_at is not None:
                 return job
-            now = utcnow()
-            result = session.execute(
-                update(Job)
-                .where(
-                    Job.id == job.id,
-                    Job.status == JobStatus.RUNNING.value,
-                    Job.cancel_requested_at.is_(None),
-                )
-                .values(cancel_requested_at=now, updated_at=now)
-                .execution_options(synchronize_session=False)
-            )
-            if result.rowcount:  # type: ignore[attr-defined]
+            if _request_of_running(session, job, "cancel_requested_at"):
                 add_event(session, job.id, "Cancellation requested; the job stops at its next step.")
                 return _refresh(session, job)
         elif change_status(
@@ -408,18 +414,7 @@ def pause_job(session: Session, job: Job) -> Job:
         if status is JobStatus.RUNNING:
             if job.pause_requested_at is not None:
                 return job
-            now = utcnow()
-            result = session.execute(
-                update(Job)
-                .where(
-                    Job.id == job.id,
-                    Job.status == JobStatus.RUNNING.value,
-                    Job.pause_requested_at.is_(None),
-                )
-                .values(pause_requested_at=now, updated_at=now)
-                .execution_options(synchronize_session=False)
-            )
-            if result.rowcount:  # type: ignore[attr-defined]
+            if _request_of_running(session, job, "pause_requested_at"):
                 add_event(session, job.id, "Pause requested; the job checkpoints and pauses.")
                 return _refresh(session, job)
         elif change_status(session, job.id, JobStatus.PAUSED, sources=[JobStatus.QUEUED]):
