@@ -8,16 +8,31 @@ A worker task opens one session per unit of work with `session_scope`.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anyio import CapacityLimiter, to_thread
+from psycopg import OperationalError as PsycopgOperationalError
 from psycopg.rows import namedtuple_row
-from sqlalchemy import DateTime, Engine, MetaData, Row, Select, TypeDecorator, create_engine, event
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    MetaData,
+    Row,
+    Select,
+    TypeDecorator,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from starlette.requests import Request
@@ -34,6 +49,8 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _AFTER_COMMIT = "tuneforge_after_commit"
@@ -90,8 +107,10 @@ def make_engine(url: str, *, pool_size: int = 40, max_overflow: int = 10) -> Eng
         )
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
+    # pre-ping: a connection the server dropped (a restart, pg_terminate_backend) is replaced on
+    # checkout instead of failing the request or task that drew it.
     return create_engine(
-        url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=False, pool_recycle=3600
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True, pool_recycle=3600
     )
 
 
@@ -146,8 +165,10 @@ class Reader:
     autocommit connection of the engine. Either way a row answers the labels of the statement's
     columns as attributes; nothing is cached."""
 
-    def __init__(self, engine: Engine, max_connections: int = 32) -> None:
+    def __init__(self, engine: Engine, max_connections: int = 32, checkout_timeout: float = 5.0) -> None:
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.checkout_timeout = checkout_timeout
+        self._drained_at = 0.0
         self._sql: dict[Select, str] = {}
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         if engine.dialect.name == "postgresql":
@@ -171,18 +192,39 @@ class Reader:
             await self._pool.close()
 
     async def first(self, statement: Select, params: dict[str, Any]) -> Any:
-        """The first row of `statement` bound with `params`, or None."""
+        """The first row of `statement` bound with `params`, or None.
+
+        A read on a connection the server has dropped (a restart, `pg_terminate_backend`) empties
+        the pool of its idle connections, which were likely dropped too, and runs once more on a
+        new one; while the database is down, waiting for a connection ends after
+        `checkout_timeout` with `psycopg_pool.PoolTimeout`."""
         if self._pool is None:
             return await to_thread.run_sync(self._first_sync, statement, params)
         sql = self._sql.get(statement)
         if sql is None:
             sql = self._sql[statement] = str(statement.compile(dialect=self._engine.dialect))
-        connection = await self._pool.getconn()
-        try:
-            cursor = await connection.execute(sql, params, prepare=True)
-            return await cursor.fetchone()
-        finally:
-            await self._pool.putconn(connection)
+        for attempt in (1, 2):
+            connection = await self._pool.getconn(timeout=self.checkout_timeout)
+            try:
+                cursor = await connection.execute(sql, params, prepare=True)
+                return await cursor.fetchone()
+            except PsycopgOperationalError as exc:
+                if not connection.closed or attempt == 2:
+                    raise
+                log.warning("database connection lost (%s); draining the read pool", exc)
+                await self._drain()
+            finally:
+                await self._pool.putconn(connection)
+        raise AssertionError("unreachable")
+
+    async def _drain(self) -> None:
+        """Drops the pool's connections (those out now are closed when they come back), at most
+        once a second however many reads see the loss."""
+        assert self._pool is not None
+        now = time.monotonic()
+        if now - self._drained_at >= 1.0:
+            self._drained_at = now
+            await self._pool.drain()
 
     def _first_sync(self, statement: Select, params: dict[str, Any]) -> Row[Any] | None:
         with self._engine.connect() as connection:
@@ -246,3 +288,37 @@ def downgrade(url: str, revision: str) -> None:
     from alembic import command
 
     command.downgrade(alembic_config(url), revision)
+
+
+@lru_cache(maxsize=1)
+def head_revisions() -> frozenset[str]:
+    """The revisions the code expects: the heads of the migrations directory."""
+    from alembic.script import ScriptDirectory
+
+    return frozenset(ScriptDirectory.from_config(alembic_config("")).get_heads())
+
+
+def schema_revisions(engine: Engine) -> frozenset[str]:
+    """The revisions the database is at (empty when it was never migrated)."""
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return frozenset()
+        rows = connection.execute(text("SELECT version_num FROM alembic_version"))
+        return frozenset(str(row[0]) for row in rows)
+
+
+class SchemaOutdated(RuntimeError):
+    """The database's schema is not the one this code expects."""
+
+
+def check_schema(engine: Engine) -> None:
+    """Raises SchemaOutdated, saying what to do, unless the database is at the migrations' head."""
+    current, heads = schema_revisions(engine), head_revisions()
+    if current == heads:
+        return
+    url = engine.url.render_as_string(hide_password=True)
+    found = ", ".join(sorted(current)) or "no schema"
+    raise SchemaOutdated(
+        f"The database {url} is not migrated (found {found}; this version needs "
+        f"{', '.join(sorted(heads))}): run `tuneforge migrate` first."
+    )

@@ -43,7 +43,10 @@ def test_health_ready_and_docs(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "store": "ok"}
+    assert ready.json() == {
+        "status": "ok",
+        "checks": {"database": "ok", "schema": "ok", "store": "ok", "broker": "ok"},
+    }
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     for path in (

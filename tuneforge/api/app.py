@@ -11,10 +11,12 @@ from fastapi import FastAPI
 
 from tuneforge.api.auth import KeyCache, resolve_admin_key
 from tuneforge.api.errors import install_error_handlers
+from tuneforge.api.nul import RejectNul
 from tuneforge.api.routes import admin, estimates, files, health, jobs, models
+from tuneforge.api.services.files import sweeping_incomplete_writes
 from tuneforge.config import Settings, get_settings
-from tuneforge.db import Reader, make_engine, make_read_sessionmaker, make_sessionmaker
-from tuneforge.storage import open_store
+from tuneforge.db import Reader, check_schema, make_engine, make_read_sessionmaker, make_sessionmaker
+from tuneforge.storage import store_from_settings
 
 DESCRIPTION = (
     "OpenAI-compatible fine-tuning API. Authenticate with `Authorization: Bearer <key>`: the admin "
@@ -30,9 +32,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        await anyio.to_thread.run_sync(check_schema, engine)  # refuses an unmigrated database
         await reader.open()
         try:
-            yield
+            async with sweeping_incomplete_writes(app.state.store, settings.incomplete_write_max_age_seconds):
+                yield
         finally:
             await reader.close()
             engine.dispose()
@@ -51,9 +55,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.read_sessionmaker = make_read_sessionmaker(engine)
     app.state.reader = reader
     app.state.key_cache = KeyCache(settings.api_key_cache_seconds)
-    app.state.store = open_store(settings.storage_url, settings.s3_endpoint_url)
+    app.state.store = store_from_settings(settings)
     app.state.admin_key = resolve_admin_key(settings)
     install_error_handlers(app)
+    app.add_middleware(RejectNul)
     for router in (health.router, files.router, jobs.router, models.router, admin.router, estimates.router):
         app.include_router(router)
     return app

@@ -15,7 +15,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg import OperationalError as PsycopgOperationalError
 from pydantic import ValidationError
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneforge.models.job import InvalidTransition
@@ -87,8 +89,25 @@ class PayloadTooLarge(TuneforgeError):
 
 
 class ServiceUnavailable(TuneforgeError):
+    """A dependency (the database, the broker) is down or overloaded for now: the client should
+    retry (`x-should-retry: true`)."""
+
     status_code = 503
     type = "server_error"
+
+
+DATABASE_UNAVAILABLE = ServiceUnavailable(
+    "The service is temporarily unavailable (database); retry the request.", code="service_unavailable"
+)
+
+# What the database layers raise while the database is down, restarting, has dropped a connection,
+# or has no connection free in time: a 503 the client retries, never a 500.
+DATABASE_DOWN_ERRORS: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    PsycopgOperationalError,
+)
 
 
 # Pydantic names union members in the loc ('n_epochs', 'constrained-int'), ("...", "literal['auto']"),
@@ -153,7 +172,11 @@ def validation_error_to_bad_request(errors: Sequence[Any]) -> BadRequest:
 
 
 def _respond(error: TuneforgeError) -> JSONResponse:
-    headers = {"x-should-retry": "false"} if error.status_code < 500 else None
+    headers = None
+    if error.status_code < 500:
+        headers = {"x-should-retry": "false"}
+    elif error.status_code == 503:
+        headers = {"x-should-retry": "true"}
     return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
 
 
@@ -180,7 +203,27 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     return _respond(error)
 
 
+def is_database_down(exc: BaseException) -> bool:
+    """Whether `exc` says the database is unreachable for now (not that a statement is wrong)."""
+    if isinstance(exc, DATABASE_DOWN_ERRORS):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
+async def _database_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning(
+        "database unavailable on %s %s: %s: %s",
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+        str(exc).splitlines()[0] if str(exc) else "",
+    )
+    return _respond(DATABASE_UNAVAILABLE)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if is_database_down(exc):
+        return await _database_down(request, exc)
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _respond(TuneforgeError("The server had an error while processing your request."))
 
@@ -191,4 +234,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ValidationError, _request_validation_error)
     app.add_exception_handler(InvalidTransition, _invalid_transition)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
+    for database_error in (*DATABASE_DOWN_ERRORS, sa_exc.DBAPIError):
+        app.add_exception_handler(database_error, _unexpected)
     app.add_exception_handler(Exception, _unexpected)

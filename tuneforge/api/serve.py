@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 
 import uvicorn
@@ -31,9 +32,36 @@ def announce_admin_key(settings: Settings) -> str:
     return f"Admin key: {admin_key_path(settings)} (send it as 'Authorization: Bearer <key>')."
 
 
+def ensure_schema(settings: Settings) -> str | None:
+    """None when the database is at the migrations' head, else why the API must not start.
+    Embedded SQLite (one machine, one API process) is migrated here instead."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from tuneforge.db import SchemaOutdated, check_schema, make_engine, migrate
+
+    engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
+    try:
+        check_schema(engine)
+    except SchemaOutdated as exc:
+        if engine.dialect.name != "sqlite":
+            return str(exc)
+        print("Migrating the embedded SQLite database (tuneforge migrate)...", flush=True)
+        migrate(settings.database_url)
+    except SQLAlchemyError as exc:
+        url = engine.url.render_as_string(hide_password=True)
+        return f"Cannot reach the database {url}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    finally:
+        engine.dispose()
+    return None
+
+
 def serve(host: str | None = None, port: int | None = None, *, access_log: bool = False) -> int:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    refusal = ensure_schema(settings)
+    if refusal is not None:
+        print(f"tuneforge serve: {refusal}", file=sys.stderr, flush=True)
+        return 2
     host = host or settings.host
     port = port or settings.port
     print(announce_admin_key(settings), flush=True)
