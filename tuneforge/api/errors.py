@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 class TuneforgeError(Exception):
     status_code = 500
     type = "server_error"
+    #: Extra response headers (a 429's Retry-After); they override the x-should-retry default.
+    headers: dict[str, str] | None = None
 
     def __init__(
         self,
@@ -177,6 +179,8 @@ def _respond(error: TuneforgeError) -> JSONResponse:
         headers = {"x-should-retry": "false"}
     elif error.status_code == 503:
         headers = {"x-should-retry": "true"}
+    if error.headers:
+        headers = {**(headers or {}), **error.headers}
     return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
 
 
