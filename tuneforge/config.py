@@ -26,10 +26,39 @@ class Settings(BaseSettings):
     broker_url: str = Field("", description="Celery broker URL; empty means the embedded broker.")
     storage_url: str = Field("", description="`file:///path` or `s3://bucket/prefix`.")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto); None is AWS.")
+    s3_public_endpoint_url: str | None = Field(
+        None,
+        description="The S3 endpoint clients reach, named in download URLs (`?redirect=true`). With a "
+        "private s3_endpoint_url and none here, the API streams downloads itself.",
+    )
+    s3_presign_expires_seconds: int = Field(
+        300, ge=1, le=7 * 24 * 3600, description="How long a download URL handed to a client works."
+    )
+    s3_presign_access_key_id: str | None = Field(
+        None,
+        description="A read-only key pair to sign download URLs with (a URL shows its key id); "
+        "default: the service's own credentials.",
+    )
+    s3_presign_secret_access_key: SecretStr | None = Field(None, description="Its secret.")
     admin_key: SecretStr | None = Field(None, description="Admin bearer key; generated when unset.")
     models: str = Field("", description="Extra base models on offer: `id=/path,id2=/path2`.")
     trust_remote_code: bool = Field(False, description="Allow models whose code ships with them.")
     max_upload_bytes: int = Field(1 << 30, description="Uploads larger than this answer 413.")
+    max_upload_line_bytes: int = Field(
+        8 << 20, ge=1, description="A JSONL line longer than this refuses the upload (400 naming the line)."
+    )
+    upload_idle_timeout_seconds: float = Field(
+        30.0, gt=0, description="An upload that sends nothing for this long is refused (408)."
+    )
+    max_concurrent_uploads_per_project: int = Field(
+        4, ge=1, description="Uploads one project may run at once per API process; one more is a 429."
+    )
+    incomplete_write_max_age_seconds: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="The API removes what writes killed part-way left in the object store (temporary "
+        "files, S3 multipart uploads) once they are this old: at start-up, then hourly.",
+    )
     api_threads: int = Field(
         8,
         ge=1,
@@ -63,6 +92,12 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(60.0, gt=0, description="A running job's lease; renewed while it runs.")
     max_attempts: int = Field(3, ge=1, description="Runs of a job (after lost workers) before it fails.")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept per job (the newest).")
+    checkpoint_retention_days: float = Field(
+        30.0,
+        ge=0,
+        description="Checkpoints of failed and cancelled jobs are deleted this long after the job "
+        "ended (0 keeps them forever). Succeeded jobs keep theirs.",
+    )
     reconcile_every_seconds: float = Field(15.0, gt=0, description="How often the reconciler runs.")
     queued_stale_seconds: float = Field(
         120.0, gt=0, description="A queued job with no run started this long is sent to the broker again."
@@ -70,8 +105,49 @@ class Settings(BaseSettings):
     broker_visibility_timeout: int = Field(
         3600, ge=1, description="Redis: seconds before an unacknowledged task message is redelivered."
     )
+    worker_shutdown_grace_seconds: float = Field(
+        25.0,
+        gt=0,
+        description="On SIGTERM a worker checkpoints its running job, hands it back to its queue and "
+        "exits within this time (keep it under the orchestrator's own grace period, 30 s in "
+        "Kubernetes). A checkpoint that cannot be made in time is skipped: the job resumes from "
+        "its previous one.",
+    )
     work_dir_override: Path | None = Field(
         None, validation_alias="TUNEFORGE_WORK_DIR", description="Scratch space of training runs."
+    )
+    # --- quotas and limits (tuneforge.api.quotas, tuneforge.estimates.ceilings) ---
+    max_active_jobs_per_project: int = Field(
+        0,
+        ge=0,
+        description="Jobs a project may have that have not finished (validating_files, queued, "
+        "running, paused); creating one more is a 429. 0: unlimited.",
+    )
+    max_stored_bytes_per_project: int = Field(
+        0, ge=0, description="Bytes of uploaded files a project may keep; an upload past it is a 413. 0: unlimited."
+    )
+    rate_limit_per_minute: float = Field(
+        0.0,
+        ge=0,
+        description="Requests per minute one API key may make to one API process (a token bucket "
+        "in each process; N processes allow N times this). Past it: 429 with Retry-After. 0: off.",
+    )
+    rate_limit_burst: int = Field(
+        0, ge=0, description="Requests a key may make at once before the per-minute rate applies; 0: the rate."
+    )
+    max_job_steps: int = Field(
+        1_000_000, ge=0, description="Most optimizer steps a job may plan (new, resumed or continued). 0: no ceiling."
+    )
+    max_job_hours: float = Field(
+        720.0,
+        ge=0,
+        description="Most hours a job's estimate may say it takes (when the estimate has a time). 0: no ceiling.",
+    )
+    estimate_build_seconds: float = Field(
+        15.0,
+        ge=0,
+        description="Time budget of one model skeleton build in the cost calculator (the API's CPU); "
+        "past it the estimate is a 400. 0: no budget.",
     )
 
     @property

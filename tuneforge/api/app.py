@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from tuneforge.api.auth import KeyCache, resolve_admin_key
 from tuneforge.api.errors import install_error_handlers
 from tuneforge.api.nul import RejectNul
+from tuneforge.api.ratelimit import RateLimiter
 from tuneforge.api.routes import admin, estimates, files, health, jobs, models
 from tuneforge.api.services.files import sweeping_incomplete_writes
 from tuneforge.config import Settings, get_settings
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.read_sessionmaker = make_read_sessionmaker(engine)
     app.state.reader = reader
     app.state.key_cache = KeyCache(settings.api_key_cache_seconds)
+    app.state.rate_limiter = RateLimiter.from_settings(settings)
     app.state.store = store_from_settings(settings)
     app.state.admin_key = resolve_admin_key(settings)
     install_error_handlers(app)

@@ -3,9 +3,9 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlparse
 
 CHUNK_SIZE = 1 << 20
 
@@ -18,6 +18,19 @@ class ObjectNotFound(KeyError):
 class ObjectInfo:
     key: str
     size: int
+
+
+@dataclass(frozen=True)
+class PresignOptions:
+    """How download URLs handed to clients are made (S3). With a private endpoint configured and no
+    `public_endpoint_url`, none are made: the API streams the bytes itself. A SigV4 URL always shows
+    the access key id it was signed with; a dedicated read-only key pair keeps the service's own
+    key id out of URLs."""
+
+    public_endpoint_url: str | None = None
+    expires_in: int = 300
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
 
 
 class ObjectStore(abc.ABC):
@@ -80,24 +93,16 @@ class ObjectStore(abc.ABC):
         for info in list(self.list(prefix)):
             self.delete(info.key)
 
-    def presigned_url(self, key: str, expires_in: int = 3600) -> str | None:
-        """A URL a client can GET without credentials, where the backend has such a thing."""
+    def remove_incomplete_writes(self, older_than: datetime) -> int:
+        """Removes what writes that never finished left behind (a process killed mid-write),
+        started before `older_than`; returns how many were removed."""
+        return 0
+
+    def presigned_url(self, key: str, expires_in: int | None = None) -> str | None:
+        """A URL a client outside the service can GET without credentials, valid for `expires_in`
+        seconds (the store's default when None); None where the backend has no such URL to give."""
         return None
 
     def check(self) -> None:
         """Raises if the store cannot be reached (used by /readyz)."""
         self.exists("readyz-probe")
-
-
-def open_store(url: str, endpoint_url: str | None = None) -> ObjectStore:
-    """The store a `TUNEFORGE_STORAGE_URL` names: `file:///path` or `s3://bucket/prefix`."""
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        from tuneforge.storage.filesystem import FilesystemStore
-
-        return FilesystemStore(Path(parsed.netloc + parsed.path))
-    if parsed.scheme == "s3":
-        from tuneforge.storage.s3 import S3Store  # type: ignore[import-not-found,unused-ignore]
-
-        return S3Store(bucket=parsed.netloc, prefix=parsed.path.strip("/"), endpoint_url=endpoint_url)
-    raise ValueError(f"unsupported storage URL {url!r}: use file:///path or s3://bucket/prefix")

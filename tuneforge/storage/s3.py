@@ -6,15 +6,19 @@ than one part go up as a multipart upload, aborted on failure so no partial obje
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from typing import Any, BinaryIO, cast
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from tuneforge.storage.base import ObjectInfo, ObjectNotFound, ObjectStore
+from tuneforge.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, PresignOptions
+
+log = logging.getLogger(__name__)
 
 PART_SIZE = 8 << 20  # S3's minimum part size is 5 MiB (except the last part)
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
@@ -32,6 +36,7 @@ class S3Store(ObjectStore):
         create_bucket: bool = False,
         part_size: int = PART_SIZE,
         region_name: str | None = None,
+        presign: PresignOptions | None = None,
     ) -> None:
         if not bucket:
             raise ValueError("S3 storage URL needs a bucket: s3://bucket/prefix")
@@ -47,6 +52,20 @@ class S3Store(ObjectStore):
             region_name=region_name,
             config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32),
         )
+        self.presign = presign or PresignOptions()
+        self._presigner: Any = None
+        if self.presign.public_endpoint_url or endpoint_url is None:
+            # Signing is local (no request is sent): a client of its own names the endpoint that
+            # clients reach and, when given, the read-only key pair the URLs are signed with.
+            self._presigner = boto3.session.Session(
+                aws_access_key_id=self.presign.access_key_id,
+                aws_secret_access_key=self.presign.secret_access_key,
+            ).client(
+                "s3",
+                endpoint_url=self.presign.public_endpoint_url or endpoint_url,
+                region_name=region_name,
+                config=Config(signature_version="s3v4"),
+            )
         self._bucket_checked = threading.Event()
         if create_bucket:
             self.ensure_bucket()
@@ -110,9 +129,29 @@ class S3Store(ObjectStore):
                 Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )
         except BaseException:
-            self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            except Exception:
+                # The original failure is the one to report; a lifecycle rule (README) or
+                # remove_incomplete_writes removes what is left.
+                log.warning("could not abort multipart upload %s of %s", upload_id, full, exc_info=True)
             raise
         return size
+
+    def remove_incomplete_writes(self, older_than: datetime) -> int:
+        """Aborts the multipart uploads under this store's prefix started before `older_than`
+        (left by a process killed mid-upload, which could not abort its own)."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        aborted = 0
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"] < older_than:
+                    self._client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                    aborted += 1
+        return aborted
 
     def open(self, key: str) -> BinaryIO:
         try:
@@ -152,9 +191,15 @@ class S3Store(ObjectStore):
         if batch:
             self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
 
-    def presigned_url(self, key: str, expires_in: int = 3600) -> str | None:
-        url: str = self._client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_in
+    def presigned_url(self, key: str, expires_in: int | None = None) -> str | None:
+        """A SigV4 URL on the public endpoint (AWS's own when no endpoint is configured); None when
+        only a private endpoint is configured, so that its address never reaches a client."""
+        if self._presigner is None:
+            return None
+        url: str = self._presigner.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=expires_in or self.presign.expires_in,
         )
         return url
 
