@@ -124,24 +124,31 @@ class Settings(BaseSettings):
         "running, paused); creating one more is a 429. 0: unlimited.",
     )
     max_stored_bytes_per_project: int = Field(
-        0, ge=0, description="Bytes of uploaded files a project may keep; an upload past it is a 413. 0: unlimited."
+        0,
+        ge=0,
+        description="Bytes of uploaded files a project may keep; an upload past it is a 413. 0: unlimited.",
     )
     rate_limit_per_minute: float = Field(
         0.0,
         ge=0,
-        description="Requests per minute one API key may make to one API process (a token bucket "
+        description="Requests per minute one project key may make to one API process (a token bucket "
         "in each process; N processes allow N times this). Past it: 429 with Retry-After. 0: off.",
     )
     rate_limit_burst: int = Field(
-        0, ge=0, description="Requests a key may make at once before the per-minute rate applies; 0: the rate."
+        0,
+        ge=0,
+        description="Requests a key may make at once before the per-minute rate applies; 0: the rate.",
     )
     max_job_steps: int = Field(
-        1_000_000, ge=0, description="Most optimizer steps a job may plan (new, resumed or continued). 0: no ceiling."
+        1_000_000,
+        ge=0,
+        description="Most optimizer steps a job may plan (new, resumed or continued). 0: no ceiling.",
     )
     max_job_hours: float = Field(
         720.0,
         ge=0,
-        description="Most hours a job's estimate may say it takes (when the estimate has a time). 0: no ceiling.",
+        description="Most hours a job's estimate may say it takes (when the estimate has a time). "
+        "0: no ceiling.",
     )
     estimate_build_seconds: float = Field(
         15.0,

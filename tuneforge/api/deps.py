@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from tuneforge.api.auth import Caller, authenticate
 from tuneforge.api.errors import Forbidden, NotFound
+from tuneforge.api.ratelimit import RateLimiter
 from tuneforge.config import Settings
 from tuneforge.db import get_session
 from tuneforge.models import file as files
@@ -41,9 +42,12 @@ async def get_caller(request: Request) -> Caller:
     """The admin key and recently checked project keys answer at once; another key is looked up
     by hash through the app's `Reader` (on the event loop on PostgreSQL)."""
     state = request.app.state
-    return await authenticate(
-        state.reader, state.admin_key, request.headers.get("authorization"), state.key_cache
-    )
+    authorization = request.headers.get("authorization")
+    caller = await authenticate(state.reader, state.admin_key, authorization, state.key_cache)
+    limiter: RateLimiter | None = getattr(state, "rate_limiter", None)
+    if limiter is not None and authorization and not caller.is_admin:
+        limiter.check(authorization)
+    return caller
 
 
 ProjectDep = Annotated[Caller, Depends(get_caller)]
