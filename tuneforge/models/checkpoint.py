@@ -3,14 +3,27 @@ merged, ...). Bytes live in the object store under `storage_key`."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, UniqueConstraint, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    delete,
+    exists,
+    select,
+)
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tuneforge.db import Base, UtcDateTime, utcnow
 from tuneforge.models.ids import new_id
+from tuneforge.models.job import Job
 
 
 class Checkpoint(Base):
@@ -93,6 +106,32 @@ def list_checkpoints(
         )
     stmt = stmt.order_by(Checkpoint.step_number.desc(), Checkpoint.id.desc()).limit(limit)
     return list(session.scalars(stmt))
+
+
+def jobs_with_checkpoints_ended_before(
+    session: Session, statuses: Collection[str], ended_before: datetime, *, limit: int
+) -> list[str]:
+    """Ids of jobs in one of `statuses` that finished before `ended_before` and still have
+    checkpoint rows (oldest finish first)."""
+    stmt = (
+        select(Job.id)
+        .where(
+            Job.status.in_(list(statuses)),
+            Job.finished_at < ended_before,
+            exists().where(Checkpoint.job_id == Job.id),
+        )
+        .order_by(Job.finished_at, Job.id)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def checkpoint_storage_keys(session: Session, job_id: str) -> list[str]:
+    return list(session.scalars(select(Checkpoint.storage_key).where(Checkpoint.job_id == job_id)))
+
+
+def delete_checkpoints(session: Session, job_id: str) -> None:
+    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id))
 
 
 def put_artifact(

@@ -59,10 +59,13 @@ def reconcile_task() -> dict[str, list[str]]:
     from tuneforge.db import make_engine, make_sessionmaker
     from tuneforge.worker.dispatch import enqueue_job
     from tuneforge.worker.reconciler import reconcile
+    from tuneforge.worker.retention import sweep_if_due
 
     settings = get_settings()
     engine = make_engine(settings.database_url, pool_size=1, max_overflow=1)
     try:
-        return reconcile(settings, make_sessionmaker(engine), enqueue_job)
+        done = reconcile(settings, make_sessionmaker(engine), enqueue_job)
+        sweep_if_due(settings, make_sessionmaker(engine))
+        return done
     finally:
         engine.dispose()
