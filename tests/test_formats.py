@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -48,3 +49,40 @@ def test_mixed_formats_and_unknown_keys_are_refused() -> None:
         inspect_lines(['{"foo": 1}'])
     with pytest.raises(FormatError, match=r"messages\[0\]\.role"):
         inspect_lines(['{"messages": [{"role": "robot", "content": "x"}]}'])
+
+
+class _CountingBuffer(bytearray):
+    """A bytearray that counts the bytes its `find` calls look through."""
+
+    scanned = 0
+
+    def find(self, sub: Any, start: Any = 0, *args: Any) -> int:
+        found = super().find(sub, start, *args)
+        _CountingBuffer.scanned += (found if found != -1 else len(self)) - (start or 0)
+        return found
+
+
+def test_a_long_line_in_small_chunks_is_scanned_once() -> None:
+    """Each byte is looked at once for a newline, however many chunks a line spans (a 256 MiB line
+    used to be rescanned from its start on every chunk)."""
+    inspector = JsonlInspector()
+    inspector._pending = _CountingBuffer()
+    _CountingBuffer.scanned = 0
+    line = json.dumps({"text": "x" * (4 << 20)}).encode() + b"\n"
+    fed = 0
+    for start in range(0, len(line), 4096):
+        inspector.feed(line[start : start + 4096])
+        fed += len(line[start : start + 4096])
+    inspector.feed(b'{"text": "y"}\n')
+    assert inspector.finish().examples == 2
+    assert _CountingBuffer.scanned <= fed + 64
+
+
+def test_line_length_limit_names_the_line() -> None:
+    inspector = JsonlInspector(max_line_bytes=100)
+    inspector.feed(b'{"text": "ok"}\n\n')
+    with pytest.raises(FormatError) as refused:
+        for _ in range(10):
+            inspector.feed(b"y" * 30)
+    assert refused.value.line == 3
+    assert "longer than the limit of 100 bytes" in refused.value.reason

@@ -7,11 +7,12 @@ import json
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
-from tests.api.conftest import ProjectCtx
+from tests.api.conftest import ADMIN_KEY, ProjectCtx
 from tuneforge.models.file import File
 from tuneforge.models.job import Job
 
@@ -209,3 +210,111 @@ def test_refused_state_change_is_never_409(project: ProjectCtx, chat_jsonl: str,
     response = project.client.post(f"/v1/fine_tuning/jobs/{job.id}/cancel", headers=project.headers)
     assert response.status_code == status_code
     assert response.headers["x-should-retry"] == "false"
+
+
+def test_nul_is_refused_in_every_field_and_id(
+    project: ProjectCtx, app: FastAPI, client: object, chat_jsonl: str
+) -> None:
+    """PostgreSQL cannot hold NUL: it is a 400 naming the field, in bodies, ids and query
+    parameters alike, and nothing is stored; the project's metadata filters keep working."""
+    file_id = project.upload(chat_jsonl)
+    job_id = project.openai.fine_tuning.jobs.create(model=MODEL, training_file=file_id).id
+    before = _counts(app)
+    jobs = project.openai.fine_tuning.jobs
+
+    refused_bodies: list[tuple[dict[str, Any], str]] = [
+        ({"metadata": {"k": "a\x00b"}}, "metadata.k"),
+        ({"metadata": {"k\x00": "v"}}, "metadata"),
+        ({"suffix": "s\x00"}, "suffix"),
+        ({"training_file": "file-\x00"}, "training_file"),
+        (
+            {"integrations": [{"type": "wandb", "wandb": {"project": "p\x00"}}]},
+            "integrations[0].wandb.project",
+        ),
+    ]
+    for extra, param in refused_bodies:
+        body: dict[str, Any] = {"model": MODEL, "training_file": file_id, **extra}
+        with pytest.raises(openai.BadRequestError) as refused:
+            jobs.create(**body)
+        assert refused.value.param == param, (extra, refused.value.body)
+        assert "NUL" in refused.value.message
+
+    refused_urls = [
+        ("GET", "/v1/files/file-%00", "file_id"),
+        ("GET", "/v1/files/file-%00/content", "file_id"),
+        ("DELETE", "/v1/files/file-%00", "file_id"),
+        ("GET", "/v1/files?purpose=fine-tune%00", "purpose"),
+        ("GET", "/v1/files?after=file-%00", "after"),
+        ("GET", "/v1/fine_tuning/jobs/ftjob-%00", "fine_tuning_job_id"),
+        ("POST", "/v1/fine_tuning/jobs/ftjob-%00/cancel", "fine_tuning_job_id"),
+        ("GET", f"/v1/fine_tuning/jobs/{job_id}/events?after=ftevent-%00", "after"),
+        ("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints?after=%00", "after"),
+        ("GET", "/v1/fine_tuning/jobs?after=%00", "after"),
+        ("GET", "/v1/fine_tuning/jobs?metadata%5Bk%5D=%00", "metadata[k]"),
+        ("GET", "/v1/fine_tuning/jobs?metadata%5Bk%00%5D=v", "metadata[k\\u0000]"),
+    ]
+    for method, url, param in refused_urls:
+        err = _error(project.client.request(method, url, headers=project.headers), 400)
+        assert err["param"] == param, (url, err)
+
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    named = project.client.post("/v1/admin/projects", json={"name": "team\x00"}, headers=admin)
+    assert _error(named, 400)["param"] == "name"
+    assert _counts(app) == before, "a refused request left something behind"
+
+    # A backslash followed by "u0000" is text, not NUL: stored and found by a metadata filter.
+    literal = jobs.create(model=MODEL, training_file=file_id, metadata={"k": "\\u0000"})
+    assert jobs.retrieve(literal.id).metadata == {"k": "\\u0000"}
+    found = project.client.get(
+        "/v1/fine_tuning/jobs", params={"metadata[k]": "\\u0000"}, headers=project.headers
+    )
+    assert found.status_code == 200, found.text
+    assert [j["id"] for j in found.json()["data"]] == [literal.id]
+
+
+def test_metadata_filter_keys_with_json_path_characters(project: ProjectCtx, chat_jsonl: str) -> None:
+    file_id = project.upload(chat_jsonl)
+    jobs = project.openai.fine_tuning.jobs
+    keyed = jobs.create(model=MODEL, training_file=file_id, metadata={"a.b": "1", "c[0]": "2"})
+    for key, value, expected in (
+        ("a.b", "1", [keyed.id]),
+        ("c[0]", "2", [keyed.id]),
+        ('x"]', "1", []),
+        ('x"', "1", []),
+        ("x\\", "1", []),
+        ("$", "1", []),
+    ):
+        response = project.client.get(
+            "/v1/fine_tuning/jobs", params={f"metadata[{key}]": value}, headers=project.headers
+        )
+        if response.status_code == 400:
+            assert response.json()["error"]["param"] == f"metadata[{key}]"
+            continue
+        assert response.status_code == 200, (key, response.text)
+        assert [j["id"] for j in response.json()["data"]] == expected, key
+
+
+def test_jsonl_beyond_the_parsers_limits_names_the_line(project: ProjectCtx, app: FastAPI) -> None:
+    good = json.dumps({"text": "fine"})
+    before = _counts(app)
+    deep = '{"text": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    huge_int = '{"text": "a", "n": ' + "7" * 5000 + "}"
+    for line, reason in ((deep, "nested too deeply"), (huge_int, "digits")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            project.openai.files.create(file=("x.jsonl", f"{good}\n{line}\n".encode()), purpose="fine-tune")
+        assert refused.value.param == "file"
+        assert "line 2" in refused.value.message and reason in refused.value.message
+    assert _counts(app) == before
+
+
+def test_integrations_are_bounded(project: ProjectCtx, app: FastAPI, chat_jsonl: str) -> None:
+    file_id = project.upload(chat_jsonl)
+    before = _counts(app)
+    many = [{"type": "wandb", "wandb": {"project": f"p{i}"}} for i in range(9)]
+    big = [{"type": "wandb", "wandb": {"project": "p", "notes": "n" * (9 << 10)}}]
+    for integrations in (many, big):
+        err = _error(_job(project, file_id, integrations=integrations), 400)
+        assert err["param"] == "integrations", err
+    assert _counts(app) == before
+    fine = [{"type": "wandb", "wandb": {"project": "p", "tags": ["a", "b"]}}]
+    assert _job(project, file_id, integrations=fine).status_code == 200

@@ -8,9 +8,10 @@ A spec is stored on the job as JSON (`JobSpec.model_dump(mode="json")`) and read
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Auto = Literal["auto"]
 MethodType = Literal["supervised", "dpo", "pretraining"]
@@ -149,6 +150,8 @@ class AdapterSpec(_Strict):
 
 
 ExportKind = Literal["merged"]
+MAX_INTEGRATIONS = 8
+MAX_INTEGRATION_BYTES = 8 << 10
 
 
 class JobSpec(_Strict):
@@ -171,10 +174,24 @@ class JobSpec(_Strict):
     method: Method = Field(default_factory=Method)
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     export: list[ExportKind] = Field(default_factory=list, description='["merged"] adds a merged model.')
-    integrations: list[dict[str, Any]] | None = Field(None, description="Accepted and ignored.")
+    integrations: list[dict[str, Any]] | None = Field(
+        None,
+        max_length=MAX_INTEGRATIONS,
+        description=f"Accepted and ignored; at most {MAX_INTEGRATIONS}, each at most "
+        f"{MAX_INTEGRATION_BYTES} bytes as JSON.",
+    )
     queue: str | None = Field(
         None, description="Worker queue (GPU class) to run on; default is the service's default queue."
     )
+
+    @field_validator("integrations")
+    @classmethod
+    def _integrations_are_small(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        """They are stored on the job and shown on every page of the job list."""
+        for i, item in enumerate(value or []):
+            if len(json.dumps(item)) > MAX_INTEGRATION_BYTES:
+                raise ValueError(f"integrations[{i}] is longer than {MAX_INTEGRATION_BYTES} bytes as JSON")
+        return value
 
     @model_validator(mode="before")
     @classmethod

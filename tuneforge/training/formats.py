@@ -8,6 +8,7 @@ records. The formats are the ones CONTRACT.md lists.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -193,13 +194,22 @@ def check_record(record: Any, fmt: DataFormat) -> int:
 
 
 def parse_line(raw: bytes | str, line: int) -> Any:
-    """Parses one JSONL line, raising FormatError with the line number."""
+    """Parses one JSONL line, raising FormatError with the line number: also for what the JSON
+    parser refuses outside the grammar (nesting deeper than the interpreter's recursion limit,
+    integers longer than its int-string conversion limit)."""
     try:
         return json.loads(raw)
     except UnicodeDecodeError as exc:
         raise FormatError(line, f"not valid UTF-8 ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise FormatError(line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise FormatError(line, "nested too deeply") from None
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):
+            limit = sys.get_int_max_str_digits()
+            raise FormatError(line, f"an integer has more than {limit} digits") from None
+        raise FormatError(line, f"not valid JSON ({exc})") from None
 
 
 @dataclass
@@ -213,10 +223,13 @@ class FileStats:
 class JsonlInspector:
     """Checks a JSONL stream chunk by chunk, in constant memory (one line at a time).
 
-    `feed` raises FormatError at the first bad line; `finish` returns the statistics.
-    Blank lines are skipped but counted, so line numbers match an editor's.
+    `feed` raises FormatError at the first bad line, and at a line longer than `max_line_bytes`
+    (None: no limit) as soon as that many bytes of it have arrived; `finish` returns the
+    statistics. Blank lines are skipped but counted, so line numbers match an editor's. Each byte
+    is scanned for a newline once, however the lines are split across chunks.
     """
 
+    max_line_bytes: int | None = None
     format: DataFormat | None = None
     examples: int = 0
     chars: int = 0
@@ -224,12 +237,21 @@ class JsonlInspector:
     _pending: bytearray = field(default_factory=bytearray)
 
     def feed(self, chunk: bytes) -> None:
+        scanned = len(self._pending)
         self._pending += chunk
         start = 0
-        while (end := self._pending.find(b"\n", start)) != -1:
+        while (end := self._pending.find(b"\n", max(start, scanned))) != -1:
+            self._check_length(end - start)
             self._take(bytes(self._pending[start:end]))
             start = end + 1
         del self._pending[:start]
+        self._check_length(len(self._pending))
+
+    def _check_length(self, length: int) -> None:
+        if self.max_line_bytes is not None and length > self.max_line_bytes:
+            raise FormatError(
+                self._line + 1, f"the line is longer than the limit of {self.max_line_bytes} bytes"
+            )
 
     def finish(self) -> FileStats:
         if self._pending:

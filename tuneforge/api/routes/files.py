@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tuneforge.api.deps import FileDep, ProjectDep, SessionDep, SettingsDep, StoreDep
 from tuneforge.api.errors import BadRequest
 from tuneforge.api.schemas import file_object, list_page
-from tuneforge.api.services.files import receive_upload
+from tuneforge.api.services.files import content_disposition, receive_upload
 from tuneforge.db import after_commit
 from tuneforge.models import file as files
 from tuneforge.storage import ObjectNotFound
@@ -41,7 +41,7 @@ _UPLOAD_BODY = {
 async def upload_file(
     request: Request, caller: ProjectDep, session: SessionDep, settings: SettingsDep, store: StoreDep
 ) -> JSONResponse:
-    upload = await receive_upload(request, store, settings.max_upload_bytes)
+    upload = await receive_upload(request, store, settings, caller.project_id)
 
     def record() -> files.File:
         return files.add_file(
@@ -103,14 +103,13 @@ def file_content(file: FileDep, store: StoreDep) -> StreamingResponse:
             while chunk := handle.read(1 << 20):
                 yield chunk
 
-    safe_name = file.filename.replace('"', "").replace("\n", " ")
     media_type = "text/csv" if file.filename.endswith(".csv") else "application/octet-stream"
     return StreamingResponse(
         chunks(),
         media_type=media_type,
         headers={
             "content-length": str(file.bytes),
-            "content-disposition": f'attachment; filename="{safe_name}"',
+            "content-disposition": content_disposition(file.filename),
         },
     )
 

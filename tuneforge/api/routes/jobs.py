@@ -19,6 +19,7 @@ from tuneforge.api.schemas import (
     list_page,
 )
 from tuneforge.api.services import jobs as job_service
+from tuneforge.api.services.files import content_disposition
 from tuneforge.models import checkpoint as checkpoints
 from tuneforge.models import job as jobs
 from tuneforge.models.spec import JobSpec
@@ -131,7 +132,7 @@ def _stream(store: ObjectStore, key: str, filename: str, content_type: str, size
     return StreamingResponse(
         chunks(),
         media_type=content_type,
-        headers={"content-length": str(size), "content-disposition": f'attachment; filename="{filename}"'},
+        headers={"content-length": str(size), "content-disposition": content_disposition(filename)},
     )
 
 
