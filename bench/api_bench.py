@@ -10,6 +10,9 @@ is a minimal HTTP/1.1 keep-alive client on asyncio streams (far cheaper per requ
 library), run in a separate process so it does not share the server's interpreter.
 
     .venv/bin/python bench/api_bench.py [--seconds 8] [--clients 32]
+
+Run from the repository root; the stack (a throwaway PostgreSQL database, a private Redis,
+`tuneforge serve`) is bench/stack.py's.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from tempfile import TemporaryDirectory
 from typing import Any
 
 import httpx
@@ -32,15 +34,9 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.api.conftest import (  # noqa: E402
-    create_pg_database,
-    drop_pg_database,
-    start_server,
-    stop_server,
-)
+from bench.stack import BenchStack  # noqa: E402
 
 ADMIN_KEY = "tf-admin-bench-key"
-BROKER = "redis://127.0.0.1:6379/4"
 
 
 def _request(method: str, path: str, host: str, key: str | None, body: bytes = b"") -> bytes:
@@ -121,27 +117,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32, help="Concurrent keep-alive connections.")
     args = parser.parse_args()
 
-    name, db_url = create_pg_database()
-    try:
-        with TemporaryDirectory() as tmp:
-            env = {
-                "TUNEFORGE_DATABASE_URL": db_url,
-                "TUNEFORGE_BROKER_URL": BROKER,
-                "TUNEFORGE_ADMIN_KEY": ADMIN_KEY,
-            }
-            server = start_server(env, Path(tmp) / "data")
-            try:
-                return _run(server.base_url, server.process.pid, args.clients, args.seconds)
-            finally:
-                stop_server(server)
-    finally:
-        drop_pg_database(name)
-        try:
-            import redis
-
-            redis.Redis.from_url(BROKER).flushdb()
-        except Exception as exc:  # the numbers matter more than the clean-up
-            print(f"(could not flush {BROKER}: {exc})", file=sys.stderr)
+    with BenchStack("bench-api", admin_key=ADMIN_KEY) as stack:
+        return _run(stack.base_url, stack.serve_pid, args.clients, args.seconds)
 
 
 def _run(base_url: str, pid: int, clients: int, seconds: float) -> int:

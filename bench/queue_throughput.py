@@ -5,33 +5,23 @@ exactly one "job started" event each), and prints jobs per minute.
 
     .venv/bin/python bench/queue_throughput.py [--jobs 100] [--workers 2]
 
-Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and Redis on 127.0.0.1:6379 (uses db 6).
+Run from the repository root. Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and
+`redis-server` on PATH; the stack (a throwaway database, a private Redis, serve, workers) is
+bench/stack.py's.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from bench.stack import BenchStack  # noqa: E402
 
 
 def main() -> int:
@@ -42,69 +32,14 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    import httpx
-    import redis
-    from openai import OpenAI
-    from sqlalchemy import func, select, text
+    from sqlalchemy import func, select
 
-    from tuneforge.db import make_engine
     from tuneforge.models.job import Job, JobEvent
 
-    tmp = Path(tempfile.mkdtemp(prefix="tf-bench-queue-"))
     data = REPO / "tests" / "data" / "qa.jsonl"
-    db_name = f"tf_bench_{uuid.uuid4().hex[:8]}"
-    admin = make_engine(PG_ADMIN, pool_size=1, max_overflow=0).execution_options(isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
-    db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{db_name}"
-    broker = "redis://127.0.0.1:6379/6"
-    redis.Redis.from_url(broker).flushdb()
-    port = free_port()
-    key = "tf-bench-" + uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
-    env.update(
-        {
-            "TUNEFORGE_DATA_DIR": str(tmp / "data"),
-            "TUNEFORGE_MODELS_DIR": str(tmp / "models"),
-            "TUNEFORGE_DATABASE_URL": db_url,
-            "TUNEFORGE_BROKER_URL": broker,
-            "TUNEFORGE_STORAGE_URL": f"file://{tmp / 'objects'}",
-            "TUNEFORGE_ADMIN_KEY": key,
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1",
-        }
-    )
-    cli = [sys.executable, "-m", "tuneforge.cli"]
-    subprocess.run([*cli, "migrate"], env=env, check=True, cwd=REPO, capture_output=True)
-    subprocess.run(
-        [*cli, "models", "path", "tuneforge/tiny-chat"], env=env, check=True, cwd=REPO, capture_output=True
-    )
-    procs = []
-    for name, command in [("serve", ["serve", "--port", str(port)])] + [
-        (f"worker{i}", ["worker", "--queues", "gpu"]) for i in range(args.workers)
-    ]:
-        with (tmp / f"{name}.log").open("wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    [*cli, *command],
-                    env=env,
-                    cwd=REPO,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-    engine = make_engine(db_url, pool_size=1, max_overflow=0)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        client = OpenAI(base_url=base + "/v1", api_key=key, max_retries=2)
+    with BenchStack("bench-queue", workers=args.workers, env={"OMP_NUM_THREADS": "1"}) as stack:
+        engine = stack.engine()
+        client = stack.sdk()
         with data.open("rb") as handle:
             file_id = client.files.create(file=(data.name, handle), purpose="fine-tune").id
         time.sleep(15)  # idle workers with their training processes warm
@@ -154,18 +89,6 @@ def main() -> int:
         print(f"| **throughput** | **{len(ids) / elapsed * 60:.1f} jobs/min** |")
         print(f"| per job per worker | {elapsed * args.workers / len(ids):.2f} s |")
         return 0 if not lost and not twice and counts.get("succeeded") == len(ids) else 1
-    finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-        redis.Redis.from_url(broker).flushdb()
 
 
 if __name__ == "__main__":

@@ -10,34 +10,25 @@ setup time: model load, data, trainer).
 
     .venv/bin/python bench/service_overhead.py [--steps 40] [--repeats 2] [--s3]
 
-Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and Redis on 127.0.0.1:6379 (uses db 7).
+Run from the repository root. Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and
+`redis-server` on PATH; the stack (a throwaway database, a private Redis, serve, one worker) is
+bench/stack.py's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from bench.stack import BenchStack  # noqa: E402
 
 
 def hyperparameters(steps: int) -> dict[str, Any]:
@@ -83,95 +74,14 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    import httpx
-    import redis
-    from openai import OpenAI
-    from sqlalchemy import select, text
+    from sqlalchemy import select
 
-    from tuneforge.db import make_engine
     from tuneforge.models.job import Job, JobEvent
 
-    tmp = Path(tempfile.mkdtemp(prefix="tf-bench-overhead-"))
     data = REPO / "tests" / "data" / "qa.jsonl"
-    db_name = f"tf_bench_{uuid.uuid4().hex[:8]}"
-    admin = make_engine(PG_ADMIN, pool_size=1, max_overflow=0).execution_options(isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
-    db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{db_name}"
-    broker = "redis://127.0.0.1:6379/7"
-    redis.Redis.from_url(broker).flushdb()
-    port = free_port()
-    key = "tf-bench-" + uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
-    env.update(
-        {
-            "TUNEFORGE_DATA_DIR": str(tmp / "data"),
-            "TUNEFORGE_MODELS_DIR": str(tmp / "models"),
-            "TUNEFORGE_DATABASE_URL": db_url,
-            "TUNEFORGE_BROKER_URL": broker,
-            "TUNEFORGE_STORAGE_URL": f"file://{tmp / 'objects'}",
-            "TUNEFORGE_ADMIN_KEY": key,
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-    )
-    moto = None
-    if args.s3:
-        from moto.server import ThreadedMotoServer
-
-        from tuneforge.storage.s3 import S3Store
-
-        env.update(
-            {
-                "AWS_ACCESS_KEY_ID": "bench",
-                "AWS_SECRET_ACCESS_KEY": "bench",
-                "AWS_DEFAULT_REGION": "us-east-1",
-            }
-        )
-        os.environ.update(
-            {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-        )
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        moto.start()
-        host, moto_port = moto.get_host_and_port()
-        endpoint = f"http://{host}:{moto_port}"
-        S3Store("tf-bench", endpoint_url=endpoint, create_bucket=True)
-        env.update({"TUNEFORGE_STORAGE_URL": "s3://tf-bench/objects", "TUNEFORGE_S3_ENDPOINT_URL": endpoint})
-
-    cli = [sys.executable, "-m", "tuneforge.cli"]
-    subprocess.run([*cli, "migrate"], env=env, check=True, cwd=REPO, capture_output=True)
-    subprocess.run(
-        [*cli, "models", "path", "tuneforge/tiny-chat"], env=env, check=True, cwd=REPO, capture_output=True
-    )
-    logs = (tmp / "serve.log").open("wb"), (tmp / "worker.log").open("wb")
-    procs = [
-        subprocess.Popen(
-            [*cli, "serve", "--port", str(port)],
-            env=env,
-            cwd=REPO,
-            stdout=logs[0],
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        ),
-        subprocess.Popen(
-            [*cli, "worker", "--queues", "gpu"],
-            env=env,
-            cwd=REPO,
-            stdout=logs[1],
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        ),
-    ]
-    engine = make_engine(db_url, pool_size=1, max_overflow=0)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        client = OpenAI(base_url=base + "/v1", api_key=key, max_retries=2)
+    with BenchStack("bench-overhead", workers=1, s3=args.s3) as stack:
+        tmp, env, engine = stack.tmp, stack.env, stack.engine()
+        client = stack.sdk()
         with data.open("rb") as handle:
             file_id = client.files.create(file=(data.name, handle), purpose="fine-tune").id
 
@@ -276,20 +186,6 @@ def main() -> int:
         for label, value in rows:
             print(f"| {label} | {value} |")
         print(f"\nstorage: {'moto S3' if args.s3 else 'filesystem'}; steps: {args.steps}; data: {data.name}")
-    finally:
-        for proc in procs:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-        redis.Redis.from_url(broker).flushdb()
-        if moto is not None:
-            moto.stop()
     return 0
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import RedisServer, pg_database
+
 DATA = Path(__file__).parent / "data"
 
 # One tiny-chat build per test run, shared by every process the tests start (API, workers).
@@ -61,3 +63,18 @@ def s3_endpoint() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for the module on the shared server, migrated to head,
+    dropped afterwards."""
+    with pg_database("tf_worker") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server for the module, on a free port, without persistence."""
+    with RedisServer(directory=tmp_path_factory.mktemp("redis")) as server:
+        yield server.url(0)

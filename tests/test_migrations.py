@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from tests.api.conftest import create_pg_database, drop_pg_database
+from tests.support import create_database, drop_database
 from tuneforge.db import downgrade, migrate
 from tuneforge.models.tables import metadata
 
@@ -20,11 +20,11 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'migrations.db'}"
         return
-    name, url = create_pg_database()
+    name, url = create_database("tf_migrations")
     try:
         yield url
     finally:
-        drop_pg_database(name)
+        drop_database(name)
 
 
 def _schema_diff(url: str) -> list[object]:

@@ -8,11 +8,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,8 +20,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.worker.conftest import pg_url, redis_url  # noqa: F401  (fixtures shared with tests/worker)
-from tests.worker.procs import REPO, free_port, kill_tree
+from tests.support import REPO, free_port, stop_process, tuneforge_env
+from tests.support.server import wait_healthy
 
 
 @dataclass
@@ -57,14 +55,9 @@ class Stack:
         return process
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """`sig` to the process (SIGKILL: to its whole tree), then SIGKILL to whatever is left."""
         process = self.processes.pop(name)
-        kill_tree(process.pid, sig) if sig == signal.SIGKILL else process.send_signal(sig)
-        try:
-            process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            kill_tree(process.pid, signal.SIGKILL)
-            process.wait()
-        kill_tree(process.pid, signal.SIGKILL)  # anything of its group still alive
+        stop_process(process, sig, timeout=40, tree=sig == signal.SIGKILL)
 
     def stop_all(self) -> None:
         for name in list(self.processes):
@@ -76,32 +69,20 @@ class Stack:
         )
 
     def wait_healthy(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            server = self.processes["serve"]
-            if server.poll() is not None:
-                raise RuntimeError(f"tuneforge serve exited with {server.returncode}\n{self.logs()}")
-            try:
-                if httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"tuneforge serve did not answer\n{self.logs()}")
+        try:
+            wait_healthy(self.base_url, self.processes["serve"], timeout, self.tmp / "serve.log")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{self.logs()}") from None
 
 
 def _base_env(tmp: Path, models_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
-    env.update(
+    return tuneforge_env(
         {
             "TUNEFORGE_DATA_DIR": str(tmp / "data"),
             "TUNEFORGE_MODELS_DIR": str(models_dir),
             "PYTHONPATH": str(REPO),
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
         }
     )
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +108,8 @@ def distributed(
     tmp_path_factory: pytest.TempPathFactory,
     tiny_chat_path: Path,
     models_dir: Path,
-    pg_url: str,  # noqa: F811
-    redis_url: str,  # noqa: F811
+    pg_url: str,
+    redis_url: str,
     s3_endpoint: str,
 ) -> Iterator[Stack]:
     """serve + separate worker and beat on PostgreSQL, Redis and S3 (moto)."""
@@ -145,6 +126,7 @@ def distributed(
             "TUNEFORGE_BROKER_URL": redis_url,
             "TUNEFORGE_STORAGE_URL": f"s3://{bucket}/objects",
             "TUNEFORGE_S3_ENDPOINT_URL": s3_endpoint,
+            "TUNEFORGE_S3_PUBLIC_ENDPOINT_URL": s3_endpoint,
             "TUNEFORGE_ADMIN_KEY": "tf-admin-" + uuid.uuid4().hex,
             "TUNEFORGE_LEASE_SECONDS": "6",
             "TUNEFORGE_RECONCILE_EVERY_SECONDS": "2",

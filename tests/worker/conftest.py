@@ -1,52 +1,19 @@
 """Real services for the job-execution tests: a throwaway PostgreSQL database built by the
-migrations, Redis (a db number of its own, or a private redis-server), Celery worker and beat
-processes started with `tuneforge worker` / `tuneforge beat`, and the object store."""
+migrations and a private redis-server (`pg_url`, `redis_url`, from tests/conftest.py), Celery
+worker and beat processes started with `tuneforge worker` / `tuneforge beat`, and the object
+store."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 
 from tuneforge.db import make_engine, make_sessionmaker, session_scope
 
-from .procs import REPO, STANDIN, Services, migrate
-
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for the module, migrated to head, dropped afterwards."""
-    name = f"tf_worker_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(PG_ADMIN_URL, pool_size=1, max_overflow=0).execution_options(
-        isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    migrate(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    """A Redis db number of its own on the shared server, emptied before and after."""
-    import redis
-
-    db = 8 + uuid.uuid4().int % 8
-    url = f"redis://127.0.0.1:6379/{db}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
+from .procs import REPO, STANDIN, Services
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,12 @@
-"""Process and service helpers shared by the worker and end-to-end tests."""
+"""The worker tests' processes: `tuneforge worker` / `tuneforge beat` started with one module's
+settings. The generic helpers (ports, waiting, process trees) are in tests.support."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,26 +15,12 @@ import psutil
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.support import REPO, free_port, kill_tree, migrate, stop_process, wait_for
 from tuneforge.config import Settings
 
-REPO = Path(__file__).resolve().parents[2]
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+__all__ = ["REPO", "STANDIN", "Services", "free_port", "migrate", "training_processes", "wait_for"]
+
 STANDIN = "tests.worker.standin:standin_training"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def migrate(url: str) -> None:
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config(str(REPO / "alembic.ini"))
-    config.attributes["url"] = url
-    command.upgrade(config, "head")
 
 
 @dataclass
@@ -82,12 +65,7 @@ class Services:
         return self.start("beat", name="beat")
 
     def stop(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-        kill_tree(process.pid, sig)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            kill_tree(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process(process, sig, timeout=30)
 
     def stop_all(self) -> None:
         for process in self.processes:
@@ -103,18 +81,6 @@ class Services:
         )
 
 
-def kill_tree(pid: int, sig: int) -> None:
-    """Signals a process and every descendant (workers start pool processes and training processes)."""
-    try:
-        root = psutil.Process(pid)
-        family = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for proc in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(sig)
-
-
 def training_processes() -> list[psutil.Process]:
     """Every live `tuneforge.worker.child` process on the machine started from this checkout."""
     found = []
@@ -123,17 +89,3 @@ def training_processes() -> list[psutil.Process]:
         if "tuneforge.worker.child" in cmd:
             found.append(proc)
     return found
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float, what: str, services: Services | None = None
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what}" + (f"\n{services.logs()}" if services else "")
-    )
