@@ -43,7 +43,7 @@ class StorageQuotaExceeded(PayloadTooLarge):
     def __init__(self, message: str, **kwargs: object) -> None:
         kwargs.setdefault("code", "storage_quota_exceeded")
         kwargs.setdefault("param", "file")
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        super().__init__(message, **kwargs)
 
 
 def lock_project(session: Session, project_id: str) -> None:

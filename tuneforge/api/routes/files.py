@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from tuneforge.api import quotas
 from tuneforge.api.deps import FileDep, ProjectDep, SessionDep, SettingsDep, StoreDep
 from tuneforge.api.errors import BadRequest
 from tuneforge.api.schemas import file_object, list_page
@@ -41,9 +42,12 @@ _UPLOAD_BODY = {
 async def upload_file(
     request: Request, caller: ProjectDep, session: SessionDep, settings: SettingsDep, store: StoreDep
 ) -> JSONResponse:
+    if settings.max_stored_bytes_per_project:  # a full project is refused before its body is read
+        await run_in_threadpool(quotas.check_storage, session, settings, caller.project_id, 1, lock=False)
     upload = await receive_upload(request, store, settings, caller.project_id)
 
     def record() -> files.File:
+        quotas.check_storage(session, settings, caller.project_id, upload.size)
         return files.add_file(
             session,
             file_id=upload.file_id,

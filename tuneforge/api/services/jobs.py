@@ -12,10 +12,12 @@ import secrets
 
 from sqlalchemy.orm import Session
 
+from tuneforge.api import quotas
 from tuneforge.api.errors import BadRequest
 from tuneforge.config import Settings
 from tuneforge.db import after_commit, utcnow
 from tuneforge.estimates import EstimateError, FileStats
+from tuneforge.estimates.ceilings import OverCeiling, check_ceilings
 from tuneforge.estimates.jobs import JobDoesNotFit, job_estimate
 from tuneforge.models import file as files
 from tuneforge.models import job as jobs
@@ -90,6 +92,9 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
             examples=training.examples, approx_tokens=training.approx_tokens, format=training.format
         )
         estimate = job_estimate(spec, stats, settings)
+        check_ceilings(spec, stats, estimate, settings)
+    except OverCeiling as exc:
+        raise BadRequest(exc.message, param=exc.param, code=exc.code) from None
     except EstimateError as exc:
         code = "job_does_not_fit" if isinstance(exc, JobDoesNotFit) else "invalid_adapter"
         raise BadRequest(exc.message, param=exc.param, code=code) from None
@@ -112,6 +117,7 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
         max_attempts=settings.max_attempts,
         estimate=estimate,
     )
+    quotas.reserve_active_job(session, settings, project_id)  # last: holds the project's lock
     jobs.add_job(
         session,
         job,
@@ -123,6 +129,18 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
     )
     _enqueue_after_commit(session, job.id, queue)
     return job
+
+
+def cancel_job(session: Session, job: jobs.Job) -> jobs.Job:
+    """validating_files/queued/paused -> cancelled at once; a running job gets a cancel request
+    that its worker acts on at the next step."""
+    return jobs.cancel_job(session, job)
+
+
+def pause_job(session: Session, job: jobs.Job) -> jobs.Job:
+    """queued -> paused at once; a running job gets a pause request (its worker checkpoints,
+    then pauses)."""
+    return jobs.pause_job(session, job)
 
 
 def resume_job(session: Session, job: jobs.Job) -> jobs.Job:
