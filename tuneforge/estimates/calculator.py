@@ -75,9 +75,10 @@ def estimate(
 ) -> EstimateResponse:
     settings = settings or get_settings()
     config, param = load_model_config(request, settings)
-    shape = model_shape(config, param)
+    budget = settings.estimate_build_seconds or None
+    shape = model_shape(config, param, budget)
     adapter = request.adapter
-    counts = adapter_counts(config, adapter, param)
+    counts = adapter_counts(config, adapter, param, budget)
 
     hp = request.hyperparameters
     stats = file_stats or FileStats()
@@ -101,7 +102,7 @@ def estimate(
     devices = request.hardware.count if request.hardware else 1
 
     def size(variant: Variant) -> int:
-        variant_counts = adapter_counts(config, variant.adapter, param)
+        variant_counts = adapter_counts(config, variant.adapter, param, budget)
         return memory_breakdown(
             shape,
             variant.adapter,

@@ -3,13 +3,20 @@ bodies with `EstimateRequest` and answers an `EstimateResponse`; the CLI builds 
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tuneforge.models.spec import AdapterSpec, Hyperparameters, MethodType
 
 Dtype = Literal["bf16", "fp16", "fp32"]
+#: Bounds of the data-size inputs: far beyond any fine-tuning set, well inside float arithmetic.
+MAX_TOKENS = 10**14
+MAX_EXAMPLES = 10**12
+#: A `model_config` is a config.json: small and shallow.
+MAX_MODEL_CONFIG_BYTES = 64 * 1024
+MAX_MODEL_CONFIG_DEPTH = 8
 
 
 class EstimateError(ValueError):
@@ -55,9 +62,13 @@ class EstimateRequest(BaseModel):
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     method: MethodType = Field("supervised", description="supervised, dpo or pretraining.")
     training_file: str | None = Field(None, description="An uploaded file; its recorded counts are used.")
-    n_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="Tokens in one epoch.")
-    n_examples: Annotated[int, Field(ge=1)] | None = Field(None, description="Examples in one epoch.")
-    data_format: str | None = Field(
+    n_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = Field(
+        None, description="Tokens in one epoch (at most 10^14)."
+    )
+    n_examples: Annotated[int, Field(ge=1, le=MAX_EXAMPLES)] | None = Field(
+        None, description="Examples in one epoch (at most 10^12)."
+    )
+    data_format: Annotated[str, Field(max_length=64)] | None = Field(
         None, description="Detected format of the data (e.g. openai_preference); from the file if given."
     )
     domain_shift: bool = Field(
@@ -84,11 +95,37 @@ class EstimateRequest(BaseModel):
                 data["hyperparameters"] = hp
         return data
 
+    @field_validator("model_config_")
+    @classmethod
+    def _small_config(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        if _depth(value) > MAX_MODEL_CONFIG_DEPTH:
+            raise ValueError(f"a config nests at most {MAX_MODEL_CONFIG_DEPTH} levels deep")
+        try:
+            size = len(json.dumps(value, allow_nan=False))
+        except ValueError:
+            raise ValueError("numbers in a config must be finite") from None
+        if size > MAX_MODEL_CONFIG_BYTES:
+            raise ValueError(f"a config is at most {MAX_MODEL_CONFIG_BYTES} bytes as JSON")
+        return value
+
     @model_validator(mode="after")
     def _one_model(self) -> EstimateRequest:
         if (self.model is None) == (self.model_config_ is None):
             raise ValueError("give exactly one of model (an id) or model_config (a config dict)")
         return self
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    """Nesting depth of a JSON value, stopping one past the limit (so it is cheap on deep input)."""
+    if level > MAX_MODEL_CONFIG_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level + 1)
+    return level
 
 
 class Memory(BaseModel):

@@ -2,18 +2,25 @@
 no download), the PEFT config is applied with `peft.get_peft_model`, and the counts are PEFT's own
 `get_nb_trainable_parameters`. Results are cached per (config, adapter): a warm estimate for an 8B
 config costs a dictionary lookup.
+
+Builds of different configs run side by side: each cache key is built once at a time (callers
+asking for a key being built wait for that build, callers asking for other keys do not), and a
+build that runs past its time budget stops with an `EstimateError` (the module-registration hook
+below checks the clock each time a layer is added to the skeleton).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from tuneforge.estimates.schema import EstimateError
 from tuneforge.models.spec import AdapterSpec
@@ -28,13 +35,34 @@ REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attent
 REQUIRED_IF_KNOWN = ("intermediate_size",)
 
 #: Upper bounds that keep a meta build cheap (a bigger config is a typo or an attack, not a model).
+#: The build's cost grows with the layer count (about 25 ms a layer on one core); the largest
+#: published decoders have fewer than 130 layers and 256k-token vocabularies.
 FIELD_LIMITS = {
-    "vocab_size": 4_000_000,
-    "hidden_size": 131_072,
-    "num_hidden_layers": 512,
-    "num_attention_heads": 4_096,
-    "intermediate_size": 1_048_576,
+    "vocab_size": 1_048_576,
+    "hidden_size": 65_536,
+    "num_hidden_layers": 256,
+    "num_attention_heads": 1_024,
+    "intermediate_size": 524_288,
 }
+#: Bounds on optional fields, checked when a config has them (mixture-of-experts and attention).
+OPTIONAL_FIELD_LIMITS = {
+    "num_key_value_heads": 1_024,
+    "head_dim": 4_096,
+    "num_local_experts": 1_024,
+    "num_experts": 1_024,
+    "n_routed_experts": 1_024,
+    "num_experts_per_tok": 64,
+    "moe_intermediate_size": 524_288,
+    "max_position_embeddings": 16_777_216,
+}
+#: RoPE scaling kinds transformers knows (`rope_scaling.type` / `rope_type`); checked against the
+#: installed transformers when it has the table.
+DEFAULT_ROPE_TYPES = frozenset({"default", "linear", "dynamic", "yarn", "longrope", "llama3"})
+#: Modules one skeleton may register (a 256-layer model registers about 4,000).
+MAX_MODULES = 200_000
+#: Built skeletons and adapter counts kept (least recently used dropped first).
+SHAPE_CACHE_SIZE = 64
+COUNTS_CACHE_SIZE = 256
 
 GATE_NAMES = frozenset({"gate_proj", "gate_up_proj", "w1", "w3", "gate"})
 #: Leaf names of linear layers that read the same input tensor inside one block.
@@ -100,21 +128,170 @@ class AdapterCounts:
     feedforward: tuple[str, ...] = ()  # IA3 modules that scale their input, not their output
 
 
-_lock = threading.Lock()
+class BuildTimeout(EstimateError):
+    """A skeleton build ran past its time budget (`TUNEFORGE_ESTIMATE_BUILD_SECONDS`)."""
+
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: tuple[int, list[Any]] | None = None
 
 
 @contextmanager
 def _quiet() -> Iterator[None]:
+    """transformers' logging and Python's warnings off while any build runs. Both are process-wide
+    state, so concurrent builds share one quiet period: the first in turns them off, the last out
+    restores them (`warnings.catch_warnings` per thread would restore them out of order)."""
+    global _quiet_depth, _quiet_saved
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_saved = (hf_logging.get_verbosity(), list(warnings.filters))
+            hf_logging.set_verbosity_error()
             warnings.simplefilter("ignore")
-            yield
+        _quiet_depth += 1
+    try:
+        yield
     finally:
-        hf_logging.set_verbosity(level)
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _quiet_saved is not None:
+                level, filters = _quiet_saved
+                hf_logging.set_verbosity(level)
+                warnings.filters[:] = filters  # type: ignore[index]
+                warnings._filters_mutated()  # type: ignore[attr-defined]
+                _quiet_saved = None
+
+
+# --- the time budget of a build ----------------------------------------------------------------
+
+_budget = threading.local()
+_hook_lock = threading.Lock()
+_hook_installed = False
+
+
+@dataclass
+class _Budget:
+    deadline: float
+    seconds: float
+    param: str
+    modules: int = 0
+
+
+def _on_module_registered(module: Any, name: str, submodule: Any) -> None:
+    budget: _Budget | None = getattr(_budget, "current", None)
+    if budget is None:
+        return None
+    budget.modules += 1
+    if budget.modules > MAX_MODULES:
+        raise EstimateError(
+            f"{budget.param} describes a model of more than {MAX_MODULES:,} modules; "
+            "this calculator builds smaller ones",
+            budget.param,
+        )
+    if time.monotonic() > budget.deadline:
+        raise BuildTimeout(
+            f"building {budget.param} took longer than this service's budget of {budget.seconds:g} s "
+            "per estimate; give a smaller config",
+            budget.param,
+        )
+    return None
+
+
+def _install_budget_hook() -> None:
+    global _hook_installed
+    with _hook_lock:
+        if _hook_installed:
+            return
+        from torch.nn.modules.module import register_module_module_registration_hook
+
+        register_module_module_registration_hook(_on_module_registered)
+        _hook_installed = True
+
+
+@contextmanager
+def time_budget(seconds: float | None, param: str) -> Iterator[None]:
+    """Stops a build in this thread once it has run `seconds` (None or 0: no limit)."""
+    if not seconds:
+        yield
+        return
+    _install_budget_hook()
+    previous = getattr(_budget, "current", None)
+    _budget.current = _Budget(time.monotonic() + seconds, seconds, param)
+    try:
+        yield
+    finally:
+        _budget.current = previous
+
+
+# --- single-flight cache -----------------------------------------------------------------------
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Flight(Generic[V]):
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: V | None = None
+        self.error: EstimateError | None = None
+
+
+class SingleFlightCache(Generic[K, V]):
+    """An LRU cache whose misses are built once per key at a time: a caller asking for a key that
+    is being built waits for that build; callers asking for other keys go on. Bad input
+    (`EstimateError`, time budget included) is remembered like a result, so asking again with the
+    same config costs a lookup, not another build. The lock is held only for dictionary work."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._lock = threading.Lock()
+        self._done: OrderedDict[K, tuple[V | None, EstimateError | None]] = OrderedDict()
+        self._running: dict[K, _Flight[V]] = {}
+
+    def get(self, key: K, build: Callable[[], V]) -> V:
+        while True:
+            with self._lock:
+                if key in self._done:
+                    self._done.move_to_end(key)
+                    value, error = self._done[key]
+                    return self._result(value, error)
+                flight = self._running.get(key)
+                if flight is None:
+                    flight = self._running[key] = _Flight()
+                    break
+            flight.done.wait()
+            if flight.value is not None or flight.error is not None:
+                return self._result(flight.value, flight.error)
+            # the build raised something unexpected: try it here (the error reaches this caller too)
+        try:
+            flight.value = build()
+        except EstimateError as exc:
+            flight.error = exc
+        finally:
+            with self._lock:
+                del self._running[key]
+                if flight.value is not None or flight.error is not None:
+                    self._done[key] = (flight.value, flight.error)
+                    while len(self._done) > self.maxsize:
+                        self._done.popitem(last=False)
+            flight.done.set()
+        return self._result(flight.value, flight.error)
+
+    @staticmethod
+    def _result(value: V | None, error: EstimateError | None) -> V:
+        if error is not None:
+            raise type(error)(error.message, error.param)
+        assert value is not None
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._done.clear()
+
+    def __len__(self) -> int:
+        return len(self._done)
 
 
 def config_key(config: dict[str, Any]) -> str:
@@ -145,26 +322,89 @@ def validate_config(config: dict[str, Any], param: str) -> Any:
     required = list(REQUIRED_FIELDS) + [
         f for f in REQUIRED_IF_KNOWN if f in defaults.to_dict() and getattr(defaults, f, None) is not None
     ]
+    values: dict[str, int] = {}
     for field in required:
         spelled = aliases.get(field, field)
         if field not in config and spelled not in config:
             raise EstimateError(f"{param} is missing {spelled!r}", f"{param}.{spelled}")
+        values[field] = _bounded_int(
+            config.get(field, config.get(spelled)), FIELD_LIMITS[field], param, spelled
+        )
+    for field, limit in OPTIONAL_FIELD_LIMITS.items():
+        spelled = aliases.get(field, field)
         value = config.get(field, config.get(spelled))
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise EstimateError(f"{param}.{spelled} must be a positive integer", f"{param}.{spelled}")
-        if value > FIELD_LIMITS[field]:
-            raise EstimateError(
-                f"{param}.{spelled} = {value:,} is larger than any model this calculator builds "
-                f"(at most {FIELD_LIMITS[field]:,})",
-                f"{param}.{spelled}",
-            )
+        if value is not None:
+            values[field] = _bounded_int(value, limit, param, spelled)
+    _check_attention(values, param, aliases)
+    for name in ("rope_scaling", "rope_parameters"):
+        _check_rope(config.get(name), f"{param}.{name}")
     # No remote code: `auto_map` would point transformers at code shipped with a checkpoint.
     kwargs = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}
     try:
         with _quiet():
             return config_class(**kwargs)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # TypeError, ValueError, huggingface_hub's strict-dataclass errors...
         raise EstimateError(f"{param} is not a valid {model_type} config: {exc}", param) from exc
+
+
+def _bounded_int(value: Any, limit: int, param: str, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise EstimateError(f"{param}.{field} must be a positive integer", f"{param}.{field}")
+    if value > limit:
+        raise EstimateError(
+            f"{param}.{field} = {value:,} is larger than any model this calculator builds "
+            f"(at most {limit:,})",
+            f"{param}.{field}",
+        )
+    return value
+
+
+def _check_attention(values: dict[str, int], param: str, aliases: dict[str, str]) -> None:
+    """Head counts that the attention layers can be built from: without `head_dim` the heads
+    split `hidden_size` evenly; key/value heads are a divisor of the query heads."""
+    heads = values["num_attention_heads"]
+    hidden = values["hidden_size"]
+    spelled = aliases.get("num_attention_heads", "num_attention_heads")
+    if "head_dim" not in values and hidden % heads:
+        raise EstimateError(
+            f"{param}.{spelled} = {heads} does not divide hidden_size = {hidden}; give head_dim or "
+            "a head count that divides it",
+            f"{param}.{spelled}",
+        )
+    kv_heads = values.get("num_key_value_heads")
+    if kv_heads is not None and (kv_heads > heads or heads % kv_heads):
+        raise EstimateError(
+            f"{param}.num_key_value_heads = {kv_heads} must divide {spelled} = {heads}",
+            f"{param}.num_key_value_heads",
+        )
+
+
+def rope_types() -> frozenset[str]:
+    try:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    except ImportError:
+        return DEFAULT_ROPE_TYPES
+    return frozenset(ROPE_INIT_FUNCTIONS) | {"default"}
+
+
+def _check_rope(rope: Any, param: str) -> None:
+    if rope is None:
+        return
+    if not isinstance(rope, dict):
+        raise EstimateError(f"{param} must be an object", param)
+    for key in ("rope_type", "type"):
+        kind = rope.get(key)
+        if kind is None:
+            continue
+        known = rope_types()
+        if not isinstance(kind, str) or kind not in known:
+            raise EstimateError(
+                f"{param}.{key} {kind!r} is not a RoPE scaling kind transformers knows: {sorted(known)}",
+                f"{param}.{key}",
+            )
+    for key, value in rope.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise EstimateError(f"{param}.{key} must be a finite number", f"{param}.{key}")
 
 
 def _build_meta(config: Any) -> torch.nn.Module:
@@ -198,11 +438,38 @@ def _output_head(model: torch.nn.Module) -> str | None:
     return None
 
 
-@lru_cache(maxsize=64)
-def _shape(key: str, param: str) -> tuple[ModelShape, Any]:
+_shapes: SingleFlightCache[tuple[str, str], tuple[ModelShape, Any]] = SingleFlightCache(SHAPE_CACHE_SIZE)
+_adapter_counts: SingleFlightCache[tuple[str, str, str], AdapterCounts] = SingleFlightCache(COUNTS_CACHE_SIZE)
+#: Seconds one build may take when the caller gives no budget (the calculator passes
+#: `TUNEFORGE_ESTIMATE_BUILD_SECONDS`).
+DEFAULT_BUILD_SECONDS = 15.0
+
+
+def _import_stack() -> None:
+    """torch, transformers and PEFT, imported before a build's clock starts."""
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+
+def _shape(key: str, param: str, seconds: float | None) -> tuple[ModelShape, Any]:
+    def build() -> tuple[ModelShape, Any]:
+        _import_stack()
+        with time_budget(seconds, param):
+            return _build_shape(key, param)
+
+    return _shapes.get((key, param), build)
+
+
+def _build_shape(key: str, param: str) -> tuple[ModelShape, Any]:
     raw = json.loads(key)
     config = validate_config(raw, param)
-    model = _build_meta(config)
+    try:
+        model = _build_meta(config)
+    except EstimateError:
+        raise
+    except Exception as exc:  # transformers' own consistency checks, in whatever type they raise
+        raise EstimateError(f"{param} is not a valid {raw.get('model_type')} config: {exc}", param) from exc
     linears = _linears(model)
     head = _output_head(model)
     layer_prefix = _first_layer_prefix([lin.name for lin in linears])
@@ -258,9 +525,11 @@ def _first_layer_prefix(names: list[str]) -> str | None:
     return None
 
 
-def model_shape(config: dict[str, Any], param: str = "model_config") -> ModelShape:
-    with _lock:
-        return _shape(config_key(config), param)[0]
+def model_shape(
+    config: dict[str, Any], param: str = "model_config", budget_seconds: float | None = DEFAULT_BUILD_SECONDS
+) -> ModelShape:
+    """The shape of the model a config describes; its build stops after `budget_seconds`."""
+    return _shape(config_key(config), param, budget_seconds)[0]
 
 
 def _matches(name: str, target: str) -> bool:
@@ -287,10 +556,17 @@ def peft_config(adapter: AdapterSpec, model: Any) -> Any:
     return recipe_peft_config(adapter, model)
 
 
-@lru_cache(maxsize=256)
-def _counts(key: str, param: str, adapter_json: str) -> AdapterCounts:
-    adapter = AdapterSpec.model_validate_json(adapter_json)
-    shape, config = _shape(key, param)
+def _counts(key: str, param: str, adapter_json: str, seconds: float | None) -> AdapterCounts:
+    shape, config = _shape(key, param, seconds)
+
+    def build() -> AdapterCounts:
+        with time_budget(seconds, param):
+            return _build_counts(shape, config, AdapterSpec.model_validate_json(adapter_json))
+
+    return _adapter_counts.get((key, param, adapter_json), build)
+
+
+def _build_counts(shape: ModelShape, config: Any, adapter: AdapterSpec) -> AdapterCounts:
     if adapter.type == "full":
         return AdapterCounts(shape.total_params, shape.total_params, ())
     from peft import get_peft_model
@@ -300,7 +576,9 @@ def _counts(key: str, param: str, adapter_json: str) -> AdapterCounts:
     try:
         with _quiet():
             peft_model = get_peft_model(model, peft_config(adapter, model))
-    except ValueError as exc:
+    except EstimateError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
         raise EstimateError(
             f"PEFT refused the adapter for this model: {exc}; linear modules are {shape.linear_leaf_names}",
             "adapter.target_modules",
@@ -320,15 +598,16 @@ def _counts(key: str, param: str, adapter_json: str) -> AdapterCounts:
 
 
 def adapter_counts(
-    config: dict[str, Any], adapter: AdapterSpec, param: str = "model_config"
+    config: dict[str, Any],
+    adapter: AdapterSpec,
+    param: str = "model_config",
+    budget_seconds: float | None = DEFAULT_BUILD_SECONDS,
 ) -> AdapterCounts:
     """Trainable and total parameters as PEFT counts them, for a config dict and an adapter."""
-    with _lock:
-        return _counts(config_key(config), param, adapter.model_dump_json())
+    return _counts(config_key(config), param, adapter.model_dump_json(), budget_seconds)
 
 
 def clear_cache() -> None:
     """Forget built skeletons (the benchmark's cold baseline)."""
-    with _lock:
-        _shape.cache_clear()
-        _counts.cache_clear()
+    _shapes.clear()
+    _adapter_counts.clear()

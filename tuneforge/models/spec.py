@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Auto = Literal["auto"]
 MethodType = Literal["supervised", "dpo", "pretraining"]
 AdapterType = Literal["lora", "qlora", "dora", "prefix_tuning", "prompt_tuning", "ia3", "full"]
+#: Bounds that keep a spec's numbers inside what the trainer and the database hold (int32 steps).
+MAX_STEP_COUNT = 2**31 - 1
+MAX_LORA_ALPHA = 4096.0
 LrScheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
 ]
@@ -41,8 +44,10 @@ class Hyperparameters(_Strict):
     learning_rate: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="Absolute learning rate; overrides the multiplier."
     )
-    max_steps: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="Stop after this many optimizer steps, whatever n_epochs says."
+    max_steps: Annotated[int, Field(ge=1, le=MAX_STEP_COUNT)] | None = Field(
+        None,
+        description="Stop after this many optimizer steps, whatever n_epochs says (the service's "
+        "ceiling, TUNEFORGE_MAX_JOB_STEPS, applies).",
     )
     max_seq_length: Annotated[int, Field(ge=8, le=131072)] = Field(
         1024, description="Longer examples are truncated, and counted in the run's report."
@@ -59,13 +64,13 @@ class Hyperparameters(_Strict):
         None,
         description="Padding-free packing of examples; None chooses by device and attention kernel.",
     )
-    eval_every_steps: Annotated[int, Field(ge=1)] | None = Field(
+    eval_every_steps: Annotated[int, Field(ge=1, le=MAX_STEP_COUNT)] | None = Field(
         None, description="Evaluate on the validation file every N steps (default: each epoch)."
     )
-    save_every_steps: Annotated[int, Field(ge=1)] | None = Field(
+    save_every_steps: Annotated[int, Field(ge=1, le=MAX_STEP_COUNT)] | None = Field(
         None, description="Checkpoint every N steps (default: a few checkpoints per run)."
     )
-    early_stopping_patience: Annotated[int, Field(ge=1)] | None = Field(
+    early_stopping_patience: Annotated[int, Field(ge=1, le=MAX_STEP_COUNT)] | None = Field(
         None, description="Stop after this many evaluations without a better validation loss."
     )
 
@@ -131,11 +136,14 @@ class AdapterSpec(_Strict):
         "lora", description="lora, qlora, dora, prefix_tuning, prompt_tuning, ia3, full."
     )
     r: Annotated[int, Field(ge=1, le=1024)] = Field(16, description="LoRA/DoRA/QLoRA rank.")
-    alpha: Annotated[float, Field(gt=0)] = Field(32, description="LoRA scaling numerator (lora_alpha).")
-    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.05, description="LoRA dropout.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or all linear layers but the output head."
+    alpha: Annotated[float, Field(gt=0, le=MAX_LORA_ALPHA, allow_inf_nan=False)] = Field(
+        32, description="LoRA scaling numerator (lora_alpha), at most 4096."
     )
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.05, description="LoRA dropout.")
+    target_modules: (
+        Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=256)]
+        | Literal["all-linear"]
+    ) = Field("all-linear", description="Module names to adapt, or all linear layers but the output head.")
     num_virtual_tokens: Annotated[int, Field(ge=1, le=1024)] = Field(
         20, description="Virtual tokens for prefix and prompt tuning."
     )
@@ -161,9 +169,13 @@ class JobSpec(_Strict):
     on top of this model; this model checks everything that can be judged from the body alone.
     """
 
-    model: str = Field(..., min_length=1, description="A base model id from GET /v1/models.")
-    training_file: str = Field(..., min_length=1, description="Id of an uploaded training file.")
-    validation_file: str | None = Field(None, description="Id of an uploaded validation file.")
+    model: str = Field(..., min_length=1, max_length=512, description="A base model id from GET /v1/models.")
+    training_file: str = Field(
+        ..., min_length=1, max_length=64, description="Id of an uploaded training file."
+    )
+    validation_file: Annotated[str, Field(max_length=64)] | None = Field(
+        None, description="Id of an uploaded validation file."
+    )
     suffix: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
         None, description="Up to 64 characters added to the fine-tuned model's name."
     )
