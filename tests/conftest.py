@@ -45,7 +45,7 @@ def qa_path() -> Path:
     return DATA / "qa.jsonl"
 
 
-# --- job execution (issue 4): a real S3 endpoint, shared by storage, worker and e2e tests ---
+# --- a real S3 endpoint, shared by storage, worker and e2e tests ---
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """moto's server mode on 127.0.0.1 (a real S3 HTTP endpoint), with dummy credentials exported

@@ -1,4 +1,4 @@
-"""Every bad input of the acceptance list: each a 4xx with OpenAI's error body, naming the field
+"""Bad inputs: each a 4xx with OpenAI's error body, naming the field
 or line, and nothing half-written (no job, no file row, no stored object)."""
 
 from __future__ import annotations

@@ -15,9 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def start_embedded_worker(settings: Settings) -> Callable[[], None] | None:
-    """HOOK for job execution (issue 4): with no broker configured (`settings.embedded_broker`),
-    start the embedded worker process here and return a function that stops it. Returning None
-    runs the API alone."""
+    """With no broker configured (`settings.embedded_broker`): starts the embedded worker and the
+    reconciler's beat as child processes; returns a function that stops them."""
     from tuneforge.worker.embedded import start_embedded_worker as start
 
     print(f"Embedded worker and reconciler: logs in {settings.data_dir / 'logs'}", flush=True)

@@ -1,4 +1,4 @@
-"""The fine-tuning cost calculator and method advisor (issue 5).
+"""The fine-tuning cost calculator and method advisor.
 
 `estimate(EstimateRequest) -> EstimateResponse`; torch, transformers and PEFT are imported on the
 first estimate, not on import of this package.

@@ -1,8 +1,8 @@
 """Creating fine-tuning jobs: the checks that need the database and the settings, on top of the
 body validation that `JobSpec` does.
 
-`create_job` is the one place a job is born. The job-execution work hooks in here (a job that
-starts in `validating_files`) and so does the estimates work (the `estimate` column).
+`create_job` is the one place a job is born: it starts in `validating_files`, with its cost
+estimate in the `estimate` column, and a worker is asked to check its files.
 """
 
 from __future__ import annotations
