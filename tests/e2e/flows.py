@@ -70,7 +70,7 @@ def metric_events(client: OpenAI, job_id: str) -> list[dict[str, Any]]:
 def check_succeeded_job(
     stack: Stack, job_id: str, tmp: Path, *, redirect: bool = False, resumed: bool = False
 ) -> Path:
-    """Everything the acceptance asks of a finished job; returns the unpacked adapter directory."""
+    """Everything a finished job must have; returns the unpacked adapter directory."""
     client = stack.sdk()
     job = client.fine_tuning.jobs.retrieve(job_id)
     assert job.status == "succeeded", (job.status, job.error, stack.logs())

@@ -1,5 +1,5 @@
 """The memory model against a real run: tiny-chat trained on CPU for a few steps in a fresh
-process, peak RSS growth against the estimate (acceptance: within 25%)."""
+process, peak RSS growth against the estimate (within 25%)."""
 
 from __future__ import annotations
 

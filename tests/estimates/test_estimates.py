@@ -1,5 +1,5 @@
-"""The calculator against PEFT itself (built independently on the meta device), the acceptance
-pins for Llama-3.1-8B, bad input, and the advisor's rules."""
+"""The calculator against PEFT itself (built independently on the meta device), pinned figures
+for Llama-3.1-8B, bad input, and the advisor's rules."""
 
 from __future__ import annotations
 
