@@ -9,11 +9,12 @@ from sqlalchemy import select
 
 from tuneforge.db import session_scope, utcnow
 from tuneforge.models.checkpoint import Artifact, Checkpoint
-from tuneforge.models.file import PURPOSE_FINE_TUNE, add_file, new_file_id, storage_key_for
+from tuneforge.models.file import PURPOSE_FINE_TUNE, add_file, new_file_id
 from tuneforge.models.job import Job, JobEvent, JobStatus, new_job_id
 from tuneforge.models.project import ensure_default_project
 from tuneforge.models.spec import JobSpec
 from tuneforge.storage import open_store
+from tuneforge.storage.keys import file_key
 
 from .procs import Services
 
@@ -32,7 +33,7 @@ def seed_job(
     settings = services.settings()
     store = open_store(settings.storage_url)
     file_id = new_file_id()
-    store.put_file(storage_key_for(file_id), data)
+    store.put_file(file_key(file_id), data)
     hp = {"max_steps": max_steps, "save_every_steps": save_every, "batch_size": 4, "max_seq_length": 256}
     body: dict[str, Any] = {
         "model": model,
@@ -53,7 +54,7 @@ def seed_job(
             filename=data.name,
             purpose=PURPOSE_FINE_TUNE,
             size=data.stat().st_size,
-            storage_key=storage_key_for(file_id),
+            storage_key=file_key(file_id),
             format="chat",
             examples=len(data.read_text().splitlines()),
         )

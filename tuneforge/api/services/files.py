@@ -33,6 +33,7 @@ from tuneforge.api.errors import BadRequest, PayloadTooLarge, TuneforgeError
 from tuneforge.config import Settings
 from tuneforge.models import file as files
 from tuneforge.storage import ObjectStore
+from tuneforge.storage.keys import file_key
 from tuneforge.training.formats import FileStats, FormatError, JsonlInspector
 
 log = logging.getLogger(__name__)
@@ -323,7 +324,7 @@ async def _receive(request: Request, store: ObjectStore, settings: Settings) -> 
 
     pump = _MultipartPump(boundary, next_chunk, max_bytes, settings.max_upload_line_bytes)
     file_id = files.new_file_id()
-    key = files.storage_key_for(file_id)
+    key = file_key(file_id)
 
     def store_and_check() -> tuple[int, FileStats]:
         size = store.put_stream(key, pump.file_chunks())
