@@ -221,7 +221,7 @@ def test_finished_jobs_never_change(project: ProjectCtx, app: FastAPI, chat_json
         assert job.id in error["message"]
     with session_scope(app.state.sessionmaker) as session:
         for target in jobs.JobStatus:
-            assert not jobs.change_status(session, job.id, target, sources=list(jobs.JobStatus))
+            assert not jobs.transition(session, job.id, target, sources=list(jobs.JobStatus))
     assert project.openai.fine_tuning.jobs.retrieve(job.id).status == status
 
 
@@ -242,9 +242,9 @@ def test_concurrent_changes_cannot_both_win(project: ProjectCtx, app: FastAPI, c
     factory = app.state.sessionmaker
     with session_scope(factory) as first, session_scope(factory) as second:
         assert first.get(jobs.Job, job.id) is not None and second.get(jobs.Job, job.id) is not None
-        assert jobs.change_status(first, job.id, jobs.JobStatus.CANCELLED)
+        assert jobs.transition(first, job.id, jobs.JobStatus.CANCELLED)
         first.commit()
-        assert not jobs.change_status(second, job.id, jobs.JobStatus.RUNNING)
+        assert not jobs.transition(second, job.id, jobs.JobStatus.RUNNING)
 
 
 def test_jobs_are_scoped_to_the_project(

@@ -1,13 +1,19 @@
 """Fine-tuning jobs and their events: tables, the status machine and the queries.
 
-Status changes go through `change_status`, a conditional UPDATE (`WHERE status IN ...`), so two
-concurrent changes cannot both win; terminal states never change. Events carry a per-job `seq`
-taken from a counter on the job row (an atomic increment), which gives them a stable order.
+This module is the only place that knows the status names and which changes are allowed. Every
+status change goes through `transition`: one conditional UPDATE (`WHERE status IN ...`, and the
+lease holder when a worker makes it), so two concurrent changes cannot both win and terminal
+states never change; the change's events are appended in the same transaction. Code that must
+follow status changes (webhooks, evaluations) hooks in there.
+
+Events are appended one way, `append_events`: their per-job `seq` comes from a counter on the job
+row (an atomic increment), which gives them a stable order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -22,11 +28,13 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     bindparam,
+    insert,
     select,
     update,
 )
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 
 from tuneforge.db import Base, Reader, UtcDateTime, utcnow
 from tuneforge.models.ids import new_id
@@ -50,13 +58,17 @@ class JobStatus(StrEnum):
 
 
 TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+WAITING_STATUSES = frozenset({JobStatus.VALIDATING_FILES, JobStatus.QUEUED})
+"""A worker message may be on its way for these: they are what a worker may start on."""
 
 _ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.VALIDATING_FILES: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.CANCELLED, JobStatus.FAILED}),
     # running -> queued: a worker died and the job is retried from its last checkpoint.
+    # running -> running: another worker takes over a job whose lease ran out.
     JobStatus.RUNNING: frozenset(
         {
+            JobStatus.RUNNING,
             JobStatus.SUCCEEDED,
             JobStatus.FAILED,
             JobStatus.CANCELLED,
@@ -246,59 +258,58 @@ def find_fine_tuned_model(session: Session, project_id: str, model_id: str) -> J
     return session.scalar(stmt)
 
 
-def add_event(
-    session: Session,
-    job_id: str,
-    message: str,
-    *,
-    level: str = "info",
-    type: str = "message",
-    data: dict[str, Any] | None = None,
-) -> JobEvent:
-    """Appends an event; its `seq` comes from an atomic increment of the job's counter (which also
-    serialises concurrent writers of the same job's events)."""
-    seq = session.execute(
+@dataclass(frozen=True)
+class EventRecord:
+    """An event to append to a job's log."""
+
+    message: str
+    level: str = "info"
+    type: str = "message"
+    data: dict[str, Any] | None = None
+    at: datetime | None = None  # when it happened, if earlier than its (batched) write
+
+
+def append_events(session: Session, job_id: str, events: Sequence[EventRecord]) -> list[str]:
+    """Appends events in two statements: one increment of the job's event counter (which hands
+    out their `seq` numbers and serialises concurrent writers of the same job's events), one
+    multi-row INSERT. Returns the new events' ids."""
+    if not events:
+        return []
+    last = session.execute(
         update(Job)
         .where(Job.id == job_id)
-        .values(last_event_seq=Job.last_event_seq + 1)
+        .values(last_event_seq=Job.last_event_seq + len(events))
         .returning(Job.last_event_seq)
         .execution_options(synchronize_session=False)
     ).scalar_one()
-    event = JobEvent(
-        id=new_id("ftevent-"),
-        job_id=job_id,
-        seq=seq,
-        created_at=utcnow(),
-        level=level,
-        type=type,
-        message=message,
-        data=data,
+    first = last - len(events) + 1
+    now = utcnow()
+    ids = [new_id("ftevent-") for _ in events]
+    session.execute(
+        insert(JobEvent),
+        [
+            {
+                "id": event_id,
+                "job_id": job_id,
+                "seq": first + i,
+                "created_at": e.at or now,
+                "level": e.level,
+                "type": e.type,
+                "message": e.message,
+                "data": e.data,
+            }
+            for i, (event_id, e) in enumerate(zip(ids, events, strict=True))
+        ],
     )
-    session.add(event)
-    session.flush()
-    return event
+    return ids
 
 
 def add_job(session: Session, job: Job, messages: list[str]) -> Job:
-    """Adds a new job with its first events in one flush (two INSERTs): the events take seq
-    1..n and the job's counter starts at n."""
-    job.last_event_seq = len(messages)
+    """Adds a new job with its first events."""
+    job.last_event_seq = 0
     session.add(job)
     session.flush()
-    now = utcnow()
-    session.add_all(
-        JobEvent(
-            id=new_id("ftevent-"),
-            job_id=job.id,
-            seq=seq,
-            created_at=now,
-            level="info",
-            type="message",
-            message=message,
-        )
-        for seq, message in enumerate(messages, start=1)
-    )
-    session.flush()
+    append_events(session, job.id, [EventRecord(message) for message in messages])
     return job
 
 
@@ -316,33 +327,67 @@ def list_events(
     return list(session.scalars(stmt.order_by(JobEvent.seq.desc()).limit(limit)))
 
 
-def change_status(
+def update_job_where(session: Session, job_id: str, *conditions: Any, **values: Any) -> bool:
+    """`UPDATE jobs SET values WHERE id = job_id AND conditions`; whether a row changed. Every
+    conditional write to a job goes through here (status changes through `transition`)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, *conditions)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+JobEvents = Sequence[EventRecord] | Callable[[Job], Sequence[EventRecord]]
+"""The events of a status change: a list, or a function of the changed job (for events that
+name what the change wrote, such as the attempt number)."""
+
+
+def transition(
     session: Session,
     job_id: str,
     target: JobStatus,
     *,
     sources: Iterable[JobStatus] | None = None,
+    owner: str | None = None,
+    where: Iterable[ColumnElement[bool]] = (),
+    events: JobEvents = (),
     **values: Any,
 ) -> bool:
-    """Moves the job to `target` if its status is one of `sources` (default: every status the
-    machine allows to reach `target`); sets `values` in the same UPDATE. Returns whether it won.
-    A terminal job never changes, whatever `sources` says."""
+    """The one way a job's status changes. Moves the job to `target` if its status is one of
+    `sources` (default: every status the machine allows to reach `target`), it is held by
+    `owner` (when given: a worker's lease) and the extra `where` conditions hold; sets `values`
+    in the same UPDATE and appends `events` in the same transaction. Returns whether it won.
+
+    A terminal job never changes, whatever `sources` says; reaching a terminal status sets
+    `finished_at`; leaving `running` releases the lease."""
     allowed = sources_of(target) if sources is None else frozenset(sources) & sources_of(target)
     now = utcnow()
     if target in TERMINAL_STATUSES:
         values.setdefault("finished_at", now)
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_([s.value for s in allowed]))
-        .values(status=target.value, updated_at=now, **values)
-        .execution_options(synchronize_session=False)
-    )
-    won = bool(result.rowcount)  # type: ignore[attr-defined]
-    if won:
-        job = session.get(Job, job_id)
-        if job is not None:
-            session.refresh(job)
-    return won
+    if target is not JobStatus.RUNNING:
+        values.setdefault("lease_owner", None)
+        values.setdefault("lease_expires_at", None)
+    conditions = [Job.status.in_([s.value for s in allowed]), *where]
+    if owner is not None:
+        conditions.append(Job.lease_owner == owner)
+    if not update_job_where(session, job_id, *conditions, status=target.value, updated_at=now, **values):
+        return False
+    if callable(events):
+        job = session.get(Job, job_id, populate_existing=True)
+        assert job is not None
+        events = events(job)
+    elif (job := _cached(session, job_id)) is not None:
+        session.refresh(job)
+    append_events(session, job_id, events)
+    return True
+
+
+def _cached(session: Session, job_id: str) -> Job | None:
+    """The session's object for the job, if it holds one (without loading it)."""
+    job = session.identity_map.get(session.identity_key(Job, job_id))
+    return job if isinstance(job, Job) else None
 
 
 def _refresh(session: Session, job: Job) -> Job:
@@ -358,21 +403,21 @@ def _finished_reason(job: Job) -> str:
     return f"it has already {job.status}" if job.status != JobStatus.CANCELLED else "it is already cancelled"
 
 
-def _request_of_running(session: Session, job: Job, column: str) -> bool:
-    """Records a cancel or pause request (`column`) on a running job that has none yet; False when
-    the job stopped running or another request won the race. The worker acts on it."""
+def _request_of_running(session: Session, job: Job, column: str, message: str) -> bool:
+    """Records a cancel or pause request (`column`) on a running job that has none yet, with its
+    event; False when the job stopped running or another request won the race. The worker acts
+    on it."""
     now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(
-            Job.id == job.id,
-            Job.status == JobStatus.RUNNING.value,
-            getattr(Job, column).is_(None),
-        )
-        .values({column: now, "updated_at": now})
-        .execution_options(synchronize_session=False)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    if not update_job_where(
+        session,
+        job.id,
+        Job.status == JobStatus.RUNNING.value,
+        getattr(Job, column).is_(None),
+        **{column: now, "updated_at": now},
+    ):
+        return False
+    append_events(session, job.id, [EventRecord(message)])
+    return True
 
 
 def cancel_job(session: Session, job: Job) -> Job:
@@ -385,16 +430,17 @@ def cancel_job(session: Session, job: Job) -> Job:
         if status is JobStatus.RUNNING:
             if job.cancel_requested_at is not None:
                 return job
-            if _request_of_running(session, job, "cancel_requested_at"):
-                add_event(session, job.id, "Cancellation requested; the job stops at its next step.")
+            if _request_of_running(
+                session, job, "cancel_requested_at", "Cancellation requested; the job stops at its next step."
+            ):
                 return _refresh(session, job)
-        elif change_status(
+        elif transition(
             session,
             job.id,
             JobStatus.CANCELLED,
             sources=[JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.PAUSED],
+            events=[EventRecord("Job cancelled.")],
         ):
-            add_event(session, job.id, "Job cancelled.")
             return _refresh(session, job)
         _refresh(session, job)  # lost a race: look again
     raise _refuse(job, "cancelled", f"its status keeps changing (now {job.status})")
@@ -414,11 +460,13 @@ def pause_job(session: Session, job: Job) -> Job:
         if status is JobStatus.RUNNING:
             if job.pause_requested_at is not None:
                 return job
-            if _request_of_running(session, job, "pause_requested_at"):
-                add_event(session, job.id, "Pause requested; the job checkpoints and pauses.")
+            if _request_of_running(
+                session, job, "pause_requested_at", "Pause requested; the job checkpoints and pauses."
+            ):
                 return _refresh(session, job)
-        elif change_status(session, job.id, JobStatus.PAUSED, sources=[JobStatus.QUEUED]):
-            add_event(session, job.id, "Job paused.")
+        elif transition(
+            session, job.id, JobStatus.PAUSED, sources=[JobStatus.QUEUED], events=[EventRecord("Job paused.")]
+        ):
             return _refresh(session, job)
         _refresh(session, job)
     raise _refuse(job, "paused", f"its status keeps changing (now {job.status})")
@@ -429,16 +477,14 @@ def resume_job(session: Session, job: Job) -> Job:
     if JobStatus(job.status) is not JobStatus.PAUSED:
         why = _finished_reason(job) if JobStatus(job.status).is_terminal else f"it is {job.status}"
         raise _refuse(job, "resumed", f"only a paused job can be resumed and {why}")
-    if not change_status(
+    if not transition(
         session,
         job.id,
         JobStatus.QUEUED,
         sources=[JobStatus.PAUSED],
+        events=[EventRecord("Job resumed.")],
         pause_requested_at=None,
-        lease_owner=None,
-        lease_expires_at=None,
     ):
         _refresh(session, job)
         raise _refuse(job, "resumed", f"only a paused job can be resumed and it is now {job.status}")
-    add_event(session, job.id, "Job resumed.")
     return _refresh(session, job)

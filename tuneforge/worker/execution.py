@@ -18,27 +18,20 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tuneforge.config import Settings
 from tuneforge.db import make_engine, make_sessionmaker, session_scope, utcnow
-from tuneforge.models.checkpoint import (
-    Checkpoint,
-    add_checkpoint,
-    latest_checkpoint,
-    new_checkpoint_id,
-    put_artifact,
-)
-from tuneforge.models.file import PURPOSE_RESULTS, File, add_file, new_file_id, storage_key_for
+from tuneforge.models.checkpoint import new_checkpoint_id
+from tuneforge.models.file import new_file_id, storage_key_for
 from tuneforge.models.job import Job, JobStatus
-from tuneforge.models.project import get_project
 from tuneforge.storage import ObjectStore, open_store
 from tuneforge.worker import jobstate
-from tuneforge.worker.jobstate import EventRecord
+from tuneforge.worker.jobstate import EventRecord, RunPlan, StoredArtifact
 from tuneforge.worker.packaging import adapter_only, extract_tarball, make_tarball, upload
 from tuneforge.worker.supervisor import TrainingProcess, describe_exit
 
@@ -47,6 +40,29 @@ log = logging.getLogger(__name__)
 FLUSH_EVERY_S = 1.0
 READY_TIMEOUT_S = 600.0
 TARBALL = "application/gzip"
+
+# Checkpoint metrics kept on the checkpoint row (what the checkpoints list shows).
+CHECKPOINT_METRICS = (
+    "train_loss",
+    "train_mean_token_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "full_valid_loss",
+    "full_valid_mean_token_accuracy",
+)
+
+
+class RunOutcome(StrEnum):
+    """What one task message came to (for logs and tests)."""
+
+    MISSING = "missing"  # no such job
+    INVALID = "invalid"  # its files failed validation
+    NOT_CLAIMED = "not-claimed"  # not runnable, or another worker has it
+    SUCCEEDED = "succeeded"
+    CANCELLED = "cancelled"
+    PAUSED = "paused"
+    FAILED = "failed"
+    LEASE_LOST = "lease-lost"  # another worker took the job over
 
 
 @dataclass
@@ -107,51 +123,23 @@ def checkpoint_state_key(adapter_key: str) -> str:
     return adapter_key.rsplit("/", 1)[0] + "/state.tar.gz"
 
 
-def run_job(job_id: str, ctx: WorkerContext) -> str:
-    """Everything one task message asks for. Returns what happened (for logs and tests)."""
+def run_job(job_id: str, ctx: WorkerContext) -> RunOutcome:
+    """Everything one task message asks for."""
     with session_scope(ctx.sessions) as session:
         job = session.get(Job, job_id)
         if job is None:
-            return "missing"
+            return RunOutcome.MISSING
         status = job.status
     if status == JobStatus.VALIDATING_FILES:
         from tuneforge.worker.validation import validate_job
 
         if not validate_job(job_id, ctx):
-            return "invalid"
+            return RunOutcome.INVALID
     with session_scope(ctx.sessions) as session:
-        job = jobstate.claim_job(session, job_id, ctx.owner, ctx.settings.lease_seconds)
-        if job is None:
-            return "not-claimed"
-        checkpoint = latest_checkpoint(session, job_id)
-        files = {
-            f.id: f
-            for f in session.scalars(
-                select(File).where(File.id.in_([job.training_file, job.validation_file or ""]))
-            )
-        }
-        project = get_project(session, job.project_id)
-        run = JobRun(
-            ctx,
-            job_id=job_id,
-            spec=dict(job.spec),
-            attempt=job.attempt,
-            max_attempts=job.max_attempts,
-            model=job.model,
-            suffix=job.suffix,
-            project_name=project.name if project is not None else job.project_id,
-            project_id=job.project_id,
-            train_key=files[job.training_file].storage_key,
-            valid_key=files[job.validation_file].storage_key if job.validation_file else None,
-            checkpoint=(checkpoint.id, checkpoint.step_number, checkpoint.storage_key)
-            if checkpoint
-            else None,
-        )
-        note = f" from checkpoint at step {checkpoint.step_number}" if checkpoint else ""
-        jobstate.add_events(
-            session, job_id, [EventRecord(f"Fine-tuning job started (attempt {job.attempt}){note}.")]
-        )
-    return run.execute()
+        plan = jobstate.claim_run(session, job_id, ctx.owner, ctx.settings.lease_seconds)
+    if plan is None:
+        return RunOutcome.NOT_CLAIMED
+    return JobRun(ctx, plan).execute()
 
 
 class LeaseLost(Exception):
@@ -161,38 +149,14 @@ class LeaseLost(Exception):
 class JobRun:
     """One attempt at one claimed job."""
 
-    def __init__(
-        self,
-        ctx: WorkerContext,
-        *,
-        job_id: str,
-        spec: dict[str, Any],
-        attempt: int,
-        max_attempts: int,
-        model: str,
-        suffix: str | None,
-        project_name: str,
-        project_id: str,
-        train_key: str,
-        valid_key: str | None,
-        checkpoint: tuple[str, int, str] | None,
-    ) -> None:
+    def __init__(self, ctx: WorkerContext, plan: RunPlan) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
         self.store = ctx.store
-        self.job_id = job_id
-        self.spec = spec
-        self.attempt = attempt
-        self.max_attempts = max_attempts
-        self.model = model
-        self.suffix = suffix
-        self.project_name = project_name
-        self.project_id = project_id
-        self.train_key = train_key
-        self.valid_key = valid_key
-        self.checkpoint = checkpoint
-        self.resume_step = checkpoint[1] if checkpoint else 0
-        self.work = self.settings.work_dir / job_id / f"attempt-{attempt}-{uuid.uuid4().hex[:6]}"
+        self.plan = plan
+        self.job_id = plan.job_id
+        self.resume_step = plan.resume.step if plan.resume else 0
+        self.work = self.settings.work_dir / plan.job_id / f"attempt-{plan.attempt}-{uuid.uuid4().hex[:6]}"
         self.pending: list[EventRecord] = []
         self.progress: dict[str, Any] | None = None
         self.progress_dirty = False
@@ -205,16 +169,15 @@ class JobRun:
 
     # --- the run ------------------------------------------------------------------------------
 
-    def execute(self) -> str:
+    def execute(self) -> RunOutcome:
         try:
             return self._execute()
         except LeaseLost:
             log.warning("job %s: lease lost to another worker; stopping this run", self.job_id)
-            return "lease-lost"
+            return RunOutcome.LEASE_LOST
         except Exception as error:
             log.exception("job %s: worker error", self.job_id)
-            self._fail("internal_error", f"{type(error).__name__}: {error}")
-            return "failed"
+            return self._fail("internal_error", f"{type(error).__name__}: {error}")
         finally:
             if self.process is not None:
                 self.process.stop(grace=2.0)
@@ -224,51 +187,63 @@ class JobRun:
             with contextlib.suppress(OSError):
                 self.work.parent.rmdir()  # the job's directory, once no attempt uses it
 
-    def _execute(self) -> str:
-        inputs = self.work / "inputs"
-        train_file = inputs / "train.jsonl"
-        self.store.download(self.train_key, train_file)
-        valid_file = None
-        if self.valid_key:
-            valid_file = inputs / "valid.jsonl"
-            self.store.download(self.valid_key, valid_file)
-        resume_from = None
-        if self.checkpoint is not None:
-            archive = inputs / "resume.tar.gz"
-            self.store.download(checkpoint_state_key(self.checkpoint[2]), archive)
-            resume_from = extract_tarball(archive, inputs / f"checkpoint-{self.checkpoint[1]}")
-        out_dir = self.work / "out"
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-        self.process = _take_training_process(self.settings)
-        if not self.process.wait_ready(READY_TIMEOUT_S):
-            # A spare that died while it waited (killed, or the code changed under it) must not
-            # cost the job: start a fresh one once before giving up.
-            log.warning("job %s: the waiting training process is gone; starting a fresh one", self.job_id)
-            self.process.stop(grace=1.0)
-            self.process = TrainingProcess.spawn(_child_log_path(self.settings))
-            if not self.process.wait_ready(READY_TIMEOUT_S):
-                code, message = describe_exit(self.process.exit_code())
-                return self._fail(code, f"the training process did not start: {message}", self.process)
-        self.process.send(
+    def _execute(self) -> RunOutcome:
+        paths = self._download_inputs()
+        process = self._ready_training_process()
+        if process is None:
+            assert self.process is not None
+            code, message = describe_exit(self.process.exit_code())
+            return self._fail(code, f"the training process did not start: {message}", self.process)
+        process.send(
             {
                 "op": "run",
-                "spec": self.spec,
-                "paths": {
-                    "train_file": str(train_file),
-                    "valid_file": str(valid_file) if valid_file else None,
-                    "out_dir": str(out_dir),
-                    "resume_from": str(resume_from) if resume_from else None,
-                },
+                "spec": self.plan.spec,
+                "paths": paths,
                 "models": self.settings.models,
                 "models_dir": str(self.settings.models_dir),
                 "runner": os.environ.get("TUNEFORGE_TRAINING_RUNNER") or None,
             }
         )
         self.run_sent_at = time.monotonic()
-        return self._supervise(self.process)
+        return self._supervise(process)
 
-    def _supervise(self, process: TrainingProcess) -> str:
+    def _download_inputs(self) -> dict[str, str | None]:
+        """The job's files and its resume checkpoint, into this attempt's work directory."""
+        inputs = self.work / "inputs"
+        train_file = inputs / "train.jsonl"
+        self.store.download(self.plan.train_key, train_file)
+        valid_file = None
+        if self.plan.valid_key:
+            valid_file = inputs / "valid.jsonl"
+            self.store.download(self.plan.valid_key, valid_file)
+        resume_from = None
+        if self.plan.resume is not None:
+            archive = inputs / "resume.tar.gz"
+            self.store.download(checkpoint_state_key(self.plan.resume.storage_key), archive)
+            resume_from = extract_tarball(archive, inputs / f"checkpoint-{self.plan.resume.step}")
+        out_dir = self.work / "out"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return {
+            "train_file": str(train_file),
+            "valid_file": str(valid_file) if valid_file else None,
+            "out_dir": str(out_dir),
+            "resume_from": str(resume_from) if resume_from else None,
+        }
+
+    def _ready_training_process(self) -> TrainingProcess | None:
+        """The warm training process, or a fresh one if it died while it waited; None when none
+        starts (`self.process` then holds the one that failed)."""
+        self.process = _take_training_process(self.settings)
+        if self.process.wait_ready(READY_TIMEOUT_S):
+            return self.process
+        # A spare that died while it waited (killed, or the code changed under it) must not
+        # cost the job: start a fresh one once before giving up.
+        log.warning("job %s: the waiting training process is gone; starting a fresh one", self.job_id)
+        self.process.stop(grace=1.0)
+        self.process = TrainingProcess.spawn(_child_log_path(self.settings))
+        return self.process if self.process.wait_ready(READY_TIMEOUT_S) else None
+
+    def _supervise(self, process: TrainingProcess) -> RunOutcome:
         next_flush = time.monotonic() + FLUSH_EVERY_S
         while True:
             timeout = max(0.0, next_flush - time.monotonic())
@@ -360,104 +335,101 @@ class JobRun:
 
     def _on_checkpoint(self, process: TrainingProcess, message: dict[str, Any]) -> None:
         step = int(message["step"])
-        path = Path(message["path"])
         checkpoint_id = new_checkpoint_id()
+        key = self._store_checkpoint(checkpoint_id, Path(message["path"]))
+        raw = {**self.last_metrics, **(message.get("metrics") or {})}
+        metrics = {
+            "step": step,
+            **{name: raw[name] for name in CHECKPOINT_METRICS if raw.get(name) is not None},
+        }
+        with session_scope(self.ctx.sessions) as session:
+            self._renew(session)
+            self._write_pending(session)
+            pruned = jobstate.record_checkpoint(
+                session,
+                self.job_id,
+                checkpoint_id=checkpoint_id,
+                step=step,
+                storage_key=key,
+                metrics=metrics,
+                keep=self.settings.keep_checkpoints,
+            )
+        for old_key in pruned:
+            self.store.delete_prefix(old_key.rsplit("/", 1)[0] + "/")
+        process.send({"op": "ack", "step": step})
+
+    def _store_checkpoint(self, checkpoint_id: str, path: Path) -> str:
+        """Uploads a checkpoint directory: the full trainer state, and the adapter alone beside it
+        (what the checkpoint download serves). Returns the adapter's key."""
         key = f"jobs/{self.job_id}/checkpoints/{checkpoint_id}"
         tmp = self.work / "upload"
         self.store.put_file(f"{key}/state.tar.gz", make_tarball(path, tmp / "state.tar.gz"))
         key = f"{key}/adapter.tar.gz"  # the row points at the adapter; the state lies beside it
         self.store.put_file(key, make_tarball(path, tmp / "adapter.tar.gz", adapter_only))
         shutil.rmtree(tmp, ignore_errors=True)
-        raw = {**self.last_metrics, **(message.get("metrics") or {})}
-        metrics = {"step": step}
-        for name in (
-            "train_loss",
-            "train_mean_token_accuracy",
-            "valid_loss",
-            "valid_mean_token_accuracy",
-            "full_valid_loss",
-            "full_valid_mean_token_accuracy",
-        ):
-            if raw.get(name) is not None:
-                metrics[name] = raw[name]
-        pruned: list[str] = []
-        with session_scope(self.ctx.sessions) as session:
-            self._renew(session)
-            self._write_pending(session)
-            add_checkpoint(
-                session,
-                self.job_id,
-                step_number=step,
-                storage_key=key,
-                metrics=metrics,
-                checkpoint_id=checkpoint_id,
-            )
-            jobstate.add_events(
-                session,
-                self.job_id,
-                [
-                    EventRecord(
-                        f"Checkpoint saved at step {step}.", data={"checkpoint": checkpoint_id, "step": step}
-                    )
-                ],
-            )
-            older = list(
-                session.scalars(
-                    select(Checkpoint)
-                    .where(Checkpoint.job_id == self.job_id)
-                    .order_by(Checkpoint.step_number.desc(), Checkpoint.created_at.desc())
-                    .offset(self.settings.keep_checkpoints)
-                )
-            )
-            for row in older:
-                pruned.append(row.storage_key)
-                session.delete(row)
-        for old_key in pruned:
-            self.store.delete_prefix(old_key.rsplit("/", 1)[0] + "/")
-        process.send({"op": "ack", "step": step})
+        return key
 
-    def _on_result(self, message: dict[str, Any]) -> str:
+    def _on_result(self, message: dict[str, Any]) -> RunOutcome:
         stopped = message.get("stopped")
         final_step = int(message.get("final_step") or 0)
-        total = int(message.get("total_steps") or 0)
         progress = {
             "step": final_step,
-            "total_steps": total,
+            "total_steps": int(message.get("total_steps") or 0),
             "epoch": (self.progress or {}).get("epoch"),
             "eta_seconds": 0 if not stopped else None,
         }
         if stopped == "cancel":
-            with session_scope(self.ctx.sessions) as session:
-                self._write_pending(session)
-                if not jobstate.finish_run(
-                    session, self.job_id, self.ctx.owner, JobStatus.CANCELLED, progress=progress
-                ):
-                    raise LeaseLost
-                jobstate.add_events(
-                    session, self.job_id, [EventRecord(f"Job cancelled at step {final_step}.")]
-                )
-            return "cancelled"
+            return self._on_cancelled(final_step, progress)
         if stopped == "pause":
-            with session_scope(self.ctx.sessions) as session:
-                self._write_pending(session)
-                if not jobstate.finish_run(
-                    session,
-                    self.job_id,
-                    self.ctx.owner,
-                    JobStatus.PAUSED,
-                    progress=progress,
-                    pause_requested_at=None,
-                    attempt=Job.attempt - 1,  # a pause is not a failed attempt (max_attempts)
-                ):
-                    raise LeaseLost
-                jobstate.add_events(
-                    session,
-                    self.job_id,
-                    [EventRecord(f"Job paused at step {final_step}; resume continues from its checkpoint.")],
-                )
-            return "paused"
+            return self._on_paused(final_step, progress)
+        return self._on_succeeded(message, progress)
 
-        artifacts: list[tuple[str, str, int, str]] = []
+    def _on_cancelled(self, final_step: int, progress: dict[str, Any]) -> RunOutcome:
+        self._finish(
+            JobStatus.CANCELLED, [EventRecord(f"Job cancelled at step {final_step}.")], progress=progress
+        )
+        return RunOutcome.CANCELLED
+
+    def _on_paused(self, final_step: int, progress: dict[str, Any]) -> RunOutcome:
+        self._finish(
+            JobStatus.PAUSED,
+            [EventRecord(f"Job paused at step {final_step}; resume continues from its checkpoint.")],
+            progress=progress,
+            pause_requested_at=None,
+            attempt=Job.attempt - 1,  # a pause is not a failed attempt (max_attempts)
+        )
+        return RunOutcome.PAUSED
+
+    def _on_succeeded(self, message: dict[str, Any], progress: dict[str, Any]) -> RunOutcome:
+        artifacts = self._upload_artifacts(message)
+        result_file = self._upload_metrics_csv(message.get("metrics_csv"))
+        name = fine_tuned_model_name(self.plan.model, self.plan.project_name, self.plan.suffix, self.job_id)
+        events = [
+            EventRecord(
+                f"New fine-tuned model created: {name}", data={"metrics": message.get("metrics") or {}}
+            ),
+            EventRecord("The job has successfully completed."),
+        ]
+        with session_scope(self.ctx.sessions) as session:
+            self._write_pending(session)
+            if not jobstate.record_success(
+                session,
+                self.job_id,
+                self.ctx.owner,
+                artifacts=artifacts,
+                result_file=result_file,
+                events=events,
+                progress=progress,
+                fine_tuned_model=name,
+                trained_tokens=int(message.get("trained_tokens") or 0),
+                **self.params,
+            ):
+                raise LeaseLost
+        return RunOutcome.SUCCEEDED
+
+    def _upload_artifacts(self, message: dict[str, Any]) -> list[StoredArtifact]:
+        """The run's output directories as `.tar.gz` artifacts."""
+        artifacts = []
         for name, field_name in (
             ("adapter", "adapter_dir"),
             ("model", "model_dir"),
@@ -468,61 +440,26 @@ class JobRun:
                 archive = make_tarball(Path(source), self.work / "artifacts" / f"{name}.tar.gz")
                 key = f"jobs/{self.job_id}/artifacts/{name}.tar.gz"
                 size, digest = upload(self.store, key, archive)
-                artifacts.append((name, key, size, digest))
+                artifacts.append(StoredArtifact(name, key, size, digest, TARBALL))
                 archive.unlink()
-        result_file_id = None
-        csv_size = 0
-        if message.get("metrics_csv") and Path(message["metrics_csv"]).is_file():
-            result_file_id = new_file_id()
-            csv_size = self.store.put_file(storage_key_for(result_file_id), Path(message["metrics_csv"]))
-        name = fine_tuned_model_name(self.model, self.project_name, self.suffix, self.job_id)
-        with session_scope(self.ctx.sessions) as session:
-            self._write_pending(session)
-            if result_file_id is not None:
-                add_file(
-                    session,
-                    file_id=result_file_id,
-                    project_id=self.project_id,
-                    filename="step_metrics.csv",
-                    purpose=PURPOSE_RESULTS,
-                    size=csv_size,
-                    storage_key=storage_key_for(result_file_id),
-                    format="csv",
-                )
-            for art_name, key, size, digest in artifacts:
-                put_artifact(
-                    session,
-                    self.job_id,
-                    name=art_name,
-                    storage_key=key,
-                    size=size,
-                    sha256=digest,
-                    content_type=TARBALL,
-                )
-            if not jobstate.finish_run(
-                session,
-                self.job_id,
-                self.ctx.owner,
-                JobStatus.SUCCEEDED,
-                progress=progress,
-                fine_tuned_model=name,
-                trained_tokens=int(message.get("trained_tokens") or 0),
-                result_files=[result_file_id] if result_file_id else [],
-                **self.params,
-            ):
-                raise LeaseLost
-            final = message.get("metrics") or {}
-            jobstate.add_events(
-                session,
-                self.job_id,
-                [
-                    EventRecord(f"New fine-tuned model created: {name}", data={"metrics": final}),
-                    EventRecord("The job has successfully completed."),
-                ],
-            )
-        return "succeeded"
+        return artifacts
+
+    def _upload_metrics_csv(self, path: str | None) -> tuple[str, str, int] | None:
+        """The per-step metrics CSV as a results file: (file id, storage key, size)."""
+        if not path or not Path(path).is_file():
+            return None
+        file_id = new_file_id()
+        key = storage_key_for(file_id)
+        return file_id, key, self.store.put_file(key, Path(path))
 
     # --- reporting -----------------------------------------------------------------------------
+
+    def _finish(self, target: JobStatus, events: list[EventRecord], **values: Any) -> None:
+        """Writes what is pending, then running -> `target` with its events."""
+        with session_scope(self.ctx.sessions) as session:
+            self._write_pending(session)
+            if not jobstate.finish_run(session, self.job_id, self.ctx.owner, target, events, **values):
+                raise LeaseLost
 
     def _renew(self, session: Session) -> jobstate.LeaseState:
         state = jobstate.renew_lease(session, self.job_id, self.ctx.owner, self.settings.lease_seconds)
@@ -532,7 +469,7 @@ class JobRun:
 
     def _write_pending(self, session: Session) -> None:
         if self.pending:
-            jobstate.add_events(session, self.job_id, self.pending)
+            jobstate.append_events(session, self.job_id, self.pending)
             self.pending = []
         if self.progress_dirty:
             jobstate.update_running(
@@ -561,7 +498,7 @@ class JobRun:
         message: str,
         process: TrainingProcess | None = None,
         extra: list[EventRecord] | None = None,
-    ) -> str:
+    ) -> RunOutcome:
         events = list(extra or [])
         if process is not None:
             lines = process.last_log_lines(20)
@@ -575,12 +512,12 @@ class JobRun:
                 self._write_pending(session)
             except Exception:
                 self.pending = []
-            if jobstate.finish_run(
+            jobstate.finish_run(
                 session,
                 self.job_id,
                 self.ctx.owner,
                 JobStatus.FAILED,
+                events,
                 error={"code": code, "message": message, "param": None},
-            ):
-                jobstate.add_events(session, self.job_id, events)
-        return "failed"
+            )
+        return RunOutcome.FAILED

@@ -41,26 +41,16 @@ def reconcile(
                     ),
                     "param": None,
                 }
-                if jobstate.fail_unclaimed(session, job.id, [JobStatus.RUNNING], error):
-                    jobstate.add_events(
-                        session,
-                        job.id,
-                        [EventRecord(f"Fine-tuning job failed: {error['message']}", level="error")],
-                    )
+                failed = EventRecord(f"Fine-tuning job failed: {error['message']}", level="error")
+                if jobstate.fail_unclaimed(session, job.id, [JobStatus.RUNNING], error, [failed]):
                     done["failed"].append(job.id)
                 continue
-            if jobstate.requeue_expired(session, job.id, now):
-                jobstate.add_events(
-                    session,
-                    job.id,
-                    [
-                        EventRecord(
-                            f"The worker running attempt {job.attempt} was lost; the job is queued again "
-                            f"and resumes from {where} (attempt {job.attempt + 1} of {job.max_attempts}).",
-                            level="warn",
-                        )
-                    ],
-                )
+            lost = EventRecord(
+                f"The worker running attempt {job.attempt} was lost; the job is queued again "
+                f"and resumes from {where} (attempt {job.attempt + 1} of {job.max_attempts}).",
+                level="warn",
+            )
+            if jobstate.requeue_expired(session, job.id, now, [lost]):
                 to_send.append((job.id, job.queue))
                 done["requeued"].append(job.id)
         stale_before = now - timedelta(seconds=settings.queued_stale_seconds)

@@ -11,10 +11,9 @@ from typing import Any
 
 from tuneforge.db import session_scope
 from tuneforge.models.file import File
-from tuneforge.models.job import Job, JobStatus, change_status
+from tuneforge.models.job import EventRecord, Job, JobStatus, transition
 from tuneforge.models.spec import JobSpec
 from tuneforge.worker import jobstate
-from tuneforge.worker.jobstate import EventRecord
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +43,15 @@ def validate_job(job_id: str, ctx: Any) -> bool:
     with session_scope(ctx.sessions) as session:
         if problem is not None:
             failure = {"code": INVALID_FILE, "message": problem, "param": param}
-            if jobstate.fail_unclaimed(session, job_id, [JobStatus.VALIDATING_FILES], failure):
-                jobstate.add_events(
-                    session, job_id, [EventRecord(f"Validation failed: {problem}", level="error")]
-                )
+            failed = EventRecord(f"Validation failed: {problem}", level="error")
+            jobstate.fail_unclaimed(session, job_id, [JobStatus.VALIDATING_FILES], failure, [failed])
             return False
-        if change_status(session, job_id, JobStatus.QUEUED, sources=[JobStatus.VALIDATING_FILES]):
-            events = [EventRecord(summary.pop("message"), data=summary)]
-            if summary.get("warnings"):
-                counts = ", ".join(f"{k}={v}" for k, v in summary["warnings"].items())
-                events.append(EventRecord(f"Data warnings (training continues): {counts}", level="warn"))
-            events.append(EventRecord("Job queued."))
-            jobstate.add_events(session, job_id, events)
+        events = [EventRecord(summary.pop("message"), data=summary)]
+        if summary.get("warnings"):
+            counts = ", ".join(f"{k}={v}" for k, v in summary["warnings"].items())
+            events.append(EventRecord(f"Data warnings (training continues): {counts}", level="warn"))
+        events.append(EventRecord("Job queued."))
+        transition(session, job_id, JobStatus.QUEUED, sources=[JobStatus.VALIDATING_FILES], events=events)
     return True
 
 

@@ -74,13 +74,13 @@ async def retrieve_job(fine_tuning_job_id: JobId, caller: ProjectDep, request: R
 @router.post("/{fine_tuning_job_id}/cancel", summary="Cancel a job")
 def cancel_job(job: JobDep, session: SessionDep) -> JSONResponse:
     """A job that has not started stops at once; a running one stops at its next step."""
-    return JSONResponse(job_object(jobs.cancel_job(session, job)))
+    return JSONResponse(job_object(job_service.cancel_job(session, job)))
 
 
 @router.post("/{fine_tuning_job_id}/pause", summary="Pause a job")
 def pause_job(job: JobDep, session: SessionDep) -> JSONResponse:
     """A queued job pauses at once; a running one checkpoints, then pauses."""
-    return JSONResponse(job_object(jobs.pause_job(session, job)))
+    return JSONResponse(job_object(job_service.pause_job(session, job)))
 
 
 @router.post("/{fine_tuning_job_id}/resume", summary="Resume a paused job")
