@@ -36,10 +36,6 @@ def new_file_id() -> str:
     return new_id("file-")
 
 
-def storage_key_for(file_id: str) -> str:
-    return f"files/{file_id}"
-
-
 def add_file(
     session: Session,
     *,

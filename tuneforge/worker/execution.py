@@ -27,9 +27,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from tuneforge.config import Settings
 from tuneforge.db import make_engine, make_sessionmaker, session_scope, utcnow
 from tuneforge.models.checkpoint import new_checkpoint_id
-from tuneforge.models.file import new_file_id, storage_key_for
+from tuneforge.models.file import new_file_id
 from tuneforge.models.job import Job, JobStatus
 from tuneforge.storage import ObjectStore, open_store
+from tuneforge.storage.keys import CheckpointKeys, artifact_key, file_key
 from tuneforge.worker import jobstate
 from tuneforge.worker.jobstate import EventRecord, RunPlan, StoredArtifact
 from tuneforge.worker.packaging import adapter_only, extract_tarball, make_tarball, upload
@@ -115,12 +116,6 @@ def fine_tuned_model_name(base: str, project: str, suffix: str | None, job_id: s
     safe_project = re.sub(r"[^a-z0-9_-]+", "-", project.lower()).strip("-") or "project"
     short = job_id.removeprefix("ftjob-")[-8:]
     return f"ft:{base}:{safe_project}:{suffix or ''}:{short}"
-
-
-def checkpoint_state_key(adapter_key: str) -> str:
-    """A checkpoint row's `storage_key` is its adapter archive (what the checkpoint download
-    endpoint serves); the full trainer state for resuming lies beside it."""
-    return adapter_key.rsplit("/", 1)[0] + "/state.tar.gz"
 
 
 def run_job(job_id: str, ctx: WorkerContext) -> RunOutcome:
@@ -219,7 +214,7 @@ class JobRun:
         resume_from = None
         if self.plan.resume is not None:
             archive = inputs / "resume.tar.gz"
-            self.store.download(checkpoint_state_key(self.plan.resume.storage_key), archive)
+            self.store.download(CheckpointKeys.parse(self.plan.resume.storage_key).state, archive)
             resume_from = extract_tarball(archive, inputs / f"checkpoint-{self.plan.resume.step}")
         out_dir = self.work / "out"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -355,19 +350,18 @@ class JobRun:
                 keep=self.settings.keep_checkpoints,
             )
         for old_key in pruned:
-            self.store.delete_prefix(old_key.rsplit("/", 1)[0] + "/")
+            self.store.delete_prefix(CheckpointKeys.parse(old_key).prefix)
         process.send({"op": "ack", "step": step})
 
     def _store_checkpoint(self, checkpoint_id: str, path: Path) -> str:
         """Uploads a checkpoint directory: the full trainer state, and the adapter alone beside it
         (what the checkpoint download serves). Returns the adapter's key."""
-        key = f"jobs/{self.job_id}/checkpoints/{checkpoint_id}"
+        keys = CheckpointKeys(self.job_id, checkpoint_id)
         tmp = self.work / "upload"
-        self.store.put_file(f"{key}/state.tar.gz", make_tarball(path, tmp / "state.tar.gz"))
-        key = f"{key}/adapter.tar.gz"  # the row points at the adapter; the state lies beside it
-        self.store.put_file(key, make_tarball(path, tmp / "adapter.tar.gz", adapter_only))
+        self.store.put_file(keys.state, make_tarball(path, tmp / "state.tar.gz"))
+        self.store.put_file(keys.adapter, make_tarball(path, tmp / "adapter.tar.gz", adapter_only))
         shutil.rmtree(tmp, ignore_errors=True)
-        return key
+        return keys.adapter
 
     def _on_result(self, message: dict[str, Any]) -> RunOutcome:
         stopped = message.get("stopped")
@@ -438,7 +432,7 @@ class JobRun:
             source = message.get(field_name)
             if source:
                 archive = make_tarball(Path(source), self.work / "artifacts" / f"{name}.tar.gz")
-                key = f"jobs/{self.job_id}/artifacts/{name}.tar.gz"
+                key = artifact_key(self.job_id, name)
                 size, digest = upload(self.store, key, archive)
                 artifacts.append(StoredArtifact(name, key, size, digest, TARBALL))
                 archive.unlink()
@@ -449,7 +443,7 @@ class JobRun:
         if not path or not Path(path).is_file():
             return None
         file_id = new_file_id()
-        key = storage_key_for(file_id)
+        key = file_key(file_id)
         return file_id, key, self.store.put_file(key, Path(path))
 
     # --- reporting -----------------------------------------------------------------------------
