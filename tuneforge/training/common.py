@@ -114,21 +114,50 @@ def _last_checkpoint(checkpoints_dir: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
+@dataclass(frozen=True)
+class RecipeRun:
+    """What a recipe hands to `train_and_save` besides its trainer: the method's name, the
+    tokenizer and device it set up, the effective hyperparameters, the data, and how batches
+    are formed (reported with the hyperparameters)."""
+
+    method: str
+    tokenizer: PreTrainedTokenizerBase
+    device: Device
+    hp: EffectiveHyperparameters
+    train_data: TrainingData
+    valid_data: TrainingData | None
+    batching: str
+
+
+@dataclass
+class _Report:
+    """What the run reports besides its metrics, gathered before training starts."""
+
+    trainable: int
+    total: int
+    warnings: Counter[str]
+    hyperparameters: dict[str, Any]
+    data: dict[str, Any]
+
+
 def train_and_save(
-    trainer: Trainer,
-    cfg: RecipeConfig,
-    observer: RunObserver | None,
-    *,
-    method: str,
-    tokenizer: PreTrainedTokenizerBase,
-    device: Device,
-    hp: EffectiveHyperparameters,
-    train_data: TrainingData,
-    valid_data: TrainingData | None,
-    batching: str,
+    trainer: Trainer, cfg: RecipeConfig, observer: RunObserver | None, run: RecipeRun
 ) -> Finished:
     """Trains (resuming if asked), then writes adapter/model/merged, the card and the RunResult."""
-    from transformers import EarlyStoppingCallback, PrinterCallback
+    report = _prepare(trainer, cfg, run)
+    callback = _attach_callbacks(trainer, cfg, observer, run, report)
+    output = trainer.train(resume_from_checkpoint=str(cfg.resume_from) if cfg.resume_from else None)
+    metrics = _final_metrics(trainer, run, callback, output.metrics)
+    result = _run_result(trainer, cfg, run, report, callback, metrics)
+    if callback.stopped is None:
+        _save_outputs(trainer, cfg, run, report, result)
+    return Finished(result, trainer.model, run.tokenizer)
+
+
+def _prepare(trainer: Trainer, cfg: RecipeConfig, run: RecipeRun) -> _Report:
+    """Quiets the trainer's printing, names the base model in saved configs, and gathers the
+    parameter counts, data warnings and effective hyperparameters."""
+    from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
     model: Any = trainer.model
@@ -136,65 +165,88 @@ def train_and_save(
     warnings.filterwarnings("ignore", message="Could not find a config file in")
     name_base_model(model, cfg.model_id)
     trainable, total = parameter_counts(model)
-    counted: Counter[str] = Counter(train_data.warnings)
-    if valid_data is not None:
-        counted.update({f"validation_{k}": v for k, v in valid_data.warnings.items()})
-    if cfg.hyperparameters.early_stopping_patience is not None and valid_data is None:
+    counted: Counter[str] = Counter(run.train_data.warnings)
+    data = {"train": run.train_data.stats.as_dict()}
+    if run.valid_data is not None:
+        counted.update({f"validation_{k}": v for k, v in run.valid_data.warnings.items()})
+        data["validation"] = run.valid_data.stats.as_dict()
+    if cfg.hyperparameters.early_stopping_patience is not None and run.valid_data is None:
         counted["early_stopping_without_validation_file"] += 1
-    effective = {**hp.as_dict(), "seed": cfg.effective_seed(), "batching": batching}
+    effective = {**run.hp.as_dict(), "seed": cfg.effective_seed(), "batching": run.batching}
+    return _Report(trainable, total, counted, effective, data)
+
+
+def _attach_callbacks(
+    trainer: Trainer, cfg: RecipeConfig, observer: RunObserver | None, run: RecipeRun, report: _Report
+) -> ObserverCallback:
+    """The observer bridge (with the metrics CSV) and early stopping when asked."""
+    from transformers import EarlyStoppingCallback
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_csv = MetricsCsv(cfg.out_dir / "metrics.csv")
     callback = ObserverCallback(
         observer or NullObserver(),
-        metrics_csv,
-        num_examples=train_data.stats.examples,
-        hyperparameters=effective,
-        trainable_params=trainable,
-        total_params=total,
+        MetricsCsv(cfg.out_dir / "metrics.csv"),
+        num_examples=run.train_data.stats.examples,
+        hyperparameters=report.hyperparameters,
+        trainable_params=report.trainable,
+        total_params=report.total,
         checkpoints_dir=cfg.checkpoints_dir,
     )
     trainer.add_callback(callback)
-    if hp.early_stopping_patience is not None:
-        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=hp.early_stopping_patience))
+    if run.hp.early_stopping_patience is not None:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=run.hp.early_stopping_patience))
+    return callback
 
-    output = trainer.train(resume_from_checkpoint=str(cfg.resume_from) if cfg.resume_from else None)
 
+def _final_metrics(
+    trainer: Trainer, run: RecipeRun, callback: ObserverCallback, train_metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """The last logged metrics, OpenAI's full_valid_* (the whole validation file on the final
+    weights, evaluated now if the last evaluation was earlier) and the mean training loss."""
     state = trainer.state
-    data_report = {"train": train_data.stats.as_dict()}
-    if valid_data is not None:
-        data_report["validation"] = valid_data.stats.as_dict()
-    if valid_data is not None and callback.stopped is None:
-        # OpenAI's full_valid_* metrics: the whole validation file on the final weights.
+    complete = run.valid_data is not None and callback.stopped is None
+    if complete:
         evaluated_at = [e["step"] for e in state.log_history if "eval_loss" in e]
         if not evaluated_at or evaluated_at[-1] != state.global_step:
             trainer.evaluate()
     metrics = {"step": state.global_step, **callback.final_metrics}
-    if valid_data is not None and callback.stopped is None:
+    if complete:
         metrics["full_valid_loss"] = metrics.get("valid_loss")
         metrics["full_valid_mean_token_accuracy"] = metrics.get("valid_mean_token_accuracy")
-    if "train_loss" in output.metrics and state.global_step > callback.start_step:
-        metrics["mean_train_loss"] = output.metrics["train_loss"]
-    adapter_report = cfg.adapter.model_dump(mode="json")
-    result = RunResult(
+    if "train_loss" in train_metrics and state.global_step > callback.start_step:
+        metrics["mean_train_loss"] = train_metrics["train_loss"]
+    return metrics
+
+
+def _run_result(
+    trainer: Trainer,
+    cfg: RecipeConfig,
+    run: RecipeRun,
+    report: _Report,
+    callback: ObserverCallback,
+    metrics: dict[str, Any],
+) -> RunResult:
+    state = trainer.state
+    device = run.device
+    return RunResult(
         stopped=callback.stopped,
         final_step=state.global_step,
         total_steps=state.max_steps,
         trained_tokens=int(state.num_input_tokens_seen or 0),
         metrics=metrics,
-        metrics_csv=metrics_csv.path,
+        metrics_csv=callback.metrics_csv.path,
         last_checkpoint=_last_checkpoint(cfg.checkpoints_dir),
-        trainable_params=trainable,
-        total_params=total,
-        warnings=dict(counted),
+        trainable_params=report.trainable,
+        total_params=report.total,
+        warnings=dict(report.warnings),
         report={
-            "method": method,
+            "method": run.method,
             "model": cfg.model_id,
-            "adapter": adapter_report,
-            "hyperparameters": effective,
+            "adapter": cfg.adapter.model_dump(mode="json"),
+            "hyperparameters": report.hyperparameters,
             "rules": RULES,
-            "data": data_report,
-            "warnings": dict(counted),
+            "data": report.data,
+            "warnings": dict(report.warnings),
             "device": {
                 "cuda": device.cuda,
                 "dtype": device.dtype_name,
@@ -203,42 +255,48 @@ def train_and_save(
             "start_step": callback.start_step,
         },
     )
-    if callback.stopped is not None:
-        return Finished(result, model, tokenizer)
+
+
+def _save_outputs(
+    trainer: Trainer, cfg: RecipeConfig, run: RecipeRun, report: _Report, result: RunResult
+) -> None:
+    """Writes the trained adapter (or full model), merged when asked, each with its model card,
+    and records their directories in `result`."""
+    model: Any = trainer.model
 
     def card(kind: str) -> str:
         return model_card(
             model_id=cfg.model_id,
-            method=method,
-            adapter=adapter_report,
-            hyperparameters=effective,
-            data=data_report,
-            metrics=metrics,
-            warnings=dict(counted),
-            trainable_params=trainable,
-            total_params=total,
+            method=run.method,
+            adapter=cfg.adapter.model_dump(mode="json"),
+            hyperparameters=report.hyperparameters,
+            data=report.data,
+            metrics=result.metrics,
+            warnings=dict(report.warnings),
+            trainable_params=report.trainable,
+            total_params=report.total,
             kind=kind,
         )
 
     if cfg.adapter.type == "full":
         result.model_dir = save_full_model(
-            model, tokenizer, cfg.out_dir / "model", cfg.model_id, card("model")
+            model, run.tokenizer, cfg.out_dir / "model", cfg.model_id, card("model")
+        )
+        return
+    result.adapter_dir = save_adapter(
+        model, run.tokenizer, cfg.out_dir / "adapter", cfg.model_id, card("adapter")
+    )
+    if not cfg.export_merged:
+        return
+    if cfg.adapter.type in MERGEABLE:
+        result.merged_dir = save_merged(
+            result.adapter_dir,
+            cfg.model_dir,
+            run.tokenizer,
+            cfg.out_dir / "merged",
+            card("merged"),
+            run.device,
         )
     else:
-        result.adapter_dir = save_adapter(
-            model, tokenizer, cfg.out_dir / "adapter", cfg.model_id, card("adapter")
-        )
-        if cfg.export_merged:
-            if cfg.adapter.type in MERGEABLE:
-                result.merged_dir = save_merged(
-                    result.adapter_dir,
-                    cfg.model_dir,
-                    tokenizer,
-                    cfg.out_dir / "merged",
-                    card("merged"),
-                    device,
-                )
-            else:
-                result.warnings["merge_not_supported_for_adapter"] = 1
-                result.report["warnings"] = result.warnings
-    return Finished(result, model, tokenizer)
+        result.warnings["merge_not_supported_for_adapter"] = 1
+        result.report["warnings"] = result.warnings

@@ -10,6 +10,7 @@ from tuneforge.models.spec import DpoHyperparameters
 from tuneforge.training.common import (
     Finished,
     RecipeConfig,
+    RecipeRun,
     keep_adapter_in_float32_on_cpu,
     runtime_arguments,
     train_and_save,
@@ -85,11 +86,13 @@ def train(cfg: DpoConfig, observer: RunObserver | None = None) -> Finished:
         trainer,
         cfg,
         observer,
-        method="dpo",
-        tokenizer=tokenizer,
-        device=device,
-        hp=hp,
-        train_data=train_data,
-        valid_data=valid_data,
-        batching="padded",
+        RecipeRun(
+            method="dpo",
+            tokenizer=tokenizer,
+            device=device,
+            hp=hp,
+            train_data=train_data,
+            valid_data=valid_data,
+            batching="padded",
+        ),
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from tuneforge.training.common import (
     Finished,
     RecipeConfig,
+    RecipeRun,
     keep_adapter_in_float32_on_cpu,
     runtime_arguments,
     train_and_save,
@@ -77,11 +78,13 @@ def train(cfg: PretrainingConfig, observer: RunObserver | None = None) -> Finish
         trainer,
         cfg,
         observer,
-        method="pretraining",
-        tokenizer=tokenizer,
-        device=device,
-        hp=hp,
-        train_data=train_data,
-        valid_data=valid_data,
-        batching=f"packing ({cfg.packing_strategy})",
+        RecipeRun(
+            method="pretraining",
+            tokenizer=tokenizer,
+            device=device,
+            hp=hp,
+            train_data=train_data,
+            valid_data=valid_data,
+            batching=f"packing ({cfg.packing_strategy})",
+        ),
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from tuneforge.training.common import (
     Finished,
     RecipeConfig,
+    RecipeRun,
     keep_adapter_in_float32_on_cpu,
     runtime_arguments,
     train_and_save,
@@ -93,11 +94,13 @@ def train(cfg: SupervisedConfig, observer: RunObserver | None = None) -> Finishe
         trainer,
         cfg,
         observer,
-        method="supervised",
-        tokenizer=tokenizer,
-        device=device,
-        hp=hp,
-        train_data=train_data,
-        valid_data=valid_data,
-        batching=batching,
+        RecipeRun(
+            method="supervised",
+            tokenizer=tokenizer,
+            device=device,
+            hp=hp,
+            train_data=train_data,
+            valid_data=valid_data,
+            batching=batching,
+        ),
     )
