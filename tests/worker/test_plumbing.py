@@ -165,32 +165,45 @@ def test_a_dead_spare_training_process_does_not_cost_the_job(
 def test_worker_killed_mid_run_resumes_on_a_new_worker(
     services: Services, worker: object, send, qa_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL a few steps after a checkpoint: the next attempt resumes from that checkpoint and
+    trains those steps again, but the job's events keep one metrics point per step and its
+    progress never goes back."""
     beat = services.beat()
     try:
-        job_id = seed_job(services, qa_path, max_steps=20, save_every=4)
+        job_id = seed_job(services, qa_path, max_steps=20, save_every=6)
         send(job_id)
-        wait_for(
-            lambda: len(checkpoints(services, job_id)) >= 1 and len(metric_steps(services, job_id)) >= 6,
-            60,
-            "a checkpoint",
-            services,
-        )
+
+        def past_a_checkpoint() -> bool:
+            stored = checkpoints(services, job_id)
+            return bool(stored) and max(metric_steps(services, job_id)) >= stored[-1].step_number + 2
+
+        wait_for(past_a_checkpoint, 60, "steps logged after a checkpoint", services)
         services.stop(worker, signal.SIGKILL)  # type: ignore[arg-type]
         last = checkpoints(services, job_id)[-1].step_number
         before = metric_steps(services, job_id)
+        assert max(before) > last, (last, before)  # the next attempt repeats steps already logged
+        progress_seen = [get_job(services, job_id).progress["step"]]  # type: ignore[index]
+
+        def finished() -> str | None:
+            progress_seen.append((get_job(services, job_id).progress or {}).get("step"))
+            return _terminal(services, job_id)
+
         replacement = services.worker(extra_env={"STANDIN_STEP_SECONDS": "0.05"})
         try:
-            assert wait_for(lambda: _terminal(services, job_id), 90, "recovery", services) == "succeeded"
+            assert wait_for(finished, 90, "recovery", services) == "succeeded"
         finally:
             services.stop(replacement)
         job = get_job(services, job_id)
         assert job.attempt == 2
         steps = metric_steps(services, job_id)
-        after = steps[len(before) :]
-        assert after and min(after) > last, (last, before, after)
-        assert steps[-1] == 20
-        messages = " ".join(e.message for e in events(services, job_id))
-        assert "was lost" in messages
+        assert steps == list(range(1, 21)), (last, before, steps)
+        assert steps[: len(before)] == before
+        seen = [s for s in progress_seen if s is not None]
+        assert seen == sorted(seen), seen
+        assert job.progress and job.progress["step"] == 20
+        texts = [e.message for e in events(services, job_id)]
+        assert any("was lost" in t for t in texts)
+        assert f"Fine-tuning job started (attempt 2) from checkpoint at step {last}." in texts
     finally:
         services.stop(beat)
 

@@ -150,7 +150,7 @@ class JobRun:
         self.store = ctx.store
         self.plan = plan
         self.job_id = plan.job_id
-        self.resume_step = plan.resume.step if plan.resume else 0
+        self.logged_step = max(plan.logged_step, plan.resume.step if plan.resume else 0)
         self.work = self.settings.work_dir / plan.job_id / f"attempt-{plan.attempt}-{uuid.uuid4().hex[:6]}"
         self.pending: list[EventRecord] = []
         self.progress: dict[str, Any] | None = None
@@ -274,12 +274,14 @@ class JobRun:
     def _on_start(self, message: dict[str, Any]) -> None:
         total = int(message["total_steps"])
         start = int(message.get("start_step") or 0)
-        self.resume_step = max(self.resume_step, start)
+        self.logged_step = max(self.logged_step, start)
         self.params = {
             "trainable_params": int(message["trainable_params"]),
             "total_params": int(message["total_params"]),
         }
         self.progress = {"step": start, "total_steps": total, "epoch": 0.0, "eta_seconds": None}
+        if self.plan.logged_step > start:  # progress never goes back to an older checkpoint's step
+            self.progress = {**(self.plan.progress or {}), "total_steps": total, "eta_seconds": None}
         self.progress_dirty = True
         hp = message.get("hyperparameters") or {}
         text = f"Training started: {total} steps on {message['num_examples']} examples"
@@ -295,8 +297,8 @@ class JobRun:
 
     def _on_metrics(self, message: dict[str, Any]) -> None:
         step = int(message["step"])
-        if step <= self.resume_step:
-            return  # logged by an earlier attempt
+        if step <= self.logged_step:
+            return  # reported by an earlier attempt: one point per step
         total = int(message["total_steps"])
         now = time.monotonic()
         if self.first_metrics is None:

@@ -62,8 +62,14 @@ class RunPlan:
     train_key: str
     valid_key: str | None
     resume: ResumePoint | None
-    logged_step: int = 0
-    """The last step whose metrics an earlier attempt reported (they are not reported again)."""
+    progress: dict[str, Any] | None = None
+    """The job's progress as earlier attempts left it."""
+
+    @property
+    def logged_step(self) -> int:
+        """The last step whose metrics an earlier attempt reported: a run resumed from an older
+        checkpoint trains those steps again but does not report them again."""
+        return int((self.progress or {}).get("step") or 0)
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,7 @@ def claim_run(session: Session, job_id: str, owner: str, lease_seconds: float) -
         resume=ResumePoint(checkpoint.id, checkpoint.step_number, checkpoint.storage_key)
         if checkpoint
         else None,
-        logged_step=int((job.progress or {}).get("step") or 0),
+        progress=dict(job.progress) if job.progress else None,
     )
 
 
