@@ -28,6 +28,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     bindparam,
+    func,
     insert,
     select,
     update,
@@ -234,13 +235,22 @@ def list_jobs(
     of each pair (a SQL JSON comparison on both backends)."""
     stmt = select(Job).where(Job.project_id == project_id)
     for key, value in (metadata or {}).items():
-        stmt = stmt.where(Job.metadata_[key].as_string() == value)
+        stmt = stmt.where(_metadata_equals(session, key, value))
     if after is not None:
         stmt = stmt.where(
             (Job.created_at < after.created_at) | ((Job.created_at == after.created_at) & (Job.id < after.id))
         )
     stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     return list(session.scalars(stmt))
+
+
+def _metadata_equals(session: Session, key: str, value: str) -> ColumnElement[bool]:
+    """`metadata[key] == value`. SQLite's JSON paths cannot name a key holding a double quote
+    (`$."a"]"` is a path error), so there such a key is matched through json_each."""
+    if '"' in key and session.get_bind().dialect.name == "sqlite":
+        pairs = func.json_each(Job.metadata_).table_valued("key", "value")
+        return select(1).select_from(pairs).where(pairs.c.key == key, pairs.c.value == value).exists()
+    return Job.metadata_[key].as_string() == value
 
 
 def list_fine_tuned_models(session: Session, project_id: str) -> list[tuple[str, datetime]]:
