@@ -86,3 +86,9 @@ def test_line_length_limit_names_the_line() -> None:
             inspector.feed(b"y" * 30)
     assert refused.value.line == 3
     assert "longer than the limit of 100 bytes" in refused.value.reason
+
+
+def test_a_nul_quoted_from_the_file_is_escaped_in_the_message() -> None:
+    with pytest.raises(FormatError) as refused:
+        inspect_lines(['{"a\\u0000b": 1}'])
+    assert "\x00" not in str(refused.value) and "a\\u0000b" in refused.value.reason

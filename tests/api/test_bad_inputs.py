@@ -260,6 +260,16 @@ def test_nul_is_refused_in_every_field_and_id(
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     named = project.client.post("/v1/admin/projects", json={"name": "team\x00"}, headers=admin)
     assert _error(named, 400)["param"] == "name"
+    # A body sent without a Content-Type is read as JSON all the same.
+    untyped = json.dumps({"model": MODEL, "training_file": file_id, "suffix": "\x00"}).encode()
+    response = project.client.post("/v1/fine_tuning/jobs", content=untyped, headers=project.headers)
+    assert _error(response, 400)["param"] == "suffix"
+    # A JSON body too large to be a request is refused before it is held.
+    huge = json.dumps({"model": MODEL, "training_file": file_id, "suffix": "s" * (17 << 20)})
+    response = project.client.post(
+        "/v1/fine_tuning/jobs", content=huge, headers={**project.headers, "Content-Type": "application/json"}
+    )
+    assert _error(response, 413)["code"] == "request_too_large"
     assert _counts(app) == before, "a refused request left something behind"
 
     # A backslash followed by "u0000" is text, not NUL: stored and found by a metadata filter.

@@ -22,6 +22,8 @@ from tuneforge.api.errors import BadRequest, TuneforgeError
 
 NUL = "\x00"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# JSON bodies are small (a job spec, an estimate); a larger one is refused rather than held.
+MAX_JSON_BODY_BYTES = 16 << 20
 
 
 def _shown(name: str) -> str:
@@ -34,6 +36,15 @@ def _refusal(param: str | None, where: str) -> BadRequest:
         f"Invalid value for {named}: the {where} contains a NUL character (\\u0000), which is not allowed.",
         param=param,
         code="invalid_value",
+    )
+
+
+def _too_large() -> TuneforgeError:
+    return TuneforgeError(
+        f"The JSON body is larger than {MAX_JSON_BODY_BYTES} bytes.",
+        status_code=413,
+        type="invalid_request_error",
+        code="request_too_large",
     )
 
 
@@ -81,11 +92,12 @@ def _query_param(query_string: bytes) -> str | None:
     return None
 
 
-def _is_json(scope: Scope) -> bool:
+def _may_be_json(scope: Scope) -> bool:
+    """A JSON content type, or none at all (FastAPI then reads the body as JSON)."""
     for name, value in scope.get("headers", ()):
         if name == b"content-type":
             return b"json" in value.lower()
-    return False
+    return True
 
 
 class RejectNul:
@@ -108,8 +120,11 @@ class RejectNul:
             if param is not None:
                 await self._refuse(_refusal(param, "query parameter"), scope, receive, send)
                 return
-        if scope["method"] in _BODY_METHODS and _is_json(scope):
+        if scope["method"] in _BODY_METHODS and _may_be_json(scope):
             body = await self._read_body(receive)
+            if body is None:
+                await self._refuse(_too_large(), scope, receive, send)
+                return
             if b"\\u0000" in body and (field := self._nul_in_body(body)) is not None:
                 await self._refuse(_refusal(field or None, "JSON body"), scope, receive, send)
                 return
@@ -117,13 +132,19 @@ class RejectNul:
         await self.app(scope, receive, send)
 
     @staticmethod
-    async def _read_body(receive: Receive) -> bytes:
+    async def _read_body(receive: Receive) -> bytes | None:
+        """The whole body; None past MAX_JSON_BODY_BYTES."""
         chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
                 return b"".join(chunks)
-            chunks.append(message.get("body", b""))
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_JSON_BODY_BYTES:
+                return None
+            chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 

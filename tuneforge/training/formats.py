@@ -52,6 +52,7 @@ class FormatError(ValueError):
     """A line that does not parse or fits no format. `line` is 1-based."""
 
     def __init__(self, line: int, message: str) -> None:
+        message = message.replace("\x00", "\\u0000")  # it may quote the file; PostgreSQL text holds no NUL
         super().__init__(f"line {line}: {message}")
         self.line = line
         self.reason = message
