@@ -7,9 +7,9 @@ A -> B is an import of B executed when A is imported:
 - `import tuneforge.x.y` and `from tuneforge.x import y` (where `y` is a module) point at
   `tuneforge.x.y`; `from tuneforge.x import name` (where `name` is not a module) points at
   `tuneforge.x`. Relative imports are resolved the same way.
-- Only module-level statements count, including those inside module-level `if`/`try`/`with`
-  blocks. Imports inside a function or class body run later, on call, and are not edges; imports
-  under `if TYPE_CHECKING:` never run and are not edges either.
+- Only statements that run on import count: module level, including module-level `if`/`try`/
+  `with` blocks and class bodies. Imports inside a function run later, on call, and are not
+  edges; imports under `if TYPE_CHECKING:` never run and are not edges either.
 - The parent packages Python initialises on the way (`tuneforge`, `tuneforge.x`) are not edges:
   a package `__init__` that re-exports its children would otherwise close a loop with every child.
 """
@@ -49,7 +49,7 @@ def _module_level_imports(body: list[ast.stmt]) -> list[ast.Import | ast.ImportF
         elif isinstance(node, ast.Try):
             for block in (node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)):
                 found += _module_level_imports(block)
-        elif isinstance(node, ast.With):
+        elif isinstance(node, ast.With | ast.ClassDef):
             found += _module_level_imports(node.body)
     return found
 
