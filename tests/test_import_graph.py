@@ -54,14 +54,20 @@ def _module_level_imports(body: list[ast.stmt]) -> list[ast.Import | ast.ImportF
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the tuneforge modules it imports at module level."""
+def _all_imports(body: list[ast.stmt]) -> list[ast.Import | ast.ImportFrom]:
+    return [n for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Import | ast.ImportFrom)]
+
+
+def import_graph(on_import_only: bool = True) -> dict[str, set[str]]:
+    """Module -> the tuneforge modules it imports when imported (or anywhere, with
+    `on_import_only=False`)."""
+    collect = _module_level_imports if on_import_only else _all_imports
     paths = {_module_name(p): p for p in ROOT.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in paths.items():
         is_package = path.name == "__init__.py"
         edges: set[str] = set()
-        for node in _module_level_imports(ast.parse(path.read_text(), str(path)).body):
+        for node in collect(ast.parse(path.read_text(), str(path)).body):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             else:
@@ -127,3 +133,11 @@ def test_cycle_finder_finds_a_cycle() -> None:
 
 def test_no_import_cycles() -> None:
     assert find_cycles(import_graph()) == []
+
+
+def test_the_store_interface_imports_no_backend() -> None:
+    """Not even inside a function: backends import the interface, `tuneforge.storage` picks one."""
+    graph = import_graph(on_import_only=False)
+    backends = {"tuneforge.storage.filesystem", "tuneforge.storage.s3"}
+    assert not graph["tuneforge.storage.base"] & backends
+    assert "tuneforge.storage.base" in graph["tuneforge.storage.s3"]
