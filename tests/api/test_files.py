@@ -17,6 +17,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -397,3 +400,34 @@ def test_one_project_cannot_hold_every_upload(
         mine = live_server.sdk(project.key).files.create(file=("x.jsonl", data), purpose="fine-tune")
         assert mine.bytes == len(data)
     assert [f.id for f in project.openai.files.list()] == [mine.id]
+
+
+@settings_(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    boundary=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=0, max_size=80),
+    parts=st.lists(
+        st.tuples(
+            st.sampled_from(
+                ['name="file"; filename="a.jsonl"', 'name="purpose"', "", 'name="x"; filename*=x']
+            ),
+            st.binary(max_size=200),
+        ),
+        max_size=4,
+    ),
+    junk=st.binary(max_size=100),
+)
+def test_no_multipart_body_is_a_server_error(
+    project: ProjectCtx, boundary: str, parts: list[tuple[str, bytes]], junk: bytes
+) -> None:
+    body = b"".join(
+        f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n\r\n".encode() + data + b"\r\n"
+        for disposition, data in parts
+    )
+    body += junk + f"--{boundary}--\r\n".encode()
+    response = project.client.post(
+        "/v1/files",
+        content=body,
+        headers={**project.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert response.status_code < 500, response.text
+    assert set(response.json()) == {"error"} or response.status_code == 200
