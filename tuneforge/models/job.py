@@ -33,6 +33,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
@@ -121,7 +122,9 @@ class Job(Base):
     validation_file: Mapped[str | None] = mapped_column(String(64))
     suffix: Mapped[str | None] = mapped_column(String(64))
     seed: Mapped[int] = mapped_column(BigInteger)
-    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    metadata_: Mapped[dict[str, str] | None] = mapped_column(
+        "metadata", JSON().with_variant(JSONB(), "postgresql")
+    )
     queue: Mapped[str] = mapped_column(String(64), default=DEFAULT_QUEUE)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
