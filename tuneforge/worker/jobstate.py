@@ -64,6 +64,8 @@ class RunPlan:
     resume: ResumePoint | None
     progress: dict[str, Any] | None = None
     """The job's progress as earlier attempts left it."""
+    queue: str | None = None
+    """The broker queue the job is sent to (a hand-back sends it there again)."""
 
     @property
     def logged_step(self) -> int:
@@ -137,6 +139,7 @@ def claim_run(session: Session, job_id: str, owner: str, lease_seconds: float) -
         if checkpoint
         else None,
         progress=dict(job.progress) if job.progress else None,
+        queue=job.queue,
     )
 
 

@@ -11,8 +11,10 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from tuneforge.config import get_settings
 from tuneforge.worker.celery_app import RECONCILE_TASK, RUN_JOB_TASK, celery_app
+from tuneforge.worker.resilience import connect_worker_signals
 
 log = logging.getLogger(__name__)
+connect_worker_signals()  # on SIGTERM a running job checkpoints and goes back to its queue
 
 
 @worker_process_init.connect

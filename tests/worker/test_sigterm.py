@@ -1,0 +1,108 @@
+"""SIGTERM to a worker with a running job: the job checkpoints, is handed back to its queue (not a
+spent attempt) and the worker exits within its shutdown grace; another worker resumes the job
+from that checkpoint. Real worker processes, a private redis-server, the stand-in training
+callable."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import wait_for
+from tuneforge.db import make_engine, make_sessionmaker
+from tuneforge.worker.celery_app import RUN_JOB_TASK, make_celery
+
+from .helpers import checkpoints, events, get_job, metric_steps, seed_job, status
+from .procs import REPO, STANDIN, Services, training_processes
+
+pytestmark = pytest.mark.slow
+
+GRACE_SECONDS = 10
+TOTAL_STEPS = 120  # 30 s at the first worker's pace: far longer than the grace
+
+
+@pytest.fixture(scope="module")
+def shutdown_services(
+    pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+) -> Iterator[Services]:
+    tmp = tmp_path_factory.mktemp("sigterm")
+    env = {
+        "TUNEFORGE_DATA_DIR": str(tmp / "data"),
+        "TUNEFORGE_DATABASE_URL": pg_url,
+        "TUNEFORGE_BROKER_URL": redis_url,
+        "TUNEFORGE_STORAGE_URL": f"file://{tmp / 'objects'}",
+        "TUNEFORGE_MODELS_DIR": str(models_dir),
+        "TUNEFORGE_LEASE_SECONDS": "10",
+        "TUNEFORGE_QUEUED_STALE_SECONDS": "300",  # no reconciler help: the hand-back re-sends the job
+        "TUNEFORGE_WORKER_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
+        "TUNEFORGE_TRAINING_RUNNER": STANDIN,
+        "PYTHONPATH": str(REPO),
+    }
+    engine = make_engine(pg_url, pool_size=2, max_overflow=2)
+    services = Services(env, tmp, engine, make_sessionmaker(engine))
+    yield services
+    services.stop_all()
+    engine.dispose()
+
+
+def _descendants(process: subprocess.Popen[bytes]) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_sigterm_hands_the_running_job_back_with_a_checkpoint(
+    shutdown_services: Services, qa_path: Path
+) -> None:
+    services = shutdown_services
+    first = services.worker(extra_env={"STANDIN_STEP_SECONDS": "0.25"})
+    job_id = seed_job(
+        services, qa_path, max_steps=TOTAL_STEPS, save_every=1000
+    )  # no checkpoint but the stop's
+    make_celery(services.settings()).send_task(RUN_JOB_TASK, args=[job_id], queue="gpu")
+    wait_for(lambda: len(metric_steps(services, job_id)) >= 4, 120, "training to start", services)
+    family = _descendants(first)
+
+    asked = time.monotonic()
+    os.kill(first.pid, signal.SIGTERM)  # the main process only, as an orchestrator does
+    try:
+        first.wait(timeout=GRACE_SECONDS + 40)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker did not exit after SIGTERM\n{services.logs()}")
+    took = time.monotonic() - asked
+    assert took < GRACE_SECONDS + 20, (took, services.logs())
+    assert not [pid for pid in family if pid in {p.pid for p in training_processes()}]
+
+    job = get_job(services, job_id)
+    assert job.status == "queued", (job.status, job.error, services.logs())
+    assert job.attempt == 0  # a hand-back is not a spent attempt
+    assert job.lease_owner is None and job.lease_expires_at is None
+    stops = checkpoints(services, job_id)
+    assert len(stops) == 1, stops
+    stopped_at = stops[0].step_number
+    assert 4 <= stopped_at < TOTAL_STEPS
+    assert job.progress and job.progress["step"] == stopped_at
+    texts = [e.message for e in events(services, job_id)]
+    assert any("handed back" in t and f"step {stopped_at}" in t for t in texts), texts
+
+    # The hand-back sent the job to its queue again: the next worker takes it without any help.
+    second = services.worker(extra_env={"STANDIN_STEP_SECONDS": "0.02"})
+    try:
+        assert wait_for(lambda: status(services, job_id) == "succeeded", 120, "the resumed run", services)
+    finally:
+        services.stop(second)
+    job = get_job(services, job_id)
+    assert job.attempt == 1
+    texts = [e.message for e in events(services, job_id)]
+    assert f"Fine-tuning job started (attempt 1) from checkpoint at step {stopped_at}." in texts, texts
+    steps = metric_steps(services, job_id)
+    assert steps == list(range(1, TOTAL_STEPS + 1)), steps
