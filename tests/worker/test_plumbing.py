@@ -4,6 +4,7 @@ so that these run in seconds. The real training runs in tests/e2e."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -208,7 +209,11 @@ def test_worker_killed_mid_run_resumes_on_a_new_worker(
         services.stop(beat)
 
 
-def test_child_crash_fails_with_error_and_log_lines(services: Services, send, qa_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_child_crash_fails_with_a_short_message_and_an_incident_in_the_worker_log(
+    services: Services, send, qa_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The tenant sees a code, the error's first line and an incident id; the traceback and the
+    training log's last lines are in the worker's log under that id, not in the job's events."""
     process = services.worker(extra_env={"STANDIN_CRASH_AT": "3"})
     try:
         job_id = seed_job(services, qa_path, max_steps=10, save_every=100)
@@ -218,7 +223,16 @@ def test_child_crash_fails_with_error_and_log_lines(services: Services, send, qa
         services.stop(process)
     job = get_job(services, job_id)
     assert job.error and job.error["code"] == "training_error"
-    assert "stand-in crashed at step 3" in job.error["message"]
-    texts = [e.message for e in events(services, job_id)]
-    assert any("Last lines of the training log" in t and "about to crash" in t for t in texts), texts
+    assert job.error["message"].startswith("RuntimeError: stand-in crashed at step 3 (incident inc-")
+    incident = re.search(r"incident (inc-[0-9a-f]+)", job.error["message"]).group(1)  # type: ignore[union-attr]
+    shown = [(e.message, e.data) for e in events(services, job_id)]
+    leaks = ("Traceback", "about to crash", str(services.tmp), "tests/worker/standin.py", "site-packages")
+    assert not any(leak in str(item) for item in shown for leak in leaks), shown
+    started = next(data for text, data in shown if text.startswith("Training started"))
+    assert started and "worker" not in started and "training_pid" not in started
+    failed = [data for text, data in shown if text.startswith("Fine-tuning job failed")]
+    assert failed == [{"code": "training_error", "incident": incident}]
+    worker_log = "".join(path.read_text(errors="replace") for path in services.tmp.glob("worker-*.log"))
+    at = worker_log.index(f"incident {incident}")
+    assert "Traceback" in worker_log[at:] and "about to crash" in worker_log[at:]
     assert job.status == JobStatus.FAILED

@@ -171,7 +171,11 @@ def _result_dict(result: RunResult) -> dict[str, Any]:
 
 
 def _error_code(error: BaseException) -> str:
+    from tuneforge.worker.incidents import DISK_FULL, is_disk_full
+
     text = f"{type(error).__name__} {error}".lower()
+    if is_disk_full(error):
+        return DISK_FULL
     if type(error).__name__ == "DataError":  # tuneforge.training.data: the file cannot be trained on
         return "invalid_training_file"
     if "out of memory" in text or isinstance(error, MemoryError):

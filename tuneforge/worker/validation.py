@@ -1,11 +1,13 @@
 """The deep checks of `validating_files`: the files read with the training readers and measured
 with the base model's real tokenizer. A failure ends the job in `failed` with
-`error.code = "invalid_training_file"` and a message naming the file and the problem."""
+`error.code = "invalid_training_file"` and a message naming the file and the problem; an error of
+the worker's own (`internal_error`, or `disk_full`) names an incident in the worker's log."""
 
 from __future__ import annotations
 
 import logging
 import shutil
+import traceback
 import uuid
 from typing import Any
 
@@ -13,7 +15,7 @@ from tuneforge.db import session_scope
 from tuneforge.models.file import File
 from tuneforge.models.job import EventRecord, Job, JobStatus, transition
 from tuneforge.models.spec import JobSpec
-from tuneforge.worker import jobstate
+from tuneforge.worker import incidents, jobstate
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +35,19 @@ def validate_job(job_id: str, ctx: Any) -> bool:
             files["validation_file"] = session.get(File, job.validation_file)
         keys = {param: (f.storage_key, f.filename, f.id) for param, f in files.items() if f is not None}
     work = ctx.settings.work_dir / job_id / f"validate-{uuid.uuid4().hex[:6]}"
+    code = INVALID_FILE
     try:
         problem, param, summary = _check(spec, keys, ctx, work)
-    except Exception as error:  # a tokenizer that does not load, a store that fails
-        log.exception("job %s: validation error", job_id)
-        problem, param, summary = f"could not validate the files: {type(error).__name__}: {error}", None, {}
+    except Exception as error:  # a tokenizer that does not load, a store that fails, a full disk
+        code = incidents.DISK_FULL if incidents.is_disk_full(error) else incidents.INTERNAL_ERROR
+        found = incidents.report(job_id, code, f"validation: {error!r}", detail=traceback.format_exc())
+        problem, param, summary = f"could not validate the files: {found.message}", None, {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     with session_scope(ctx.sessions) as session:
         if problem is not None:
-            failure = {"code": INVALID_FILE, "message": problem, "param": param}
-            failed = EventRecord(f"Validation failed: {problem}", level="error")
+            failure = {"code": code, "message": problem, "param": param}
+            failed = EventRecord(f"Validation failed: {problem}", level="error", data={"code": code})
             jobstate.fail_unclaimed(session, job_id, [JobStatus.VALIDATING_FILES], failure, [failed])
             return False
         events = [EventRecord(summary.pop("message"), data=summary)]
