@@ -389,6 +389,7 @@ def test_one_project_cannot_hold_every_upload(
                 live_server.sdk(project.key).files.create(file=("x.jsonl", data), purpose="fine-tune")
             assert refused.value.code == "rate_limit_exceeded"
             assert refused.value.type == "requests"
+            assert refused.value.response.headers["retry-after"] == "1"
             other = live_server.sdk(other_project.key).files.create(
                 file=("x.jsonl", data), purpose="fine-tune"
             )

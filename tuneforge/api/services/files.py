@@ -56,10 +56,12 @@ _FILENAME_STAR = re.compile(r"filename\*\s*=\s*(?:UTF-8|utf-8)''([^;\s]+)")
 
 
 class TooManyUploads(TuneforgeError):
-    """OpenAI's rate-limit error: the project already runs as many uploads as it may."""
+    """OpenAI's rate-limit error: the project already runs as many uploads as it may. A slot frees
+    when one of them ends, so the SDK may retry after a moment."""
 
     status_code = 429
     type = "requests"
+    headers = {"retry-after": "1", "x-should-retry": "true"}
 
     def __init__(self, message: str, **kwargs: Any) -> None:
         kwargs.setdefault("code", "rate_limit_exceeded")
