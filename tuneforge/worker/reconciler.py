@@ -7,59 +7,99 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from tuneforge.config import Settings
 from tuneforge.db import session_scope, utcnow
 from tuneforge.models.checkpoint import latest_checkpoint
-from tuneforge.models.job import JobStatus
+from tuneforge.models.job import Job, JobStatus
 from tuneforge.worker import jobstate
 from tuneforge.worker.jobstate import EventRecord
 
 log = logging.getLogger(__name__)
 
 
+Examined = tuple[str, str | None] | None
+"""What examining one job did: (what, the queue to send it to or None), or None for nothing."""
+
+
 def reconcile(
     settings: Settings, sessions: sessionmaker[Session], send: Callable[[str, str], None]
 ) -> dict[str, list[str]]:
-    """One pass. `send(job_id, queue)` enqueues a run task. Returns the job ids acted on."""
+    """One pass. `send(job_id, queue)` enqueues a run task. Returns the job ids acted on, and
+    those that went wrong: one job can never stop the pass. Each job is examined in a
+    transaction of its own (one that raises is logged, listed under `errors` and left for the
+    next pass); each send is tried on its own (one that fails is logged and listed under
+    `send_failed`; the job waits in the database and a later pass sends it again)."""
     now = utcnow()
-    done: dict[str, list[str]] = {"requeued": [], "resent": [], "failed": []}
-    to_send: list[tuple[str, str]] = []
+    done: dict[str, list[str]] = {"requeued": [], "resent": [], "failed": [], "errors": [], "send_failed": []}
     with session_scope(sessions) as session:
-        for job in jobstate.expired_running_jobs(session, now):
-            checkpoint = latest_checkpoint(session, job.id)
-            where = f"step {checkpoint.step_number}" if checkpoint else "the start"
-            if job.attempt >= job.max_attempts:
-                error = {
-                    "code": "max_attempts_exceeded",
-                    "message": (
-                        f"the job's worker was lost {job.attempt} times (max_attempts={job.max_attempts}); "
-                        "the job is not retried again"
-                    ),
-                    "param": None,
-                }
-                failed = EventRecord(f"Fine-tuning job failed: {error['message']}", level="error")
-                if jobstate.fail_unclaimed(session, job.id, [JobStatus.RUNNING], error, [failed]):
-                    done["failed"].append(job.id)
-                continue
-            lost = EventRecord(
-                f"The worker running attempt {job.attempt} was lost; the job is queued again "
-                f"and resumes from {where} (attempt {job.attempt + 1} of {job.max_attempts}).",
-                level="warn",
-            )
-            if jobstate.requeue_expired(session, job.id, now, [lost]):
-                to_send.append((job.id, job.queue))
-                done["requeued"].append(job.id)
+        expired = [job.id for job in jobstate.expired_running_jobs(session, now)]
         stale_before = now - timedelta(seconds=settings.queued_stale_seconds)
-        for job in jobstate.stale_waiting_jobs(session, stale_before):
-            if jobstate.touch(session, job.id, job.status, now):
-                to_send.append((job.id, job.queue))
-                done["resent"].append(job.id)
+        stale = [job.id for job in jobstate.stale_waiting_jobs(session, stale_before)]
+    to_send: list[tuple[str, str]] = []
+    for job_id, examine in [*((j, _take_back) for j in expired), *((j, _resend) for j in stale)]:
+        try:
+            with session_scope(sessions) as session:
+                outcome = examine(session, job_id, now)
+        except Exception:
+            log.exception("reconciler: examining job %s failed; the next pass looks again", job_id)
+            done["errors"].append(job_id)
+            continue
+        if outcome is not None:
+            what, queue = outcome
+            done[what].append(job_id)
+            if queue is not None:
+                to_send.append((job_id, queue))
     for job_id, queue in to_send:  # after the commit that makes the state visible
-        send(job_id, queue)
+        try:
+            send(job_id, queue)
+        except Exception:
+            log.exception(
+                "reconciler: sending job %s to queue %r failed; a later pass sends it again", job_id, queue
+            )
+            done["send_failed"].append(job_id)
     if any(done.values()):
         log.info("reconciler: %s", done)
     return done
+
+
+def _take_back(session: Session, job_id: str, now: datetime) -> Examined:
+    """A running job whose lease ran out: queued again to resume from its last checkpoint, or
+    failed once it has used all its attempts."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    if job.attempt >= job.max_attempts:
+        error = {
+            "code": "max_attempts_exceeded",
+            "message": (
+                f"the job's worker was lost {job.attempt} times (max_attempts={job.max_attempts}); "
+                "the job is not retried again"
+            ),
+            "param": None,
+        }
+        failed = EventRecord(f"Fine-tuning job failed: {error['message']}", level="error")
+        if jobstate.fail_unclaimed(session, job.id, [JobStatus.RUNNING], error, [failed]):
+            return "failed", None
+        return None
+    checkpoint = latest_checkpoint(session, job.id)
+    where = f"step {checkpoint.step_number}" if checkpoint else "the start"
+    lost = EventRecord(
+        f"The worker running attempt {job.attempt} was lost; the job is queued again "
+        f"and resumes from {where} (attempt {job.attempt + 1} of {job.max_attempts}).",
+        level="warn",
+    )
+    if jobstate.requeue_expired(session, job.id, now, [lost]):
+        return "requeued", job.queue
+    return None
+
+
+def _resend(session: Session, job_id: str, now: datetime) -> Examined:
+    """A waiting job untouched for a while: its message may be lost, so it is sent again."""
+    job = session.get(Job, job_id)
+    if job is not None and jobstate.touch(session, job.id, job.status, now):
+        return "resent", job.queue
+    return None
