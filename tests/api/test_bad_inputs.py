@@ -4,6 +4,7 @@ or line, and nothing half-written (no job, no file row, no stored object)."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -329,3 +330,35 @@ def test_integrations_are_bounded(project: ProjectCtx, app: FastAPI, chat_jsonl:
     assert _counts(app) == before
     fine = [{"type": "wandb", "wandb": {"project": "p", "tags": ["a", "b"]}}]
     assert _job(project, file_id, integrations=fine).status_code == 200
+
+
+def test_nul_in_any_declared_parameter_or_body_is_a_400(project: ProjectCtx, app: FastAPI) -> None:
+    """Every operation of the OpenAPI spec, with a NUL in each path parameter, each query
+    parameter and its JSON body: a 400 naming the parameter, before any route runs."""
+    checked = 0
+    for template, operations in app.openapi()["paths"].items():
+        names = re.findall(r"{(\w+)}", template)
+        for method, operation in operations.items():
+            plain = re.sub(r"{\w+}", "x", template)
+            for name in names:
+                url = re.sub(
+                    r"{\w+}", lambda m, name=name: "x%00" if m.group(0) == f"{{{name}}}" else "x", template
+                )
+                response = project.client.request(method.upper(), url, headers=project.headers)
+                assert _error(response, 400)["param"] == name, (method, url)
+                checked += 1
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] != "query":
+                    continue
+                response = project.client.request(
+                    method.upper(), plain, params={parameter["name"]: "a\x00"}, headers=project.headers
+                )
+                assert _error(response, 400)["param"] == parameter["name"], (method, plain)
+                checked += 1
+            if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                response = project.client.request(
+                    method.upper(), plain, json={"name": "a\x00", "model": "m"}, headers=project.headers
+                )
+                assert _error(response, 400)["param"] == "name", (method, plain)
+                checked += 1
+    assert checked >= 25
