@@ -47,9 +47,11 @@ class StorageQuotaExceeded(PayloadTooLarge):
 
 
 def lock_project(session: Session, project_id: str) -> None:
-    """Serialises quota checks of one project until the transaction ends."""
+    """Serialises quota checks of one project until the transaction ends. On PostgreSQL a
+    `FOR NO KEY UPDATE` row lock: two quota checks wait for each other, while inserts that only
+    reference the project (their foreign-key check takes `KEY SHARE`) go on."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(Project.id).where(Project.id == project_id).with_for_update())
+        session.execute(select(Project.id).where(Project.id == project_id).with_for_update(key_share=True))
     else:
         session.execute(
             update(Project)
