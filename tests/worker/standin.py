@@ -28,6 +28,10 @@ def standin_training(spec: JobSpec, paths: RunPaths, observer: RunObserver) -> R
         if step == int(os.environ.get("STANDIN_CRASH_AT", "0")):
             print("about to crash", flush=True)
             raise RuntimeError(f"stand-in crashed at step {step}")
+        if step == int(os.environ.get("STANDIN_DIVERGE_AT", "0")):
+            from tuneforge.training.callbacks import check_finite
+
+            check_finite(step, {"loss": 0.0, "grad_norm": float("nan")})
         loss = 2.0 / step
         rows.append((step, loss))
         observer.on_metrics(StepMetrics(step, total, step / total, train_loss=loss, tokens_seen=step * 10))

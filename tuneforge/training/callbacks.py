@@ -28,6 +28,27 @@ CSV_COLUMNS = [
 ]
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss or the gradient norm is no longer a finite number: the run diverged
+    (too high a learning rate or adapter alpha, an overflow in low precision) and nothing it
+    trains from here on means anything."""
+
+
+def check_finite(step: int, logs: dict[str, Any]) -> None:
+    """Raises NonFiniteLoss when a step's logged loss or gradient norm is NaN or infinite."""
+    bad = {}
+    for name in ("loss", "grad_norm"):
+        value = logs.get(name)
+        if value is not None and not math.isfinite(float(value)):
+            bad[name] = float(value)
+    if bad:
+        found = ", ".join(f"{name}={value}" for name, value in bad.items())
+        raise NonFiniteLoss(
+            f"training diverged at step {step} ({found}); "
+            "lower the learning rate or the adapter's alpha, or check the data"
+        )
+
+
 class NullObserver:
     """An observer that listens to nothing and never asks to stop (the by-hand entry point)."""
 
@@ -166,6 +187,7 @@ class ObserverCallback(TrainerCallback):
     ) -> None:
         if not logs or "train_loss" in logs:  # the end-of-training summary, not a step
             return
+        check_finite(state.global_step, logs)
         tokens = int(state.num_input_tokens_seen or 0)
         self.metrics_csv.add({**logs, "step": state.global_step}, tokens_seen=tokens)
         started, tokens_at_start = self._clock

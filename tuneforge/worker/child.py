@@ -176,6 +176,8 @@ def _error_code(error: BaseException) -> str:
     text = f"{type(error).__name__} {error}".lower()
     if is_disk_full(error):
         return DISK_FULL
+    if type(error).__name__ == "NonFiniteLoss":  # tuneforge.training.callbacks: the run diverged
+        return "non_finite_loss"
     if type(error).__name__ == "DataError":  # tuneforge.training.data: the file cannot be trained on
         return "invalid_training_file"
     if "out of memory" in text or isinstance(error, MemoryError):
