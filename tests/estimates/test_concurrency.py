@@ -151,8 +151,9 @@ def test_a_build_past_its_budget_is_a_400(client: TestClient) -> None:
         with pytest.raises(skeleton.BuildTimeout) as caught:
             shape({**LLAMA_31_8B, "num_hidden_layers": 200}, "model_config", 0.05)
         assert caught.value.param == "model_config"
-        with pytest.raises(skeleton.BuildTimeout):  # remembered: asking again costs no build
-            shape({**LLAMA_31_8B, "num_hidden_layers": 200}, "model_config", 0.05)
+        assert (
+            skeleton.model_shape({**LLAMA_31_8B, "num_hidden_layers": 2}, "model_config", 60).num_layers == 2
+        )
     finally:
         skeleton.clear_cache()
 
@@ -201,3 +202,24 @@ def test_infinite_n_tokens_is_a_400(client: TestClient) -> None:
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "n_tokens"
+
+
+def test_an_estimate_past_the_services_budget_is_a_400(client: TestClient) -> None:
+    """The budget covers every build one estimate makes (the skeleton, the adapter, the advisor's
+    variants); the next request gets a budget of its own."""
+    from tuneforge.api.app import create_app
+
+    settings = client.app.state.settings.model_copy(update={"estimate_build_seconds": 0.01})  # type: ignore[attr-defined]
+    app = create_app(settings)
+    body = {"model_config": {**LLAMA_31_8B, "num_hidden_layers": 40}, "hardware": {"gpu": "l4"}}
+    try:
+        with TestClient(app, raise_server_exceptions=False) as tight:
+            for _ in range(2):
+                response = tight.post("/v1/fine_tuning/estimates", json=body, headers=AUTH)
+                assert response.status_code == 400, response.text
+                assert response.json()["error"]["param"] == "model_config"
+                assert "budget" in response.json()["error"]["message"]
+        assert client.post("/v1/fine_tuning/estimates", json=body, headers=AUTH).status_code == 200
+    finally:
+        app.state.engine.dispose()
+        skeleton.clear_cache()

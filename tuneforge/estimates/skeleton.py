@@ -212,13 +212,18 @@ def _install_budget_hook() -> None:
 
 @contextmanager
 def time_budget(seconds: float | None, param: str) -> Iterator[None]:
-    """Stops a build in this thread once it has run `seconds` (None or 0: no limit)."""
+    """Stops builds in this thread once they have run `seconds` (None or 0: no limit). Nested
+    budgets keep the earlier deadline: an estimate's budget covers every build it makes."""
     if not seconds:
         yield
         return
     _install_budget_hook()
-    previous = getattr(_budget, "current", None)
-    _budget.current = _Budget(time.monotonic() + seconds, seconds, param)
+    previous: _Budget | None = getattr(_budget, "current", None)
+    deadline = time.monotonic() + seconds
+    if previous is not None and previous.deadline <= deadline:
+        yield
+        return
+    _budget.current = _Budget(deadline, seconds, param)
     try:
         yield
     finally:
@@ -241,8 +246,9 @@ class _Flight(Generic[V]):
 class SingleFlightCache(Generic[K, V]):
     """An LRU cache whose misses are built once per key at a time: a caller asking for a key that
     is being built waits for that build; callers asking for other keys go on. Bad input
-    (`EstimateError`, time budget included) is remembered like a result, so asking again with the
-    same config costs a lookup, not another build. The lock is held only for dictionary work."""
+    (`EstimateError`) is remembered like a result, so asking again with the same config costs a
+    lookup, not another build; a build that ran out of time is not (the next request has its own
+    budget). The lock is held only for dictionary work."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
@@ -272,7 +278,10 @@ class SingleFlightCache(Generic[K, V]):
         finally:
             with self._lock:
                 del self._running[key]
-                if flight.value is not None or flight.error is not None:
+                # A timeout depends on the budget left to the request that built, not on the key.
+                if flight.value is not None or (
+                    flight.error is not None and not isinstance(flight.error, BuildTimeout)
+                ):
                     self._done[key] = (flight.value, flight.error)
                     while len(self._done) > self.maxsize:
                         self._done.popitem(last=False)
@@ -445,7 +454,7 @@ _adapter_counts: SingleFlightCache[tuple[str, str, str], AdapterCounts] = Single
 DEFAULT_BUILD_SECONDS = 15.0
 
 
-def _import_stack() -> None:
+def import_stack() -> None:
     """torch, transformers and PEFT, imported before a build's clock starts."""
     import peft  # noqa: F401
     import torch  # noqa: F401
@@ -454,7 +463,7 @@ def _import_stack() -> None:
 
 def _shape(key: str, param: str, seconds: float | None) -> tuple[ModelShape, Any]:
     def build() -> tuple[ModelShape, Any]:
-        _import_stack()
+        import_stack()
         with time_budget(seconds, param):
             return _build_shape(key, param)
 
