@@ -35,9 +35,24 @@ def _worker(args: argparse.Namespace) -> int:
     import os
 
     from tuneforge.worker.celery_app import celery_app
+    from tuneforge.worker.dispatch import allowed_queues, is_reserved
 
     settings = get_settings()
     queues = args.queues or settings.default_queue
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    if reserved := [q for q in names if is_reserved(q)]:
+        print(
+            f"reserved queue name(s) {', '.join(reserved)}: a training worker cannot consume them",
+            file=sys.stderr,
+        )
+        return 2
+    if unused := sorted(set(names) - allowed_queues(settings)):
+        print(
+            f"warning: no job can name queue(s) {', '.join(unused)}; add them to TUNEFORGE_WORKER_CLASSES "
+            "or TUNEFORGE_JOB_QUEUES",
+            file=sys.stderr,
+        )
+    queues = ",".join(names)
     os.environ["TUNEFORGE_WORKER_QUEUES"] = queues
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     argv = ["worker", "--queues", queues, "--concurrency", str(args.concurrency), "--pool", "prefork"]

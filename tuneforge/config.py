@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     refuse_unfit_jobs: bool = Field(
         True, description="Refuse a job whose estimate fits no worker class (with worker_classes set)."
     )
+    job_queues: str = Field(
+        "",
+        description="More worker queues a job may name (comma-separated), besides default_queue and "
+        "the worker_classes queues; any other `queue` is a 400. Reserved names (control, celery*, "
+        "kombu's unacked*, _kombu*) are never accepted.",
+    )
     lease_seconds: float = Field(60.0, gt=0, description="A running job's lease; renewed while it runs.")
     max_attempts: int = Field(3, ge=1, description="Runs of a job (after lost workers) before it fails.")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept per job (the newest).")
@@ -104,6 +110,18 @@ class Settings(BaseSettings):
     )
     broker_visibility_timeout: int = Field(
         3600, ge=1, description="Redis: seconds before an unacknowledged task message is redelivered."
+    )
+    broker_key_prefix: str = Field(
+        "tuneforge:",
+        description="Redis: prefix of every key the broker writes (queues and kombu's own), so the "
+        "service's keys never mix with others' in a shared Redis database.",
+    )
+    worker_proc_alive_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a new worker pool process has to report up before Celery kills it and "
+        "starts another. Measured: about 1 s on a busy 2-core machine (the heavy warm-up runs after "
+        "the report); Celery's own default, 4 s, is too short under load.",
     )
     worker_shutdown_grace_seconds: float = Field(
         25.0,

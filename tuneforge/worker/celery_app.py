@@ -31,6 +31,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         sqla_transport.Transport.polling_interval = 0.25
     else:
         transport_options["visibility_timeout"] = settings.broker_visibility_timeout
+        if settings.broker_key_prefix and settings.celery_broker_url.startswith(("redis", "sentinel")):
+            transport_options["global_keyprefix"] = settings.broker_key_prefix
     app.conf.update(
         task_ignore_result=True,
         result_backend=None,
@@ -38,6 +40,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=1,
+        worker_proc_alive_timeout=settings.worker_proc_alive_timeout,
         task_default_queue=settings.default_queue,
         task_create_missing_queues=True,
         broker_transport_options=transport_options,

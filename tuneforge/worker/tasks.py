@@ -1,29 +1,99 @@
-"""Celery tasks. Each task process is fresh (`worker_max_tasks_per_child=1`) and, as soon as it
-starts, launches the training process of its future job so the imports are done by the time a
-job arrives."""
+"""Celery tasks. Each task process is fresh (`worker_max_tasks_per_child=1`) and, once it exists,
+launches the training process of its future job and imports the tokenizer stack so the imports
+are done by the time a job arrives.
+
+That warm-up runs in a background thread: Celery kills a pool process that has not reported up
+within `worker_proc_alive_timeout`, and on a busy machine the imports alone can take longer than
+that. A pool process reports up at once; a job that arrives during the warm-up waits for the
+rest of it (never longer than the old in-line warm-up took): it needs the spare training process,
+and importing the tokenizer stack from two threads at once is not safe (transformers' lazy
+modules fail with a partial-import ImportError).
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from tuneforge.config import get_settings
+from tuneforge.config import Settings, get_settings
 from tuneforge.worker.celery_app import RECONCILE_TASK, RUN_JOB_TASK, celery_app
 from tuneforge.worker.resilience import connect_worker_signals
 
 log = logging.getLogger(__name__)
 connect_worker_signals()  # on SIGTERM a running job checkpoints and goes back to its queue
 
+# How long a job waits for the warm-up before it goes on without it (starting its own training
+# process and importing what it needs itself).
+WARM_UP_WAIT_SECONDS = 300.0
+
+
+class WarmUp:
+    """The work a pool process does ahead of its job, off the thread that reports it up."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._spare_started = threading.Event()
+        self._done = threading.Event()
+
+    def start(self, settings: Settings) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(settings,), name="tuneforge-warm-up", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, settings: Settings) -> None:
+        started = time.monotonic()
+        try:
+            from tuneforge.worker.execution import prepare_training_process
+
+            prepare_training_process(settings)
+        except Exception:  # the job then starts its own training process
+            log.exception("could not start a spare training process")
+        finally:
+            self._spare_started.set()
+        try:
+            _import_validation_stack()
+        except Exception:  # the job imports it itself and reports what fails
+            log.exception("could not import the validation stack ahead of a job")
+        finally:
+            self._done.set()
+        log.info("warm-up done in %.1f s", time.monotonic() - started)
+
+    def wait_for_spare(self, timeout: float) -> None:
+        """Blocks until the spare training process has been started (or its start failed)."""
+        if self._thread is not None:
+            self._spare_started.wait(timeout)
+
+    def wait(self, timeout: float = WARM_UP_WAIT_SECONDS) -> None:
+        """Blocks until the warm-up is over (at once when there is none)."""
+        if self._thread is not None and not self._done.wait(timeout):
+            log.warning("warm-up not done after %.0f s; the job goes on without it", timeout)
+
+
+warm_up = WarmUp()
+
 
 @worker_process_init.connect
-def _start_warm_training_process(**_: Any) -> None:
-    from tuneforge.worker.execution import prepare_training_process
-
+def _start_warm_up(**_: Any) -> None:
     if _consumed_queues() != {"control"}:
-        prepare_training_process(get_settings())
-        _import_validation_stack()
+        _log_time_to_up()
+        warm_up.start(get_settings())
+
+
+def _log_time_to_up() -> None:
+    """How long this pool process took from fork to here (it reports up right after): the
+    measurement behind `worker_proc_alive_timeout`."""
+    try:
+        import psutil
+
+        since_fork = time.time() - psutil.Process().create_time()
+    except Exception:
+        return
+    log.info("pool process ready to report up %.2f s after it started", since_fork)
 
 
 def _import_validation_stack() -> None:
@@ -38,6 +108,7 @@ def _import_validation_stack() -> None:
 def _stop_warm_training_process(**_: Any) -> None:
     from tuneforge.worker.execution import release_training_process
 
+    warm_up.wait_for_spare(timeout=10)  # a spare being started now is released too
     release_training_process()
 
 
@@ -51,6 +122,7 @@ def _consumed_queues() -> set[str]:
 def run_job_task(job_id: str) -> str:
     from tuneforge.worker.execution import WorkerContext, run_job
 
+    warm_up.wait()
     outcome = run_job(job_id, WorkerContext.from_settings(get_settings()))
     log.info("job %s: %s", job_id, outcome)
     return outcome

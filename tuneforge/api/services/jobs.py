@@ -24,6 +24,7 @@ from tuneforge.models import job as jobs
 from tuneforge.models.spec import JobSpec
 from tuneforge.training.base_models import UnknownModel, find_base_model
 from tuneforge.training.formats import METHOD_FORMATS
+from tuneforge.worker.dispatch import UnknownQueue, check_queue
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,10 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
 
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
     spec = spec.model_copy(update={"seed": seed})
-    queue = spec.queue or settings.default_queue
+    try:
+        queue = check_queue(spec.queue, settings)
+    except UnknownQueue as exc:
+        raise BadRequest(str(exc), param="queue", code="invalid_queue") from None
     try:
         stats = FileStats(
             examples=training.examples, approx_tokens=training.approx_tokens, format=training.format
