@@ -106,3 +106,27 @@ def test_sigterm_hands_the_running_job_back_with_a_checkpoint(
     assert f"Fine-tuning job started (attempt 1) from checkpoint at step {stopped_at}." in texts, texts
     steps = metric_steps(services, job_id)
     assert steps == list(range(1, TOTAL_STEPS + 1)), steps
+
+
+def test_ctrl_c_to_the_whole_worker_hands_the_job_back_too(
+    shutdown_services: Services, qa_path: Path
+) -> None:
+    """Ctrl-C in a terminal interrupts every process of the worker, the training process too: the
+    job is handed back from its last checkpoint instead of failing with KeyboardInterrupt."""
+    services = shutdown_services
+    worker = services.worker(extra_env={"STANDIN_STEP_SECONDS": "0.25"})
+    job_id = seed_job(services, qa_path, max_steps=TOTAL_STEPS, save_every=3)
+    make_celery(services.settings()).send_task(RUN_JOB_TASK, args=[job_id], queue="gpu")
+    wait_for(lambda: checkpoints(services, job_id), 120, "a checkpoint", services)
+
+    asked = time.monotonic()
+    os.killpg(worker.pid, signal.SIGINT)  # the worker leads its own process group
+    try:
+        worker.wait(timeout=GRACE_SECONDS + 40)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker did not exit after Ctrl-C\n{services.logs()}")
+    assert time.monotonic() - asked < GRACE_SECONDS + 20, services.logs()
+    job = get_job(services, job_id)
+    assert job.status == "queued", (job.status, job.error, services.logs())
+    assert job.attempt == 0 and job.error is None
+    assert any("handed back" in e.message for e in events(services, job_id))

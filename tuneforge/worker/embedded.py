@@ -17,9 +17,12 @@ from tuneforge.config import Settings
 @dataclass
 class EmbeddedWorker:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    stop_timeout: float = 20.0
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """Warm shutdown (SIGTERM: the running task ends, its job is picked up again), then SIGKILL."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Warm shutdown (SIGTERM: a running job checkpoints and goes back to its queue), then
+        SIGKILL after `timeout` (default `stop_timeout`)."""
+        timeout = self.stop_timeout if timeout is None else timeout
         for process in self.processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -46,7 +49,7 @@ def start_embedded_worker(settings: Settings, log_dir: Path | None = None) -> Em
     log_dir = log_dir or settings.data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TUNEFORGE_DATA_DIR": str(settings.data_dir)}
-    worker = EmbeddedWorker()
+    worker = EmbeddedWorker(stop_timeout=settings.worker_shutdown_grace_seconds + 10)
     for name, args in (
         ("worker", ["worker", "--queues", settings.default_queue, "--concurrency", "1"]),
         ("beat", ["beat"]),

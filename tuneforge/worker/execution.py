@@ -4,6 +4,11 @@ The Celery task (tuneforge/worker/tasks.py) calls `run_job(job_id, context)`. Th
 imports torch for training: a fresh child process trains (tuneforge/worker/child.py) while this
 one renews the lease, turns the child's messages into batched events, uploads checkpoints and
 artifacts, and passes cancel and pause requests on as a cooperative stop flag.
+
+Faults around the run do not cost the job (tuneforge/worker/resilience.py): while the database is
+unreachable, events, progress and checkpoint rows are held in memory and training goes on; they
+are written when it answers again, unless the outage outlasts the lease. A worker asked to shut
+down checkpoints its job and hands it back to its queue within its grace period.
 """
 
 from __future__ import annotations
@@ -14,28 +19,41 @@ import os
 import queue
 import re
 import shutil
+import signal
 import socket
 import sys
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from tuneforge.config import Settings
 from tuneforge.db import make_engine, make_sessionmaker, session_scope, utcnow
+from tuneforge.estimates.ceilings import OverCeiling, check_ceilings
 from tuneforge.models.checkpoint import new_checkpoint_id
 from tuneforge.models.file import new_file_id
 from tuneforge.models.job import Job, JobStatus
+from tuneforge.models.spec import JobSpec
 from tuneforge.storage import ObjectStore, open_store
 from tuneforge.storage.keys import CheckpointKeys, artifact_key, file_key
-from tuneforge.worker import incidents, jobstate
+from tuneforge.worker import fairshare, incidents, jobstate, resilience
+from tuneforge.worker.dispatch import enqueue_job
 from tuneforge.worker.jobstate import EventRecord, RunPlan, StoredArtifact
 from tuneforge.worker.packaging import adapter_only, extract_tarball, make_tarball, upload
+from tuneforge.worker.resilience import (
+    LeaseClock,
+    Outage,
+    OutageOutlastedLease,
+    describe_error,
+    is_transient,
+    retry_transient,
+)
 from tuneforge.worker.supervisor import TrainingProcess, describe_exit
 
 log = logging.getLogger(__name__)
@@ -43,6 +61,12 @@ log = logging.getLogger(__name__)
 FLUSH_EVERY_S = 1.0
 READY_TIMEOUT_S = 600.0
 TARBALL = "application/gzip"
+# Of a shutdown's grace period, what the training process gets to checkpoint; the rest is for
+# handing the job back and for the worker to exit.
+CHECKPOINT_SHARE_OF_GRACE = 0.7
+EXIT_MARGIN_S = 1.0
+# How long a training process killed by SIGINT/SIGTERM waits for its worker's shutdown request.
+SHUTDOWN_NOTICE_WAIT_S = 3.0
 
 # Checkpoint metrics kept on the checkpoint row (what the checkpoints list shows).
 CHECKPOINT_METRICS = (
@@ -66,6 +90,7 @@ class RunOutcome(StrEnum):
     PAUSED = "paused"
     FAILED = "failed"
     LEASE_LOST = "lease-lost"  # another worker took the job over
+    HANDED_BACK = "handed-back"  # this worker is shutting down; the job waits in its queue
 
 
 @dataclass
@@ -96,6 +121,7 @@ def prepare_training_process(settings: Settings) -> None:
     global _warm
     if _warm is None or not _warm.alive():
         _warm = TrainingProcess.spawn(_child_log_path(settings))
+        log.info("spare training process %s started", _warm.pid)
 
 
 def _take_training_process(settings: Settings) -> TrainingProcess:
@@ -126,27 +152,45 @@ def run_job(job_id: str, ctx: WorkerContext) -> RunOutcome:
         job = session.get(Job, job_id)
         if job is None:
             return RunOutcome.MISSING
-        status = job.status
+        status, queue = job.status, job.queue
     if status == JobStatus.VALIDATING_FILES:
         from tuneforge.worker.validation import validate_job
 
         if not validate_job(job_id, ctx):
             return RunOutcome.INVALID
-    with session_scope(ctx.sessions) as session:
-        plan = jobstate.claim_run(session, job_id, ctx.owner, ctx.settings.lease_seconds)
+    if resilience.shutdown_requested_at() is not None:
+        enqueue_job(job_id, queue)  # for another worker; this one is on its way out
+        return RunOutcome.HANDED_BACK
+    claimed_at = time.monotonic()
+    # The message is a claim token for its queue: run the fairest waiting job of the queue,
+    # which may be another project's (tuneforge/worker/fairshare.py).
+    plan = fairshare.claim_fairest(
+        ctx.sessions,
+        queue,
+        lambda session, picked: jobstate.claim_run(session, picked, ctx.owner, ctx.settings.lease_seconds),
+    )
     if plan is None:
         return RunOutcome.NOT_CLAIMED
-    return JobRun(ctx, plan).execute()
+    return JobRun(ctx, plan, claimed_at).execute()
 
 
 class LeaseLost(Exception):
     """Another worker owns the job now (this one was presumed dead)."""
 
 
+class HeldCheckpoint(NamedTuple):
+    """A stored checkpoint whose row is not written yet (it goes with the next write)."""
+
+    checkpoint_id: str
+    step: int
+    storage_key: str
+    metrics: dict[str, Any]
+
+
 class JobRun:
     """One attempt at one claimed job."""
 
-    def __init__(self, ctx: WorkerContext, plan: RunPlan) -> None:
+    def __init__(self, ctx: WorkerContext, plan: RunPlan, claimed_at: float | None = None) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
         self.store = ctx.store
@@ -154,27 +198,41 @@ class JobRun:
         self.job_id = plan.job_id
         self.logged_step = max(plan.logged_step, plan.resume.step if plan.resume else 0)
         self.work = self.settings.work_dir / plan.job_id / f"attempt-{plan.attempt}-{uuid.uuid4().hex[:6]}"
-        self.pending: list[EventRecord] = []
+        # Events and checkpoint rows not written yet, in the order they happened.
+        self.pending: list[EventRecord | HeldCheckpoint] = []
         self.progress: dict[str, Any] | None = None
         self.progress_dirty = False
         self.params: dict[str, int] = {}
         self.first_metrics: tuple[float, int] | None = None
         self.last_metrics: dict[str, Any] = {}
         self.stop_sent: str | None = None
+        self.requests = jobstate.LeaseState(held=True)  # the cancel/pause requests last read
         self.process: TrainingProcess | None = None
         self.run_sent_at = time.monotonic()
+        self.lease = LeaseClock(self.settings.lease_seconds, claimed_at)
+        self.outage = Outage(self.job_id, self.lease)
+        self.handback_deadline: float | None = None  # set when the worker is asked to shut down
 
     # --- the run ------------------------------------------------------------------------------
 
     def execute(self) -> RunOutcome:
         try:
-            return self._execute()
+            with resilience.running_job(self.job_id):
+                return self._execute()
         except LeaseLost:
             log.warning("job %s: lease lost to another worker; stopping this run", self.job_id)
             return RunOutcome.LEASE_LOST
+        except OutageOutlastedLease as error:
+            log.warning("job %s: %s; stopping this run (the job may run elsewhere now)", self.job_id, error)
+            return RunOutcome.LEASE_LOST
         except Exception as error:
+            if is_transient(error):
+                # The database or broker failed where nothing retries: not the job's fault. Its
+                # lease runs out and the reconciler queues it again.
+                log.exception("job %s: database or broker unreachable; giving the run up", self.job_id)
+                return RunOutcome.LEASE_LOST
             log.exception("job %s: worker error", self.job_id)
-            return self._fail("internal_error", f"{type(error).__name__}: {error}")
+            return self._fail("internal_error", describe_error(error))
         finally:
             if self.process is not None:
                 self.process.stop(grace=2.0)
@@ -185,6 +243,10 @@ class JobRun:
                 self.work.parent.rmdir()  # the job's directory, once no attempt uses it
 
     def _execute(self) -> RunOutcome:
+        try:  # the ceiling may have been lowered since the job was created, paused or queued
+            check_ceilings(JobSpec.model_validate(self.plan.spec), None, None, self.settings)
+        except OverCeiling as over:
+            return self._fail(over.code, over.message)
         paths = self._download_inputs()
         process = self._ready_training_process()
         if process is None:
@@ -243,14 +305,16 @@ class JobRun:
     def _supervise(self, process: TrainingProcess) -> RunOutcome:
         next_flush = time.monotonic() + FLUSH_EVERY_S
         while True:
-            timeout = max(0.0, next_flush - time.monotonic())
+            wake = min(next_flush, self.handback_deadline or next_flush)
             try:
-                message = process.messages.get(timeout=timeout)
+                message = process.messages.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
                 message = {"type": "tick"}
             if message is None:
                 with contextlib.suppress(Exception):
                     process.popen.wait(timeout=10)
+                if self._stopped_with_the_worker(process, None):
+                    return self._hand_back(None)
                 code, text = describe_exit(process.exit_code())
                 return self._fail(code, text, process)
             kind = message.get("type")
@@ -265,11 +329,50 @@ class JobRun:
             elif kind == "error":
                 with contextlib.suppress(Exception):
                     process.popen.wait(timeout=30)
+                if self._stopped_with_the_worker(process, message):
+                    return self._hand_back(None)
                 code = message.get("code", "training_error")
                 return self._fail(code, message["message"], process, detail=message.get("traceback") or "")
+            self._notice_shutdown(process)
+            if self.handback_deadline is not None and time.monotonic() >= self.handback_deadline:
+                log.warning(
+                    "job %s: no checkpoint within the shutdown grace; handing back without", self.job_id
+                )
+                process.stop(grace=1.0)
+                return self._hand_back(None)
             if time.monotonic() >= next_flush:
                 self._flush_and_renew(process)
                 next_flush = time.monotonic() + FLUSH_EVERY_S
+
+    def _stopped_with_the_worker(self, process: TrainingProcess, error: dict[str, Any] | None) -> bool:
+        """Whether the training process ended because the whole worker is being stopped: a
+        SIGTERM or Ctrl-C sent to all of the worker's processes reaches it too, a moment before
+        the shutdown request reaches this loop. Such an end hands the job back; it is no failure."""
+        if self.handback_deadline is not None:
+            return True
+        if error is not None:
+            interrupted = str(error.get("message", "")).startswith("KeyboardInterrupt")
+        else:
+            interrupted = process.exit_code() in (-signal.SIGINT, -signal.SIGTERM)
+        if not interrupted:
+            return False
+        deadline = time.monotonic() + SHUTDOWN_NOTICE_WAIT_S
+        while resilience.shutdown_requested_at() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return resilience.shutdown_requested_at() is not None
+
+    def _notice_shutdown(self, process: TrainingProcess) -> None:
+        """Once the worker is asked to shut down: the training process checkpoints and stops (as
+        for a pause, the one stop it knows that keeps the job), within most of the grace."""
+        asked = resilience.shutdown_requested_at()
+        if asked is None or self.handback_deadline is not None:
+            return
+        grace = self.settings.worker_shutdown_grace_seconds
+        self.handback_deadline = asked + grace * CHECKPOINT_SHARE_OF_GRACE
+        log.warning("job %s: worker shutting down; checkpointing to hand the job back", self.job_id)
+        if self.stop_sent is None:
+            process.send({"op": "stop", "reason": "pause"})
+            self.stop_sent = "shutdown"
 
     # --- messages from the training process ----------------------------------------------------
 
@@ -344,21 +447,9 @@ class JobRun:
             "step": step,
             **{name: raw[name] for name in CHECKPOINT_METRICS if raw.get(name) is not None},
         }
-        with session_scope(self.ctx.sessions) as session:
-            self._renew(session)
-            self._write_pending(session)
-            pruned = jobstate.record_checkpoint(
-                session,
-                self.job_id,
-                checkpoint_id=checkpoint_id,
-                step=step,
-                storage_key=key,
-                metrics=metrics,
-                keep=self.settings.keep_checkpoints,
-            )
-        for old_key in pruned:
-            self.store.delete_prefix(CheckpointKeys.parse(old_key).prefix)
-        process.send({"op": "ack", "step": step})
+        self.pending.append(HeldCheckpoint(checkpoint_id, step, key, metrics))
+        self._flush()  # while the database is unreachable the row waits with the events
+        process.send({"op": "ack", "step": step})  # its bytes are stored: training may go on
 
     def _store_checkpoint(self, checkpoint_id: str, path: Path) -> str:
         """Uploads a checkpoint directory: the full trainer state, and the adapter alone beside it
@@ -381,6 +472,8 @@ class JobRun:
         }
         if stopped == "cancel":
             return self._on_cancelled(final_step, progress)
+        if stopped == "pause" and self.stop_sent == "shutdown" and not self.requests.pause_requested:
+            return self._hand_back(progress)
         if stopped == "pause":
             return self._on_paused(final_step, progress)
         return self._on_succeeded(message, progress)
@@ -405,15 +498,15 @@ class JobRun:
         artifacts = self._upload_artifacts(message)
         result_file = self._upload_metrics_csv(message.get("metrics_csv"))
         name = fine_tuned_model_name(self.plan.model, self.plan.project_name, self.plan.suffix, self.job_id)
+        self._flush()  # the uploads took a while: renew the lease the result write may retry within
         events = [
             EventRecord(
                 f"New fine-tuned model created: {name}", data={"metrics": message.get("metrics") or {}}
             ),
             EventRecord("The job has successfully completed."),
         ]
-        with session_scope(self.ctx.sessions) as session:
-            self._write_pending(session)
-            if not jobstate.record_success(
+        self._write_held(
+            lambda session: jobstate.record_success(
                 session,
                 self.job_id,
                 self.ctx.owner,
@@ -424,9 +517,45 @@ class JobRun:
                 fine_tuned_model=name,
                 trained_tokens=int(message.get("trained_tokens") or 0),
                 **self.params,
-            ):
-                raise LeaseLost
+            ),
+            what="writing the result",
+        )
         return RunOutcome.SUCCEEDED
+
+    def _hand_back(self, progress: dict[str, Any] | None) -> RunOutcome:
+        """The worker is shutting down: running -> queued, not a spent attempt, the lease released,
+        and the job sent to its queue again; another worker resumes it from its newest checkpoint.
+        `progress` is the stopped run's (None when it could not checkpoint in time)."""
+        grace = self.settings.worker_shutdown_grace_seconds
+        asked = resilience.shutdown_requested_at() or time.monotonic()
+        if progress is not None:
+            text = (
+                f"The worker is shutting down: job handed back at step {progress['step']} with a "
+                "checkpoint; another worker resumes it from there."
+            )
+        else:
+            text = (
+                f"The worker is shutting down and no checkpoint could be made within {grace:g}s: job "
+                "handed back; another worker resumes it from its last checkpoint."
+            )
+        until = asked + grace - EXIT_MARGIN_S
+        values: dict[str, Any] = {"attempt": Job.attempt - 1}  # the worker left; the job did not fail
+        if progress or self.progress:
+            values["progress"] = progress or self.progress
+        self._write_held(
+            lambda session: jobstate.finish_run(
+                session, self.job_id, self.ctx.owner, JobStatus.QUEUED, [EventRecord(text)], **values
+            ),
+            what="writing the hand-back",
+            until=until,
+        )
+        try:
+            retry_transient(
+                lambda: enqueue_job(self.job_id, self.plan.queue), until=until, what="re-sending the job"
+            )
+        except OutageOutlastedLease:
+            log.warning("job %s: broker unreachable; the reconciler re-sends the queued job", self.job_id)
+        return RunOutcome.HANDED_BACK
 
     def _upload_artifacts(self, message: dict[str, Any]) -> list[StoredArtifact]:
         """The run's output directories as `.tar.gz` artifacts."""
@@ -457,10 +586,22 @@ class JobRun:
 
     def _finish(self, target: JobStatus, events: list[EventRecord], **values: Any) -> None:
         """Writes what is pending, then running -> `target` with its events."""
-        with session_scope(self.ctx.sessions) as session:
-            self._write_pending(session)
-            if not jobstate.finish_run(session, self.job_id, self.ctx.owner, target, events, **values):
-                raise LeaseLost
+        self._write_held(
+            lambda session: jobstate.finish_run(
+                session, self.job_id, self.ctx.owner, target, events, **values
+            ),
+            what=f"writing the {target.value} status",
+        )
+
+    def _write_held(self, final: Callable[[Session], bool], *, what: str, until: float | None = None) -> None:
+        """Writes what is held, then `final` (a status change; False: the lease is gone) in the
+        same transaction, retrying while the database is unreachable until `until` (default:
+        when the lease would run out)."""
+        retry_transient(
+            lambda: self._write(final=final),
+            until=self.lease.expires_at if until is None else until,
+            what=f"job {self.job_id}: {what}",
+        )
 
     def _renew(self, session: Session) -> jobstate.LeaseState:
         state = jobstate.renew_lease(session, self.job_id, self.ctx.owner, self.settings.lease_seconds)
@@ -468,24 +609,64 @@ class JobRun:
             raise LeaseLost
         return state
 
-    def _write_pending(self, session: Session) -> None:
-        if self.pending:
-            jobstate.append_events(session, self.job_id, self.pending)
-            self.pending = []
-        if self.progress_dirty:
-            jobstate.update_running(
-                session, self.job_id, self.ctx.owner, progress=self.progress, **self.params
-            )
-            self.progress_dirty = False
-
-    def _flush(self) -> jobstate.LeaseState:
+    def _write(
+        self, *, renew: bool = False, final: Callable[[Session], bool] | None = None
+    ) -> jobstate.LeaseState | None:
+        """One transaction: the lease renewed (`renew`), the held events, checkpoint rows and
+        progress written, then `final`. What is held is let go only once it has committed."""
+        sent_at = time.monotonic()
+        state = None
+        pruned: list[str] = []
         with session_scope(self.ctx.sessions) as session:
-            state = self._renew(session)
-            self._write_pending(session)
+            if renew:
+                state = self._renew(session)
+            events: list[EventRecord] = []
+            for item in self.pending:
+                if isinstance(item, EventRecord):
+                    events.append(item)
+                    continue
+                jobstate.append_events(session, self.job_id, events)
+                events = []
+                pruned += jobstate.record_checkpoint(
+                    session, self.job_id, **item._asdict(), keep=self.settings.keep_checkpoints
+                )
+            jobstate.append_events(session, self.job_id, events)
+            if self.progress_dirty:
+                jobstate.update_running(
+                    session, self.job_id, self.ctx.owner, progress=self.progress, **self.params
+                )
+            if final is not None and not final(session):
+                raise LeaseLost
+        if renew:
+            self.lease.renewed(sent_at)
+        self.outage.recovered(len(self.pending))
+        self.pending = []
+        self.progress_dirty = False
+        for old_key in pruned:
+            self.store.delete_prefix(CheckpointKeys.parse(old_key).prefix)
         return state
+
+    def _flush(self) -> jobstate.LeaseState | None:
+        """Renews the lease and writes what is held. None while the database is unreachable:
+        everything stays held and training goes on, until the outage outlasts the lease
+        (`OutageOutlastedLease`)."""
+        now = time.monotonic()
+        if not self.outage.due(now):
+            self.outage.check_lease(now)
+            return None
+        try:
+            return self._write(renew=True)
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            self.outage.failed(error, now)
+            return None
 
     def _flush_and_renew(self, process: TrainingProcess) -> None:
         state = self._flush()
+        if state is None:
+            return
+        self.requests = state
         if state.cancel_requested and self.stop_sent != "cancel":
             process.send({"op": "stop", "reason": "cancel"})
             self.stop_sent = "cancel"
@@ -514,11 +695,8 @@ class JobRun:
         failure = incidents.report(self.job_id, code, message, detail=detail, log_tail=tail)
         message = failure.message
         events = [EventRecord(f"Fine-tuning job failed: {message}", level="error", data=failure.data)]
-        with session_scope(self.ctx.sessions) as session:
-            try:
-                self._write_pending(session)
-            except Exception:
-                self.pending = []
+
+        def failed(session: Session) -> bool:
             jobstate.finish_run(
                 session,
                 self.job_id,
@@ -527,4 +705,18 @@ class JobRun:
                 events,
                 error={"code": code, "message": message, "param": None},
             )
+            return True  # a lease already lost leaves nothing to fail
+
+        try:
+            try:
+                self._write_held(failed, what="writing the failure")
+            except Exception as error:
+                if isinstance(error, OutageOutlastedLease) or is_transient(error):
+                    raise
+                log.exception("job %s: held reports could not be written; dropping them", self.job_id)
+                self.pending, self.progress_dirty = [], False
+                self._write_held(failed, what="writing the failure")
+        except OutageOutlastedLease as error:
+            log.warning("job %s: the failure could not be recorded (%s)", self.job_id, error)
+            return RunOutcome.LEASE_LOST
         return RunOutcome.FAILED
