@@ -171,8 +171,16 @@ class Settings(BaseSettings):
     estimate_build_seconds: float = Field(
         15.0,
         ge=0,
-        description="Time budget of one model skeleton build in the cost calculator (the API's CPU); "
-        "past it the estimate is a 400. 0: no budget.",
+        description="Time budget of the model skeleton builds of one estimate (the API's CPU); past "
+        "it an estimate request is a 400 and a job being created is stored without its estimate. "
+        "0: no budget.",
+    )
+    estimate_concurrent_builds: int = Field(
+        2,
+        ge=0,
+        description="Threads of one API process that may build model skeletons for estimates (or wait "
+        "for one) at once; one more is a 503 with Retry-After. Estimates of models built before "
+        "need none. 0: no limit.",
     )
 
     @property

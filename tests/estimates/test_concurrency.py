@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,20 @@ def held_build(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Even
     skeleton.clear_cache()
 
 
+@contextmanager
+def _app(client: TestClient, **update: Any) -> Iterator[TestClient]:
+    """Another app on the module's database, with some settings changed."""
+    from tuneforge.api.app import create_app
+
+    app = create_app(client.app.state.settings.model_copy(update=update))  # type: ignore[attr-defined]
+    try:
+        with TestClient(app, raise_server_exceptions=False) as other:
+            yield other
+    finally:
+        app.state.engine.dispose()
+        skeleton.build_slots.limit = client.app.state.settings.estimate_concurrent_builds  # type: ignore[attr-defined]
+
+
 def _post_estimate(client: TestClient, body: dict[str, Any], out: dict[str, Any]) -> None:
     out["response"] = client.post("/v1/fine_tuning/estimates", json=body, headers=AUTH)
 
@@ -131,15 +146,17 @@ def test_the_same_config_is_built_once_for_concurrent_callers(
 
     monkeypatch.setattr(skeleton, "_build_shape", counting)
     results: list[dict[str, Any]] = [{} for _ in range(4)]
-    threads = [
-        threading.Thread(target=_post_estimate, args=(client, {"model_config": SLOW}, out)) for out in results
-    ]
-    for thread in threads:
-        thread.start()
-    assert started.wait(timeout=GENEROUS)
-    release.set()
-    for thread in threads:
-        thread.join(timeout=GENEROUS)
+    with _app(client, estimate_concurrent_builds=4) as roomy:
+        threads = [
+            threading.Thread(target=_post_estimate, args=(roomy, {"model_config": SLOW}, out))
+            for out in results
+        ]
+        for thread in threads:
+            thread.start()
+        assert started.wait(timeout=GENEROUS)
+        release.set()
+        for thread in threads:
+            thread.join(timeout=GENEROUS)
     assert [r["response"].status_code for r in results] == [200] * 4
     assert len(builds) == 1
 
@@ -207,13 +224,9 @@ def test_infinite_n_tokens_is_a_400(client: TestClient) -> None:
 def test_an_estimate_past_the_services_budget_is_a_400(client: TestClient) -> None:
     """The budget covers every build one estimate makes (the skeleton, the adapter, the advisor's
     variants); the next request gets a budget of its own."""
-    from tuneforge.api.app import create_app
-
-    settings = client.app.state.settings.model_copy(update={"estimate_build_seconds": 0.01})  # type: ignore[attr-defined]
-    app = create_app(settings)
     body = {"model_config": {**LLAMA_31_8B, "num_hidden_layers": 40}, "hardware": {"gpu": "l4"}}
     try:
-        with TestClient(app, raise_server_exceptions=False) as tight:
+        with _app(client, estimate_build_seconds=0.01) as tight:
             for _ in range(2):
                 response = tight.post("/v1/fine_tuning/estimates", json=body, headers=AUTH)
                 assert response.status_code == 400, response.text
@@ -221,5 +234,30 @@ def test_an_estimate_past_the_services_budget_is_a_400(client: TestClient) -> No
                 assert "budget" in response.json()["error"]["message"]
         assert client.post("/v1/fine_tuning/estimates", json=body, headers=AUTH).status_code == 200
     finally:
-        app.state.engine.dispose()
         skeleton.clear_cache()
+
+
+def test_past_the_build_slots_new_configs_wait_outside_and_cached_ones_answer(
+    client: TestClient, held_build: tuple[threading.Event, threading.Event]
+) -> None:
+    """With one build slot and a build in progress, a new config is a 503 with Retry-After (no
+    API thread waits on it); a config built before answers from the cache."""
+    started, release = held_build
+    with _app(client, estimate_concurrent_builds=1) as narrow:
+        cached = {"model_config": QWEN2_SMALL}
+        assert narrow.post("/v1/fine_tuning/estimates", json=cached, headers=AUTH).status_code == 200
+        slow: dict[str, Any] = {}
+        thread = threading.Thread(target=_post_estimate, args=(narrow, {"model_config": SLOW}, slow))
+        thread.start()
+        try:
+            assert started.wait(timeout=GENEROUS)
+            other = {"model_config": {**QWEN2_SMALL, "num_hidden_layers": 4}}
+            busy = narrow.post("/v1/fine_tuning/estimates", json=other, headers=AUTH)
+            assert busy.status_code == 503, busy.text
+            assert busy.json()["error"]["code"] == "estimates_busy"
+            assert int(busy.headers["retry-after"]) > 0
+            assert narrow.post("/v1/fine_tuning/estimates", json=cached, headers=AUTH).status_code == 200
+        finally:
+            release.set()
+            thread.join(timeout=GENEROUS)
+        assert slow["response"].status_code == 200, slow["response"].text

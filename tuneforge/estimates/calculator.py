@@ -19,7 +19,7 @@ from tuneforge.estimates.schema import (
     Memory,
     Throughput,
 )
-from tuneforge.estimates.skeleton import adapter_counts, import_stack, model_shape, time_budget
+from tuneforge.estimates.skeleton import adapter_counts, build_slots, import_stack, model_shape, time_budget
 from tuneforge.training import hyperparams as training_hp
 
 #: "auto" with no data size known; with one, the training recipe's own rules
@@ -76,6 +76,7 @@ def estimate(
     settings = settings or get_settings()
     config, param = load_model_config(request, settings)
     budget = settings.estimate_build_seconds or None
+    build_slots.limit = settings.estimate_concurrent_builds
     import_stack()  # before the clock starts: a cold process imports for seconds
     with time_budget(budget, param):  # one budget for every build of this estimate (variants too)
         return _estimate(request, file_stats, config, param, budget)

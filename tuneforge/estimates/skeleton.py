@@ -232,6 +232,42 @@ def time_budget(seconds: float | None, param: str) -> Iterator[None]:
 
 # --- single-flight cache -----------------------------------------------------------------------
 
+
+class EstimateBusy(EstimateError):
+    """Every build slot of this process is taken; the request may be retried shortly."""
+
+    retry_after = 5
+
+
+class BuildSlots:
+    """How many threads of this process may build skeletons or wait for one at once
+    (`TUNEFORGE_ESTIMATE_CONCURRENT_BUILDS`; 0: no limit). Cache hits take no slot, so however
+    many tenants send new configs, the other API threads stay free for everything else."""
+
+    def __init__(self, limit: int = 2) -> None:
+        self.limit = limit
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def take(self) -> Iterator[None]:
+        with self._lock:
+            if self.limit and self._used >= self.limit:
+                raise EstimateBusy(
+                    f"this service is building {self._used} other model skeletons; try again in a few "
+                    "seconds (an estimate for a model it has built before answers at once)",
+                    None,
+                )
+            self._used += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._used -= 1
+
+
+build_slots = BuildSlots()
+
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -257,6 +293,15 @@ class SingleFlightCache(Generic[K, V]):
         self._running: dict[K, _Flight[V]] = {}
 
     def get(self, key: K, build: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._done:
+                self._done.move_to_end(key)
+                value, error = self._done[key]
+                return self._result(value, error)
+        with build_slots.take():  # a miss builds or waits for a build: it holds an API thread
+            return self._build_or_wait(key, build)
+
+    def _build_or_wait(self, key: K, build: Callable[[], V]) -> V:
         while True:
             with self._lock:
                 if key in self._done:
