@@ -94,7 +94,13 @@ def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> No
 
 def make_engine(url: str, *, pool_size: int = 40, max_overflow: int = 10) -> Engine:
     """An engine for `url`. SQLite gets WAL, foreign keys and a busy timeout on each connection;
-    PostgreSQL a pool large enough for the API's thread pool."""
+    PostgreSQL a pool large enough for the API's thread pool.
+
+    SQLite's pool never makes anyone wait for a connection (its overflow is unlimited): a request
+    holds its session's connection while it waits for a thread, so with a bounded pool, threads
+    waiting for connections and connections waiting for threads stall each other until the pool's
+    timeout. A SQLite connection is an open file; the waiting that matters, for the write lock,
+    is the busy timeout's."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -103,7 +109,7 @@ def make_engine(url: str, *, pool_size: int = 40, max_overflow: int = 10) -> Eng
             url,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             pool_size=pool_size,
-            max_overflow=max_overflow,
+            max_overflow=-1,
         )
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine

@@ -13,6 +13,8 @@ from tuneforge.config import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+KEEP_ALIVE_SECONDS = 75
+
 
 def start_embedded_worker(settings: Settings) -> Callable[[], None] | None:
     """With no broker configured (`settings.embedded_broker`): starts the embedded worker and the
@@ -75,6 +77,10 @@ def serve(host: str | None = None, port: int | None = None, *, access_log: bool 
             access_log=access_log,
             log_level="info",
             timeout_graceful_shutdown=10,
+            # Longer than clients keep an idle connection (httpx, under the openai SDK: 5 s), so
+            # that the client, not the server, closes it: a server closing a connection as the
+            # client reuses it fails that request.
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
         )
     finally:
         if stop_worker is not None:
