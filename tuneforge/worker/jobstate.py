@@ -20,6 +20,7 @@ from tuneforge.db import utcnow
 from tuneforge.models.checkpoint import Checkpoint, add_checkpoint, latest_checkpoint, put_artifact
 from tuneforge.models.file import PURPOSE_RESULTS, File, add_file
 from tuneforge.models.job import (
+    WAITING_STATUSES,
     EventRecord,
     Job,
     JobStatus,
@@ -28,6 +29,7 @@ from tuneforge.models.job import (
     update_job_where,
 )
 from tuneforge.models.project import get_project
+from tuneforge.worker.fairshare import fairest_job_query
 
 __all__ = ["EventRecord", "append_events"]  # re-exported for the worker's modules
 
@@ -141,6 +143,25 @@ def claim_run(session: Session, job_id: str, owner: str, lease_seconds: float) -
         progress=dict(job.progress) if job.progress else None,
         queue=job.queue,
     )
+
+
+def why_not_runnable(session: Session, job_id: str, now: datetime) -> str | None:
+    """None when a run message for the job may lead to work; else why not. A message is a claim
+    token for its job's queue (tuneforge/worker/fairshare.py), so it may: when its job waits for
+    validation or a worker (or its worker's lease ran out), or when another job of the queue
+    does. Cheap reads, for the check before a message costs anything."""
+    row = session.execute(select(Job.status, Job.lease_expires_at, Job.queue).where(Job.id == job_id)).first()
+    if row is None:
+        return "no such job"
+    status, lease_expires_at, queue = row
+    if JobStatus(status) in WAITING_STATUSES:
+        return None
+    if status == JobStatus.RUNNING and (lease_expires_at is None or lease_expires_at < now):
+        return None
+    if session.scalar(fairest_job_query(queue, now)) is not None:
+        return None
+    held = "running on another worker" if status == JobStatus.RUNNING else status
+    return f"it is {held} and no other job of its queue waits"
 
 
 def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: float) -> LeaseState:

@@ -118,7 +118,10 @@ def _consumed_queues() -> set[str]:
     return set(filter(None, os.environ.get("TUNEFORGE_WORKER_QUEUES", "").split(",")))
 
 
-@celery_app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
+# A message for a job that is not runnable is dropped before it reaches a pool process.
+@celery_app.task(
+    name=RUN_JOB_TASK, acks_late=True, ignore_result=True, Request="tuneforge.worker.gate:RunnableRequest"
+)
 def run_job_task(job_id: str) -> str:
     from tuneforge.worker.execution import WorkerContext, run_job
 
