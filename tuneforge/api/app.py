@@ -13,6 +13,7 @@ from tuneforge.api.auth import KeyCache, resolve_admin_key
 from tuneforge.api.errors import install_error_handlers
 from tuneforge.api.nul import RejectNul
 from tuneforge.api.ratelimit import RateLimiter
+from tuneforge.api.responses import ADMIN, AUTHENTICATED, install_openapi
 from tuneforge.api.routes import admin, estimates, files, health, jobs, models
 from tuneforge.api.services.files import sweeping_incomplete_writes
 from tuneforge.config import Settings, get_settings
@@ -61,6 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.admin_key = resolve_admin_key(settings)
     install_error_handlers(app)
     app.add_middleware(RejectNul)
-    for router in (health.router, files.router, jobs.router, models.router, admin.router, estimates.router):
-        app.include_router(router)
+    app.include_router(health.router)
+    for router in (files.router, jobs.router, models.router, estimates.router):
+        app.include_router(router, responses=AUTHENTICATED)
+    app.include_router(admin.router, responses=ADMIN)
+    install_openapi(app)
     return app

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tuneforge.api import quotas
 from tuneforge.api.deps import FileDep, ProjectDep, SessionDep, SettingsDep, StoreDep
 from tuneforge.api.errors import BadRequest
+from tuneforge.api.responses import NOT_FOUND, TOO_LARGE, Deleted, FileList, FileObject, download, ok
 from tuneforge.api.schemas import file_object, list_page
 from tuneforge.api.services.files import content_disposition, receive_upload
 from tuneforge.db import after_commit
@@ -38,7 +39,12 @@ _UPLOAD_BODY = {
 }
 
 
-@router.post("", openapi_extra=_UPLOAD_BODY, summary="Upload a JSONL training file")
+@router.post(
+    "",
+    openapi_extra=_UPLOAD_BODY,
+    summary="Upload a JSONL training file",
+    responses={**ok(FileObject), **TOO_LARGE},
+)
 async def upload_file(
     request: Request, caller: ProjectDep, session: SessionDep, settings: SettingsDep, store: StoreDep
 ) -> JSONResponse:
@@ -70,7 +76,7 @@ async def upload_file(
     return JSONResponse(file_object(row))
 
 
-@router.get("", summary="List files")
+@router.get("", summary="List files", responses=ok(FileList))
 def list_files(
     caller: ProjectDep,
     session: SessionDep,
@@ -90,12 +96,17 @@ def list_files(
     return JSONResponse(list_page(rows, limit, file_object))
 
 
-@router.get("/{file_id}", summary="Retrieve a file")
+@router.get("/{file_id}", summary="Retrieve a file", responses={**ok(FileObject), **NOT_FOUND})
 async def retrieve_file(file: FileDep) -> JSONResponse:
     return JSONResponse(file_object(file))
 
 
-@router.get("/{file_id}/content", summary="Download a file's bytes", response_class=StreamingResponse)
+@router.get(
+    "/{file_id}/content",
+    summary="Download a file's bytes",
+    response_class=StreamingResponse,
+    responses={**download("application/octet-stream", "text/csv"), **NOT_FOUND},
+)
 def file_content(file: FileDep, store: StoreDep) -> StreamingResponse:
     try:
         handle = store.open(file.storage_key)
@@ -118,7 +129,7 @@ def file_content(file: FileDep, store: StoreDep) -> StreamingResponse:
     )
 
 
-@router.delete("/{file_id}", summary="Delete a file")
+@router.delete("/{file_id}", summary="Delete a file", responses={**ok(Deleted), **NOT_FOUND})
 def delete_file(file: FileDep, caller: ProjectDep, session: SessionDep, store: StoreDep) -> JSONResponse:
     files.delete_file(session, caller.project_id, file.id)
     key = file.storage_key

@@ -11,6 +11,16 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 
 from tuneforge.api.deps import JobDep, JobId, ProjectDep, SessionDep, SettingsDep, StoreDep
 from tuneforge.api.errors import BadRequest, NotFound
+from tuneforge.api.responses import (
+    NOT_FOUND,
+    ArtifactList,
+    FineTuningJob,
+    FineTuningJobCheckpointList,
+    FineTuningJobEventList,
+    FineTuningJobList,
+    download,
+    ok,
+)
 from tuneforge.api.schemas import (
     artifact_object,
     checkpoint_object,
@@ -37,12 +47,12 @@ Redirect = Annotated[
 ]
 
 
-@router.post("", summary="Create a fine-tuning job")
+@router.post("", summary="Create a fine-tuning job", responses=ok(FineTuningJob))
 def create_job(spec: JobSpec, caller: ProjectDep, session: SessionDep, settings: SettingsDep) -> JSONResponse:
     return JSONResponse(job_object(job_service.create_job(session, settings, caller.project_id, spec)))
 
 
-@router.get("", summary="List fine-tuning jobs, newest first")
+@router.get("", summary="List fine-tuning jobs, newest first", responses=ok(FineTuningJobList))
 def list_jobs(
     request: Request, caller: ProjectDep, session: SessionDep, after: After = None, limit: Limit20 = 20
 ) -> JSONResponse:
@@ -61,7 +71,11 @@ def list_jobs(
     return JSONResponse(list_page(rows, limit, job_object, ids=False))
 
 
-@router.get("/{fine_tuning_job_id}", summary="Retrieve a fine-tuning job")
+@router.get(
+    "/{fine_tuning_job_id}",
+    summary="Retrieve a fine-tuning job",
+    responses={**ok(FineTuningJob), **NOT_FOUND},
+)
 async def retrieve_job(fine_tuning_job_id: JobId, caller: ProjectDep, request: Request) -> JSONResponse:
     """The hot path of polling clients: one read of the shown columns on the event loop (no
     session, no thread hop on PostgreSQL), never cached."""
@@ -71,24 +85,40 @@ async def retrieve_job(fine_tuning_job_id: JobId, caller: ProjectDep, request: R
     return JSONResponse(job_object(job))
 
 
-@router.post("/{fine_tuning_job_id}/cancel", summary="Cancel a job")
+@router.post(
+    "/{fine_tuning_job_id}/cancel",
+    summary="Cancel a job",
+    responses={**ok(FineTuningJob), **NOT_FOUND},
+)
 def cancel_job(job: JobDep, session: SessionDep) -> JSONResponse:
     """A job that has not started stops at once; a running one stops at its next step."""
     return JSONResponse(job_object(job_service.cancel_job(session, job)))
 
 
-@router.post("/{fine_tuning_job_id}/pause", summary="Pause a job")
+@router.post(
+    "/{fine_tuning_job_id}/pause",
+    summary="Pause a job",
+    responses={**ok(FineTuningJob), **NOT_FOUND},
+)
 def pause_job(job: JobDep, session: SessionDep) -> JSONResponse:
     """A queued job pauses at once; a running one checkpoints, then pauses."""
     return JSONResponse(job_object(job_service.pause_job(session, job)))
 
 
-@router.post("/{fine_tuning_job_id}/resume", summary="Resume a paused job")
+@router.post(
+    "/{fine_tuning_job_id}/resume",
+    summary="Resume a paused job",
+    responses={**ok(FineTuningJob), **NOT_FOUND},
+)
 def resume_job(job: JobDep, session: SessionDep) -> JSONResponse:
     return JSONResponse(job_object(job_service.resume_job(session, job)))
 
 
-@router.get("/{fine_tuning_job_id}/events", summary="List a job's events, newest first")
+@router.get(
+    "/{fine_tuning_job_id}/events",
+    summary="List a job's events, newest first",
+    responses={**ok(FineTuningJobEventList), **NOT_FOUND},
+)
 def list_events(job: JobDep, session: SessionDep, after: After = None, limit: Limit20 = 20) -> JSONResponse:
     cursor = None
     if after is not None:
@@ -99,7 +129,11 @@ def list_events(job: JobDep, session: SessionDep, after: After = None, limit: Li
     return JSONResponse(list_page(rows, limit, event_object, ids=False))
 
 
-@router.get("/{fine_tuning_job_id}/checkpoints", summary="List a job's checkpoints, newest first")
+@router.get(
+    "/{fine_tuning_job_id}/checkpoints",
+    summary="List a job's checkpoints, newest first",
+    responses={**ok(FineTuningJobCheckpointList), **NOT_FOUND},
+)
 def list_checkpoints(
     job: JobDep, session: SessionDep, after: After = None, limit: Limit10 = 10
 ) -> JSONResponse:
@@ -112,7 +146,11 @@ def list_checkpoints(
     return JSONResponse(list_page(rows, limit, lambda c: checkpoint_object(c, job)))
 
 
-@router.get("/{fine_tuning_job_id}/artifacts", summary="List a job's artifacts")
+@router.get(
+    "/{fine_tuning_job_id}/artifacts",
+    summary="List a job's artifacts",
+    responses={**ok(ArtifactList), **NOT_FOUND},
+)
 def list_artifacts(job: JobDep, session: SessionDep) -> JSONResponse:
     rows = checkpoints.list_artifacts(session, job.id)
     return JSONResponse({"object": "list", "data": [artifact_object(a) for a in rows], "has_more": False})
@@ -140,6 +178,7 @@ def _stream(store: ObjectStore, key: str, filename: str, content_type: str, size
     "/{fine_tuning_job_id}/artifacts/{name}",
     summary="Download an artifact (adapter, model, merged)",
     response_class=StreamingResponse,
+    responses={**download("application/gzip", "application/octet-stream", redirect=True), **NOT_FOUND},
 )
 def download_artifact(
     job: JobDep, name: str, session: SessionDep, store: StoreDep, redirect: Redirect = False
@@ -159,6 +198,7 @@ def download_artifact(
     "/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/artifacts/adapter",
     summary="Download a checkpoint's adapter",
     response_class=StreamingResponse,
+    responses={**download("application/gzip", redirect=True), **NOT_FOUND},
 )
 def download_checkpoint_adapter(
     job: JobDep, checkpoint_id: str, session: SessionDep, store: StoreDep, redirect: Redirect = False

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from tuneforge.api.deps import ProjectDep, SessionDep, SettingsDep
 from tuneforge.api.errors import NotFound
+from tuneforge.api.responses import NOT_FOUND, Model, ModelList, ok
 from tuneforge.api.schemas import model_object, unix
 from tuneforge.models import job as jobs
 from tuneforge.training.base_models import list_base_models
@@ -30,12 +31,14 @@ def _all_models(caller: ProjectDep, session: SessionDep, settings: SettingsDep) 
     return found
 
 
-@router.get("", summary="List models: base models on offer, then your fine-tuned ones")
+@router.get(
+    "", summary="List models: base models on offer, then your fine-tuned ones", responses=ok(ModelList)
+)
 def list_models(caller: ProjectDep, session: SessionDep, settings: SettingsDep) -> JSONResponse:
     return JSONResponse({"object": "list", "data": _all_models(caller, session, settings)})
 
 
-@router.get("/{model_id:path}", summary="Retrieve a model")
+@router.get("/{model_id:path}", summary="Retrieve a model", responses={**ok(Model), **NOT_FOUND})
 def retrieve_model(
     model_id: str, caller: ProjectDep, session: SessionDep, settings: SettingsDep
 ) -> JSONResponse:
