@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.support import REPO, free_port, kill_tree, migrate, stop_process, wait_for
 from tuneforge.config import Settings
+from tuneforge.db import make_engine, make_sessionmaker
 
-__all__ = ["REPO", "STANDIN", "Services", "free_port", "migrate", "training_processes", "wait_for"]
+__all__ = [
+    "REPO",
+    "STANDIN",
+    "Services",
+    "free_port",
+    "migrate",
+    "running_services",
+    "training_processes",
+    "wait_for",
+]
 
 STANDIN = "tests.worker.standin:standin_training"
 
@@ -89,3 +101,29 @@ def training_processes() -> list[psutil.Process]:
         if "tuneforge.worker.child" in cmd:
             found.append(proc)
     return found
+
+
+@contextmanager
+def running_services(
+    tmp: Path, database_url: str, broker_url: str, models_dir: Path, env: dict[str, str] | None = None
+) -> Iterator[Services]:
+    """Services for one test module: the settings every worker test shares (its database and
+    broker, a filesystem store and data directory under `tmp`, the stand-in training runner)
+    plus `env`; every process started through it is stopped on exit."""
+    settings = {
+        "TUNEFORGE_DATA_DIR": str(tmp / "data"),
+        "TUNEFORGE_DATABASE_URL": database_url,
+        "TUNEFORGE_BROKER_URL": broker_url,
+        "TUNEFORGE_STORAGE_URL": f"file://{tmp / 'objects'}",
+        "TUNEFORGE_MODELS_DIR": str(models_dir),
+        "TUNEFORGE_TRAINING_RUNNER": STANDIN,
+        "PYTHONPATH": str(REPO),
+        **(env or {}),
+    }
+    engine = make_engine(database_url, pool_size=2, max_overflow=2)
+    services = Services(settings, tmp, engine, make_sessionmaker(engine))
+    try:
+        yield services
+    finally:
+        services.stop_all()
+        engine.dispose()

@@ -18,7 +18,6 @@ import pytest
 from sqlalchemy import exc as sa_exc
 
 from tests.support import PgCluster, wait_for
-from tuneforge.db import make_engine, make_sessionmaker
 from tuneforge.worker.celery_app import RUN_JOB_TASK, make_celery
 from tuneforge.worker.resilience import (
     Backoff,
@@ -31,7 +30,7 @@ from tuneforge.worker.resilience import (
 )
 
 from .helpers import checkpoints, events, get_job, metric_steps, seed_job
-from .procs import REPO, STANDIN, Services
+from .procs import Services, running_services
 
 TOTAL_STEPS = 16
 
@@ -117,28 +116,17 @@ def outage(
     cluster: PgCluster, redis_url: str, tmp_path_factory: pytest.TempPathFactory, models_dir: Path
 ) -> Iterator[tuple[Services, str]]:
     url = cluster.create_database("tf_outage")
-    tmp = tmp_path_factory.mktemp("outage")
     env = {
-        "TUNEFORGE_DATA_DIR": str(tmp / "data"),
-        "TUNEFORGE_DATABASE_URL": url,
-        "TUNEFORGE_BROKER_URL": redis_url,
-        "TUNEFORGE_STORAGE_URL": f"file://{tmp / 'objects'}",
-        "TUNEFORGE_MODELS_DIR": str(models_dir),
         "TUNEFORGE_LEASE_SECONDS": "40",  # longer than any outage below, with room for a slow start
         "TUNEFORGE_RECONCILE_EVERY_SECONDS": "1",
         "TUNEFORGE_QUEUED_STALE_SECONDS": "60",
         "TUNEFORGE_KEEP_CHECKPOINTS": "2",
-        "TUNEFORGE_TRAINING_RUNNER": STANDIN,
         "STANDIN_STEP_SECONDS": "0.25",
-        "PYTHONPATH": str(REPO),
     }
-    engine = make_engine(url, pool_size=2, max_overflow=2)
-    services = Services(env, tmp, engine, make_sessionmaker(engine))
-    services.worker()
-    services.beat()  # the reconciler would requeue the job (a second attempt) if its lease ran out
-    yield services, url
-    services.stop_all()
-    engine.dispose()
+    with running_services(tmp_path_factory.mktemp("outage"), url, redis_url, models_dir, env) as services:
+        services.worker()
+        services.beat()  # the reconciler would requeue the job (a second attempt) if its lease ran out
+        yield services, url
 
 
 def _send(services: Services, job_id: str) -> None:

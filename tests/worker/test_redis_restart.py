@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.support import RedisServer, wait_for
-from tuneforge.db import make_engine, make_sessionmaker
 from tuneforge.worker.celery_app import RUN_JOB_TASK, make_celery
 
 from .helpers import events, get_job, seed_job, status
-from .procs import REPO, STANDIN, Services
+from .procs import Services, running_services
 
 pytestmark = pytest.mark.slow
 
@@ -25,24 +24,16 @@ def private(
     tmp = tmp_path_factory.mktemp("redis-restart")
     redis_server = RedisServer(directory=tmp)
     env = {
-        "TUNEFORGE_DATA_DIR": str(tmp / "data"),
-        "TUNEFORGE_DATABASE_URL": pg_url,
-        "TUNEFORGE_BROKER_URL": redis_server.url(0),
-        "TUNEFORGE_STORAGE_URL": f"file://{tmp / 'objects'}",
-        "TUNEFORGE_MODELS_DIR": str(models_dir),
         "TUNEFORGE_LEASE_SECONDS": "5",
         "TUNEFORGE_RECONCILE_EVERY_SECONDS": "1",
         "TUNEFORGE_QUEUED_STALE_SECONDS": "3",
-        "TUNEFORGE_TRAINING_RUNNER": STANDIN,
         "STANDIN_STEP_SECONDS": "0.2",
-        "PYTHONPATH": str(REPO),
     }
-    engine = make_engine(pg_url, pool_size=2, max_overflow=2)
-    svc = Services(env, tmp, engine, make_sessionmaker(engine))
-    yield svc, redis_server
-    svc.stop_all()
-    redis_server.stop()
-    engine.dispose()
+    try:
+        with running_services(tmp, pg_url, redis_server.url(0), models_dir, env) as svc:
+            yield svc, redis_server
+    finally:
+        redis_server.stop()
 
 
 def _started(services: Services, job_id: str) -> list[str]:
