@@ -29,33 +29,36 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"model": ErrorBody, "description": description}
+Answers = dict[int | str, dict[str, Any]]
 
 
-BAD_REQUEST = {400: _error("The request is invalid; `param` names the field by its dotted path.")}
-UNAUTHORIZED = {401: _error("No API key, or an unknown or revoked one.")}
-FORBIDDEN = {403: _error("The key may not call this operation (admin routes need the admin key).")}
-NOT_FOUND = {404: _error("No such object in the caller's project.")}
-TOO_LARGE = {413: _error("The upload is over the size limit.")}
-RATE_LIMITED = {429: _error("Over a quota or a rate limit of the project; retry later.")}
-UNAVAILABLE = {
-    503: _error("A service the API depends on (the database) is unavailable; retry (x-should-retry: true).")
-}
+def _error(code: int, description: str) -> Answers:
+    return {code: {"model": ErrorBody, "description": description}}
+
+
+BAD_REQUEST = _error(400, "The request is invalid; `param` names the field by its dotted path.")
+UNAUTHORIZED = _error(401, "No API key, or an unknown or revoked one.")
+FORBIDDEN = _error(403, "The key may not call this operation (admin routes need the admin key).")
+NOT_FOUND = _error(404, "No such object in the caller's project.")
+TOO_LARGE = _error(413, "The upload is over the size limit.")
+RATE_LIMITED = _error(429, "Over a quota or a rate limit of the project; retry later.")
+UNAVAILABLE = _error(
+    503, "A service the API depends on (the database) is unavailable; retry (x-should-retry: true)."
+)
 
 # Every operation behind a key can answer these.
-AUTHENTICATED = {**BAD_REQUEST, **UNAUTHORIZED, **RATE_LIMITED, **UNAVAILABLE}
-ADMIN = {**AUTHENTICATED, **FORBIDDEN}
+AUTHENTICATED: Answers = {**BAD_REQUEST, **UNAUTHORIZED, **RATE_LIMITED, **UNAVAILABLE}
+ADMIN: Answers = {**AUTHENTICATED, **FORBIDDEN}
 
 
-def ok(model: type[BaseModel], description: str = "Success.") -> dict[int | str, dict[str, Any]]:
+def ok(model: type[BaseModel], description: str = "Success.") -> Answers:
     return {200: {"model": model, "description": description}}
 
 
-def download(*media_types: str, redirect: bool = False) -> dict[int | str, dict[str, Any]]:
+def download(*media_types: str, redirect: bool = False) -> Answers:
     """A 200 of raw bytes (and, with `redirect`, a 307 to a presigned URL)."""
     binary = {"schema": {"type": "string", "format": "binary"}}
-    answers: dict[int | str, dict[str, Any]] = {
+    answers: Answers = {
         200: {"description": "The bytes.", "content": {media_type: binary for media_type in media_types}}
     }
     if redirect:
