@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.model_configs import LLAMA_31_8B
 from tuneforge.estimates import EstimateRequest, estimate
 from tuneforge.estimates.skeleton import clear_cache
-
-LLAMA_31_8B = {
-    "model_type": "llama",
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "tie_word_embeddings": False,
-}
 
 
 def _percentile(values: list[float], q: float) -> float:

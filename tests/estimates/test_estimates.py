@@ -11,23 +11,10 @@ from typing import Any
 import pytest
 import torch
 
+from tests.support.model_configs import LLAMA_31_8B
 from tuneforge.estimates import EstimateError, EstimateRequest, FileStats, estimate
 from tuneforge.training.hyperparams import auto_batch_size, auto_epochs
 
-LLAMA_31_8B: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-}
 QWEN2_SMALL: dict[str, Any] = {
     "model_type": "qwen2",
     "vocab_size": 4096,
