@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from tuneforge.models.project import ensure_default_project
 from tuneforge.models.spec import JobSpec
 from tuneforge.storage import open_store
 from tuneforge.storage.keys import file_key
+from tuneforge.worker.celery_app import RUN_JOB_TASK, make_celery
 
 from .procs import Services
 
@@ -118,3 +121,15 @@ def artifacts(services: Services, job_id: str) -> dict[str, Artifact]:
 
 def status(services: Services, job_id: str) -> str:
     return get_job(services, job_id).status
+
+
+def sender(services: Services) -> Callable[[str], object]:
+    """Sends a job's run message to the "gpu" queue of the module's broker."""
+    saved = dict(os.environ)
+    os.environ.update(services.env)
+    try:
+        app = make_celery(services.settings())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return lambda job_id: app.send_task(RUN_JOB_TASK, args=[job_id], queue="gpu")

@@ -41,6 +41,8 @@ def standin_training(spec: JobSpec, paths: RunPaths, observer: RunObserver) -> R
             ckpt.mkdir(parents=True, exist_ok=True)
             (ckpt / "state.json").write_text(json.dumps({"step": step}))
             (ckpt / "adapter_config.json").write_text("{}")
+            if ballast := int(os.environ.get("STANDIN_CHECKPOINT_BYTES", "0")):
+                (ckpt / "optimizer.pt").write_bytes(os.urandom(ballast))  # incompressible
             observer.on_checkpoint(step, ckpt, {"train_loss": loss})
         if stop:
             stopped = stop

@@ -4,7 +4,6 @@ consumer, so they start no pool process, no training process and download nothin
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -12,24 +11,12 @@ import pytest
 
 from tuneforge.db import session_scope, utcnow
 from tuneforge.models.job import Job, JobStatus, cancel_job, pause_job
-from tuneforge.worker.celery_app import RUN_JOB_TASK, make_celery
 from tuneforge.worker.jobstate import why_not_runnable
 
-from .helpers import seed_job, status
+from .helpers import seed_job, sender, status
 from .procs import Services, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _sender(services: Services):  # type: ignore[no-untyped-def]
-    saved = dict(os.environ)
-    os.environ.update(services.env)
-    try:
-        app = make_celery(services.settings())
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return lambda job_id: app.send_task(RUN_JOB_TASK, args=[job_id], queue="gpu")
 
 
 def _worker_log(services: Services) -> str:
@@ -59,7 +46,7 @@ def test_messages_of_jobs_that_are_not_runnable_spawn_nothing(services: Services
         job.status = JobStatus.SUCCEEDED.value
     dead.append(finished)
 
-    send = _sender(services)
+    send = sender(services)
     for job_id in dead:
         send(job_id)
         send(job_id)  # duplicates too
