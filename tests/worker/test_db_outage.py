@@ -4,6 +4,9 @@ once the database answers, and the job succeeds on its first attempt. A cluster 
 own (initdb/pg_ctl on a free port), a private redis-server, real worker and beat processes and
 the stand-in training callable.
 
+An outage longer than the lease is the one that costs an attempt: the worker gives its run up
+and the job resumes elsewhere from its checkpoint.
+
 The first tests are quick checks of the retry rules themselves, without processes."""
 
 from __future__ import annotations
@@ -220,3 +223,52 @@ def test_a_job_finishes_through_its_connections_being_terminated(
     time.sleep(1.5)
     cluster.terminate_backends(url)
     _assert_finished_on_first_attempt(services, job_id)
+
+
+SHORT_LEASE_SECONDS = 6
+
+
+@pytest.fixture(scope="module")
+def short_lease(
+    cluster: PgCluster, redis_url: str, tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+) -> Iterator[tuple[Services, str]]:
+    """A second database and broker db on the same servers, whose workers hold a short lease."""
+    url = cluster.create_database("tf_outage_short")
+    broker = redis_url.rsplit("/", 1)[0] + "/1"
+    env = {
+        "TUNEFORGE_LEASE_SECONDS": str(SHORT_LEASE_SECONDS),
+        "TUNEFORGE_RECONCILE_EVERY_SECONDS": "1",
+        "TUNEFORGE_QUEUED_STALE_SECONDS": "60",
+        "STANDIN_STEP_SECONDS": "0.25",
+    }
+    with running_services(tmp_path_factory.mktemp("short-lease"), url, broker, models_dir, env) as services:
+        services.worker()
+        services.beat()
+        yield services, url
+
+
+@pytest.mark.slow
+def test_an_outage_longer_than_the_lease_gives_the_run_up(
+    short_lease: tuple[Services, str], cluster: PgCluster, qa_path: Path
+) -> None:
+    """Past its lease a worker must assume the job runs elsewhere: it stops training, and once the
+    database is back the reconciler queues the job again; it resumes from its checkpoint on a
+    second attempt and succeeds."""
+    services, _ = short_lease
+    total = 60
+    job_id = seed_job(services, qa_path, max_steps=total, save_every=4)
+    _send(services, job_id)
+    wait_for(lambda: _read(services, lambda: checkpoints(services, job_id)), 120, "a checkpoint", services)
+    cluster.stop()
+    wait_for(
+        lambda: "may run elsewhere now" in services.logs(),
+        SHORT_LEASE_SECONDS + 60,
+        "the worker to give the run up",
+        services,
+    )
+    cluster.start()
+    assert wait_for(lambda: _finished(services, job_id), 150, "the job to finish", services) == "succeeded"
+    job = get_job(services, job_id)
+    assert job.attempt == 2 and job.error is None
+    assert sorted(set(metric_steps(services, job_id))) == list(range(1, total + 1))
+    assert any("was lost" in e.message for e in events(services, job_id))
