@@ -37,6 +37,8 @@ def standin_training(spec: JobSpec, paths: RunPaths, observer: RunObserver) -> R
         observer.on_metrics(StepMetrics(step, total, step / total, train_loss=loss, tokens_seen=step * 10))
         stop = observer.stop_requested()
         if step % save_every == 0 or step == total or stop:
+            if stop:  # a checkpoint too slow for a shutdown's grace period
+                time.sleep(float(os.environ.get("STANDIN_STOP_CHECKPOINT_SECONDS", "0")))
             ckpt = paths.out_dir / "checkpoints" / f"checkpoint-{step}"
             ckpt.mkdir(parents=True, exist_ok=True)
             (ckpt / "state.json").write_text(json.dumps({"step": step}))

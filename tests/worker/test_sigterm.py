@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.support import wait_for
-from tuneforge.db import make_engine, make_sessionmaker
+from tuneforge.db import session_scope
+from tuneforge.models.job import cancel_job, get_job_any_project
 from tuneforge.worker.celery_app import RUN_JOB_TASK, make_celery
 
 from .helpers import checkpoints, events, get_job, metric_steps, seed_job, status
-from .procs import REPO, STANDIN, Services, training_processes
+from .procs import Services, running_services, training_processes
 
 pytestmark = pytest.mark.slow
 
@@ -31,24 +32,13 @@ TOTAL_STEPS = 120  # 30 s at the first worker's pace: far longer than the grace
 def shutdown_services(
     pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory, models_dir: Path
 ) -> Iterator[Services]:
-    tmp = tmp_path_factory.mktemp("sigterm")
     env = {
-        "TUNEFORGE_DATA_DIR": str(tmp / "data"),
-        "TUNEFORGE_DATABASE_URL": pg_url,
-        "TUNEFORGE_BROKER_URL": redis_url,
-        "TUNEFORGE_STORAGE_URL": f"file://{tmp / 'objects'}",
-        "TUNEFORGE_MODELS_DIR": str(models_dir),
         "TUNEFORGE_LEASE_SECONDS": "10",
         "TUNEFORGE_QUEUED_STALE_SECONDS": "300",  # no reconciler help: the hand-back re-sends the job
         "TUNEFORGE_WORKER_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
-        "TUNEFORGE_TRAINING_RUNNER": STANDIN,
-        "PYTHONPATH": str(REPO),
     }
-    engine = make_engine(pg_url, pool_size=2, max_overflow=2)
-    services = Services(env, tmp, engine, make_sessionmaker(engine))
-    yield services
-    services.stop_all()
-    engine.dispose()
+    with running_services(tmp_path_factory.mktemp("sigterm"), pg_url, redis_url, models_dir, env) as services:
+        yield services
 
 
 def _descendants(process: subprocess.Popen[bytes]) -> list[int]:
@@ -130,3 +120,44 @@ def test_ctrl_c_to_the_whole_worker_hands_the_job_back_too(
     assert job.status == "queued", (job.status, job.error, services.logs())
     assert job.attempt == 0 and job.error is None
     assert any("handed back" in e.message for e in events(services, job_id))
+    _cancel(services, job_id)  # its message waits in the queue: not for the next test's worker
+
+
+def _cancel(services: Services, job_id: str) -> None:
+    with session_scope(services.sessions) as session:
+        job = get_job_any_project(session, job_id)
+        assert job is not None
+        cancel_job(session, job)
+
+
+def test_a_checkpoint_too_slow_for_the_grace_hands_the_job_back_without_it(
+    shutdown_services: Services, qa_path: Path
+) -> None:
+    """The grace ends before the stop's checkpoint is made: the training process is stopped and the
+    job goes back to its queue from its previous checkpoint, within the grace."""
+    services = shutdown_services
+    grace = 4
+    worker = services.worker(
+        extra_env={
+            "STANDIN_STEP_SECONDS": "0.25",
+            "STANDIN_STOP_CHECKPOINT_SECONDS": "120",
+            "TUNEFORGE_WORKER_SHUTDOWN_GRACE_SECONDS": str(grace),
+        }
+    )
+    job_id = seed_job(services, qa_path, max_steps=TOTAL_STEPS, save_every=3)
+    make_celery(services.settings()).send_task(RUN_JOB_TASK, args=[job_id], queue="gpu")
+    wait_for(lambda: checkpoints(services, job_id), 120, "a checkpoint", services)
+
+    asked = time.monotonic()
+    os.kill(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(timeout=grace + 40)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker did not exit after SIGTERM\n{services.logs()}")
+    assert time.monotonic() - asked < grace + 20, services.logs()
+    job = get_job(services, job_id)
+    assert job.status == "queued", (job.status, job.error, services.logs())
+    assert job.attempt == 0 and job.error is None
+    assert all(c.step_number % 3 == 0 for c in checkpoints(services, job_id))  # none from the stop
+    texts = [e.message for e in events(services, job_id)]
+    assert any("no checkpoint could be made" in t and "handed back" in t for t in texts), texts
