@@ -106,6 +106,9 @@ def test_api_rides_out_dropped_connections_and_a_restart(
                     120,
                     "a 503 on every path while the database is down",
                 )
+                ready = httpx.get(server.base_url + "/readyz", timeout=60)
+                assert ready.status_code == 503
+                assert ready.json()["checks"]["database"] == "unavailable", ready.text
                 cluster.start()
                 wait_for(lambda: _all_answer(server.base_url, key["value"]), 60, "answers after the restart")
                 after = Counter(traffic.answers)
@@ -118,6 +121,7 @@ def test_api_rides_out_dropped_connections_and_a_restart(
             assert not any(status >= 500 and status != 503 for _, status in traffic.answers)
             recovered = traffic.answers - after
             assert recovered and all(status == EXPECTED_OK[path] for path, status in recovered), recovered
+            assert httpx.get(server.base_url + "/readyz", timeout=60).status_code == 200
             assert "Traceback" not in server.log(), server.log()[-5000:]
         finally:
             stop_server(server)
