@@ -174,4 +174,6 @@ def test_request_rate_per_key(rate_limited: TestClient) -> None:
     assert 1 <= int(error.response.headers["retry-after"]) <= 60
     estimate = rate_limited.post("/v1/fine_tuning/estimates", json={"model": MODEL}, headers=project.headers)
     assert estimate.status_code == 429
+    respelled = {"Authorization": f"bearer   {project.key} "}  # the same key, however it is written
+    assert rate_limited.get("/v1/fine_tuning/jobs", headers=respelled).status_code == 429
     other.openai.fine_tuning.jobs.list()

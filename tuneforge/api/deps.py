@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
-from tuneforge.api.auth import Caller, authenticate
+from tuneforge.api.auth import Caller, authenticate, bearer_token
 from tuneforge.api.errors import Forbidden, NotFound
 from tuneforge.api.ratelimit import RateLimiter
 from tuneforge.config import Settings
@@ -46,7 +46,7 @@ async def get_caller(request: Request) -> Caller:
     caller = await authenticate(state.reader, state.admin_key, authorization, state.key_cache)
     limiter: RateLimiter | None = getattr(state, "rate_limiter", None)
     if limiter is not None and authorization and not caller.is_admin:
-        limiter.check(authorization)
+        limiter.check(bearer_token(authorization))  # the key itself, however the header spells it
     return caller
 
 

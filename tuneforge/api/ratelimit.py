@@ -71,9 +71,9 @@ class RateLimiter:
         full_after = self.capacity / self.rate
         self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
 
-    def check(self, bearer: str) -> None:
-        """Raises `RateLimited` when the key behind `bearer` is over its rate."""
-        key = hashlib.blake2b(bearer.encode(), digest_size=16).hexdigest()
+    def check(self, api_key: str) -> None:
+        """Raises `RateLimited` when `api_key` is over its rate."""
+        key = hashlib.blake2b(api_key.encode(), digest_size=16).hexdigest()
         wait = self.wait_seconds(key)
         if wait > 0:
             raise RateLimited(
