@@ -9,6 +9,7 @@ after, does not run past it either. Pure Python: no database, no HTTP, no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tuneforge.config import Settings
@@ -51,6 +52,12 @@ def planned(spec: JobSpec, stats: FileStats | None, estimate: dict[str, Any] | N
             batch = hp.batch_size if isinstance(hp.batch_size, int) else training_hp.auto_batch_size(examples)
             steps = epochs * training_hp.steps_per_epoch(examples, batch, hp.gradient_accumulation_steps)
     return Plan(steps, seconds, f"{section}.n_epochs")
+
+
+def training_file_stats(path: str | Path) -> FileStats:
+    """What the worker knows of a downloaded training file: its examples, one a non-blank line."""
+    with open(path, "rb") as handle:
+        return FileStats(examples=sum(1 for line in handle if line.strip()))
 
 
 def check_ceilings(

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tuneforge.config import Settings
 from tuneforge.db import make_engine, make_sessionmaker, session_scope, utcnow
-from tuneforge.estimates.ceilings import OverCeiling, check_ceilings
+from tuneforge.estimates.ceilings import OverCeiling, check_ceilings, training_file_stats
 from tuneforge.models.checkpoint import new_checkpoint_id
 from tuneforge.models.file import new_file_id
 from tuneforge.models.job import Job, JobStatus
@@ -243,11 +243,12 @@ class JobRun:
                 self.work.parent.rmdir()  # the job's directory, once no attempt uses it
 
     def _execute(self) -> RunOutcome:
+        paths = self._download_inputs()
         try:  # the ceiling may have been lowered since the job was created, paused or queued
-            check_ceilings(JobSpec.model_validate(self.plan.spec), None, None, self.settings)
+            stats = training_file_stats(paths["train_file"] or "")
+            check_ceilings(JobSpec.model_validate(self.plan.spec), stats, None, self.settings)
         except OverCeiling as over:
             return self._fail(over.code, over.message)
-        paths = self._download_inputs()
         process = self._ready_training_process()
         if process is None:
             assert self.process is not None
