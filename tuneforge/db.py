@@ -171,14 +171,10 @@ class Reader:
     autocommit connection of the engine. Either way a row answers the labels of the statement's
     columns as attributes; nothing is cached."""
 
-    def __init__(self, engine: Engine, max_connections: int = 32, checkout_timeout: float = 5.0) -> None:
+    def __init__(self, engine: Engine, max_connections: int = 32, checkout_timeout: float = 10.0) -> None:
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.checkout_timeout = checkout_timeout
         self._drained_at = 0.0
-        # Connections between two reads stay here rather than going back to the pool: taking one
-        # costs a list pop instead of the pool's lock and bookkeeping (a tenth of a job GET's CPU).
-        # A read that fails gives its connection back to the pool, which replaces a broken one.
-        self._idle: list[AsyncConnection[Any]] = []
         self._sql: dict[Select, str] = {}
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         if engine.dialect.name == "postgresql":
@@ -199,14 +195,7 @@ class Reader:
 
     async def close(self) -> None:
         if self._pool is not None:
-            await self._give_back_idle()
             await self._pool.close()
-
-    async def _give_back_idle(self) -> None:
-        assert self._pool is not None
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            await self._pool.putconn(connection)
 
     async def first(self, statement: Select, params: dict[str, Any]) -> Any:
         """The first row of `statement` bound with `params`, or None.
@@ -221,24 +210,17 @@ class Reader:
         if sql is None:
             sql = self._sql[statement] = str(statement.compile(dialect=self._engine.dialect))
         for attempt in (1, 2):
-            idle = self._idle
-            connection = idle.pop() if idle else await self._pool.getconn(timeout=self.checkout_timeout)
-            done = False
+            connection = await self._pool.getconn(timeout=self.checkout_timeout)
             try:
                 cursor = await connection.execute(sql, params, prepare=True)
-                row = await cursor.fetchone()
-                done = True
-                return row
+                return await cursor.fetchone()
             except PsycopgOperationalError as exc:
                 if not connection.closed or attempt == 2:
                     raise
                 log.warning("database connection lost (%s); draining the read pool", exc)
                 await self._drain()
             finally:
-                if done:
-                    self._idle.append(connection)
-                else:
-                    await self._pool.putconn(connection)
+                await self._pool.putconn(connection)
         raise AssertionError("unreachable")
 
     async def _drain(self) -> None:
@@ -249,7 +231,6 @@ class Reader:
         if now - self._drained_at >= 1.0:
             self._drained_at = now
             await self._pool.drain()
-            await self._give_back_idle()
 
     def _first_sync(self, statement: Select, params: dict[str, Any]) -> Row[Any] | None:
         with self._engine.connect() as connection:

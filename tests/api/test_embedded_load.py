@@ -1,18 +1,19 @@
-"""`make run`'s configuration (SQLite, the embedded worker) under 200 concurrent clients: a real
-`tuneforge serve`, a mix of job reads, job and event listings, file listings and job creations;
-no 5xx and no failed connection."""
+"""200 concurrent clients on a real `tuneforge serve`, in `make run`'s configuration (SQLite, the
+embedded worker) and on PostgreSQL (a private Redis, no worker): a mix of job reads, job and event
+listings, file listings and job creations; no 5xx and no failed connection."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import Server, start_server, stop_server
+from tests.support import RedisServer, Server, pg_database, start_server, stop_server
 from tests.support.api import ADMIN_KEY, admin_request
 from tuneforge.db import make_engine
 
@@ -22,11 +23,16 @@ CONCURRENT = 200
 ROUNDS = 5  # requests per client, one after the other
 
 
-@pytest.fixture
-def embedded_server(tmp_path: Path, models_dir: Path) -> Iterator[Server]:
-    server = start_server({"TUNEFORGE_ADMIN_KEY": ADMIN_KEY}, tmp_path / "tuneforge")
-    yield server
-    stop_server(server)
+@pytest.fixture(params=["embedded", "postgresql"])
+def loaded_server(request: pytest.FixtureRequest, tmp_path: Path, models_dir: Path) -> Iterator[Server]:
+    with ExitStack() as stack:
+        env = {"TUNEFORGE_ADMIN_KEY": ADMIN_KEY}
+        if request.param == "postgresql":
+            env["TUNEFORGE_DATABASE_URL"] = stack.enter_context(pg_database("tf_load"))
+            env["TUNEFORGE_BROKER_URL"] = stack.enter_context(RedisServer()).url()
+        server = start_server(env, tmp_path / "tuneforge")
+        yield server
+        stop_server(server)
 
 
 async def _burst(
@@ -71,8 +77,8 @@ async def _burst(
     return statuses, failures
 
 
-def test_embedded_mode_holds_200_concurrent_requests(embedded_server: Server, chat_jsonl: str) -> None:
-    server = embedded_server
+def test_200_concurrent_clients_get_no_server_error(loaded_server: Server, chat_jsonl: str) -> None:
+    server = loaded_server
     project = admin_request(server, "POST", "/v1/admin/projects", ADMIN_KEY, json={"name": "load"})
     key = admin_request(server, "POST", f"/v1/admin/projects/{project['id']}/api_keys", ADMIN_KEY)["value"]
     headers = {"Authorization": f"Bearer {key}"}
