@@ -40,11 +40,13 @@ BAD_REQUEST = _error(400, "The request is invalid; `param` names the field by it
 UNAUTHORIZED = _error(401, "No API key, or an unknown or revoked one.")
 FORBIDDEN = _error(403, "The key may not call this operation (admin routes need the admin key).")
 NOT_FOUND = _error(404, "No such object in the caller's project.")
-TOO_LARGE = _error(413, "The upload is over the size limit.")
+TOO_LARGE = _error(413, "The request body (a JSON body, an upload) is over its size limit.")
 RATE_LIMITED = _error(429, "Over a quota or a rate limit of the project; retry later.")
 UNAVAILABLE = _error(
     503, "A service the API depends on (the database) is unavailable; retry (x-should-retry: true)."
 )
+
+BODY_METHODS = frozenset({"post", "put", "patch", "delete"})
 
 # Every operation behind a key can answer these.
 AUTHENTICATED: Answers = {**BAD_REQUEST, **UNAUTHORIZED, **RATE_LIMITED, **UNAVAILABLE}
@@ -228,7 +230,8 @@ class ApiKeyDeleted(ApiKey):
 
 def install_openapi(app: FastAPI) -> None:
     """The app's OpenAPI document, built once: as FastAPI makes it, minus the 422 answers and
-    their schemas."""
+    their schemas, plus the 413 any operation that takes a body can answer (a JSON body over the
+    size limit is refused before routing)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -238,9 +241,16 @@ def install_openapi(app: FastAPI) -> None:
                 description=app.description,
                 routes=app.routes,
             )
+            too_large = {
+                "description": TOO_LARGE[413]["description"],
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+            }
             for path in spec.get("paths", {}).values():
-                for operation in path.values():
-                    operation.get("responses", {}).pop("422", None)
+                for method, operation in path.items():
+                    answers = operation.get("responses", {})
+                    answers.pop("422", None)
+                    if method in BODY_METHODS:
+                        answers.setdefault("413", too_large)
             schemas = spec.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)
