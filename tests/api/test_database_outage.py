@@ -8,7 +8,6 @@ behind the listings."""
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -71,9 +70,7 @@ def _all_answer(base_url: str, key: str) -> bool:
 
 @pytest.fixture
 def cluster() -> Iterator[PgCluster]:
-    # Outside pytest's temporary root: a pytest run starting beside this one makes that root
-    # private to root again, and the cluster runs as user postgres.
-    with tempfile.TemporaryDirectory(prefix="tf-pg-") as directory, PgCluster(Path(directory) / "pg") as pg:
+    with PgCluster() as pg:  # in a temporary directory of its own, removed afterwards
         yield pg
 
 
