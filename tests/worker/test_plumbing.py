@@ -175,7 +175,7 @@ def test_worker_killed_mid_run_resumes_on_a_new_worker(
     progress never goes back."""
     beat = services.beat()
     try:
-        job_id = seed_job(services, qa_path, max_steps=20, save_every=6)
+        job_id = seed_job(services, qa_path, max_steps=20, save_every=10)  # killed long before step 20
         send(job_id)
 
         def past_a_checkpoint() -> bool:
