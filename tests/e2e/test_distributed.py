@@ -88,7 +88,7 @@ def test_worker_and_training_killed_mid_run_resume_on_new_worker(
     resumed_steps = [e.data["step"] for e in events[restart:] if e.type == "metrics" and e.data]
     assert resumed_steps and min(resumed_steps) > last_checkpoint, (last_checkpoint, resumed_steps)
     assert resumed_steps[-1] == 40
-    adapter_dir = check_succeeded_job(distributed, job_id, tmp_path, resumed=True)
+    adapter_dir = check_succeeded_job(distributed, job_id, tmp_path)
     load_adapter(tiny_chat_path, adapter_dir)
 
 
@@ -148,7 +148,7 @@ def test_pause_then_resume_continues_to_planned_steps(
     resumed = next(i for i, e in enumerate(events) if e.message.startswith("Job resumed"))
     after = [e.data["step"] for e in events[resumed:] if e.type == "metrics" and e.data]
     assert after and min(after) == stopped_at + 1, (stopped_at, after)
-    check_succeeded_job(distributed, job_id, tmp_path, resumed=True)
+    check_succeeded_job(distributed, job_id, tmp_path)
 
 
 def test_queue_names_cannot_reach_the_brokers_keys(distributed: Stack, qa_path: Path) -> None:
