@@ -147,6 +147,19 @@ def test_real_answers_conform_to_the_document(
         key,
         json={"model": "tuneforge/tiny-chat"},
     )
+    graders = "/v1/fine_tuning/alpha/graders"
+    exact = {
+        "type": "string_check",
+        "name": "g",
+        "input": "{{sample.output_text}}",
+        "reference": "a",
+        "operation": "eq",
+    }
+    check("POST", graders + "/run", graders + "/run", key, json={"grader": exact, "model_sample": "a"})
+    multi = {"type": "multi", "name": "m", "graders": {"g": exact}, "calculate_output": "g / 2"}
+    check("POST", graders + "/run", graders + "/run", key, json={"grader": multi, "model_sample": "a"})
+    check("POST", graders + "/run", graders + "/run", key, json={"grader": {"type": "python"}})
+    check("POST", graders + "/validate", graders + "/validate", key, json={"grader": exact})
     check("DELETE", files + "/{file_id}", f"{files}/{file['id']}", key)
 
     projects = "/v1/admin/projects"

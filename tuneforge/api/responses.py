@@ -228,6 +228,44 @@ class ApiKeyDeleted(ApiKey):
     deleted: Literal[True]
 
 
+class GraderRunErrors(_Open):
+    formula_parse_error: bool
+    invalid_variable_error: bool
+    model_grader_parse_error: bool
+    model_grader_refusal_error: bool
+    model_grader_server_error: bool
+    model_grader_server_error_details: str | None
+    other_error: bool
+    python_grader_runtime_error: bool
+    python_grader_runtime_error_details: str | None
+    python_grader_server_error: bool
+    python_grader_server_error_type: str | None
+    sample_parse_error: bool
+    truncated_observation_error: bool
+    unresponsive_reward_error: bool
+
+
+class GraderRunMetadata(_Open):
+    errors: GraderRunErrors
+    execution_time: float = Field(description="Seconds the grader ran.")
+    name: str
+    type: str
+    scores: dict[str, Any] = Field(description="A multi grader's sub-graders' rewards by name.")
+    sampled_model_name: str | None
+    token_usage: int | None
+
+
+class GraderRunResult(_Open):
+    reward: float
+    metadata: GraderRunMetadata
+    sub_rewards: dict[str, Any]
+    model_grader_token_usage_per_model: dict[str, Any]
+
+
+class GraderValidation(_Open):
+    grader: dict[str, Any] = Field(description="The grader, as given.")
+
+
 def install_openapi(app: FastAPI) -> None:
     """The app's OpenAPI document, built once: as FastAPI makes it, minus the 422 answers and
     their schemas, plus the 413 any operation that takes a body can answer (a JSON body over the
