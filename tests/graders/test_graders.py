@@ -288,3 +288,20 @@ def test_any_json_is_a_grader_error_or_a_result(
     except GraderUnavailable:
         return
     assert isinstance(result["reward"], float)
+
+
+def test_odd_json_is_an_error_in_metadata_or_a_400_not_a_crash() -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    as_json = parse_grader(check("eq", "{{sample.output_json.a}}"))
+    assert run_grader(as_json, deep, {"answer": "x"})["metadata"]["errors"]["sample_parse_error"] is True
+    indexed = parse_grader(check("eq", "{{item.answer.²}}"))
+    assert run_grader(indexed, "x", {"answer": ["x"]})["metadata"]["errors"]["invalid_variable_error"] is True
+    nested: Any = []
+    for _ in range(100_000):
+        nested = [nested]
+    whole = parse_grader(check("eq", reference="{{item}}"))
+    assert run_grader(whole, "x", nested)["metadata"]["errors"]["other_error"] is True
+    score = {"type": "score_model", "name": "s", "model": "m", "input": [{"role": "user", "content": "x"}]}
+    with pytest.raises(GraderError) as refused:
+        parse_grader({**score, "range": [0, float("inf")]})
+    assert refused.value.param == "grader.range[1]"

@@ -31,7 +31,7 @@ class GraderError(ValueError):
 
 
 class _Shape(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Grader(_Shape):

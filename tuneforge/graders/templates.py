@@ -48,7 +48,7 @@ class Namespaces:
     def __post_init__(self) -> None:
         try:
             self._json = json.loads(self.model_sample)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             self._json_error = str(exc)
 
     def lookup(self, path: str) -> Any:
@@ -73,7 +73,7 @@ class Namespaces:
         def fill(match: re.Match[str]) -> str:
             nonlocal size
             value = self.lookup(match.group(1))
-            filled = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            filled = value if isinstance(value, str) else _as_json(value)
             size += len(filled) - len(match.group(0))
             if size > limit:
                 raise TemplateError("truncated_observation_error", f"The text is over {limit} characters.")
@@ -89,8 +89,17 @@ def _walk(value: Any, segments: list[str], path: str) -> Any:
     for segment in segments:
         if isinstance(value, dict) and segment in value:
             value = value[segment]
-        elif isinstance(value, list) and segment.isdigit() and int(segment) < len(value):
+        elif (
+            isinstance(value, list) and segment.isascii() and segment.isdigit() and int(segment) < len(value)
+        ):
             value = value[int(segment)]
         else:
             raise TemplateError("invalid_variable_error", f"{path!r} does not exist.")
     return value
+
+
+def _as_json(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (ValueError, RecursionError) as exc:
+        raise TemplateError("other_error", f"The value cannot be written as JSON: {exc}.") from exc
