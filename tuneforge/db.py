@@ -33,6 +33,7 @@ from sqlalchemy import (
     inspect,
     text,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from starlette.requests import Request
@@ -51,6 +52,16 @@ NAMING_CONVENTION = {
 }
 
 log = logging.getLogger(__name__)
+
+# What the database layers raise while the database is down, restarting, has dropped a connection,
+# or has no connection free in time. The API answers these with a 503 the client retries; the
+# worker retries them (tuneforge/worker/resilience.py adds the broker's and a few more).
+DATABASE_UNREACHABLE_ERRORS: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    PsycopgOperationalError,
+)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _AFTER_COMMIT = "tuneforge_after_commit"

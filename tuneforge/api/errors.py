@@ -15,11 +15,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from psycopg import OperationalError as PsycopgOperationalError
 from pydantic import ValidationError
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tuneforge.db import DATABASE_UNREACHABLE_ERRORS
 from tuneforge.models.job import InvalidTransition
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,18 @@ class PayloadTooLarge(TuneforgeError):
         super().__init__(message, **kwargs)
 
 
+class RateLimitExceeded(TuneforgeError):
+    """OpenAI's 429 `rate_limit_exceeded`. Subclasses say whether retrying can help
+    (`x-should-retry`, `Retry-After`)."""
+
+    status_code = 429
+    type = "requests"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        kwargs.setdefault("code", "rate_limit_exceeded")
+        super().__init__(message, **kwargs)
+
+
 class ServiceUnavailable(TuneforgeError):
     """A dependency (the database, the broker) is down or overloaded for now: the client should
     retry (`x-should-retry: true`)."""
@@ -101,16 +113,6 @@ class ServiceUnavailable(TuneforgeError):
 DATABASE_UNAVAILABLE = ServiceUnavailable(
     "The service is temporarily unavailable (database); retry the request.", code="service_unavailable"
 )
-
-# What the database layers raise while the database is down, restarting, has dropped a connection,
-# or has no connection free in time: a 503 the client retries, never a 500.
-DATABASE_DOWN_ERRORS: tuple[type[Exception], ...] = (
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    sa_exc.TimeoutError,
-    PsycopgOperationalError,
-)
-
 
 # Pydantic names union members in the loc ('n_epochs', 'constrained-int'), ("...", "literal['auto']"),
 # ('target_modules', 'list[str]'), ('x', 'function-after[...]'): none of them is a field a client wrote.
@@ -209,7 +211,7 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
 
 def is_database_down(exc: BaseException) -> bool:
     """Whether `exc` says the database is unreachable for now (not that a statement is wrong)."""
-    if isinstance(exc, DATABASE_DOWN_ERRORS):
+    if isinstance(exc, DATABASE_UNREACHABLE_ERRORS):
         return True
     return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
 
@@ -238,6 +240,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ValidationError, _request_validation_error)
     app.add_exception_handler(InvalidTransition, _invalid_transition)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
-    for database_error in (*DATABASE_DOWN_ERRORS, sa_exc.DBAPIError):
+    for database_error in (*DATABASE_UNREACHABLE_ERRORS, sa_exc.DBAPIError):
         app.add_exception_handler(database_error, _unexpected)
     app.add_exception_handler(Exception, _unexpected)

@@ -33,6 +33,8 @@ import psycopg
 import redis.exceptions
 from sqlalchemy import exc as sa_exc
 
+from tuneforge.db import DATABASE_UNREACHABLE_ERRORS
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -40,12 +42,9 @@ T = TypeVar("T")
 # --- transient errors -------------------------------------------------------------------------
 
 _TRANSIENT = (
-    sa_exc.OperationalError,  # connection refused or dropped, server shutting down or starting up
-    sa_exc.InterfaceError,  # a connection already closed underneath the pool
+    *DATABASE_UNREACHABLE_ERRORS,
     sa_exc.DisconnectionError,
-    sa_exc.TimeoutError,  # no pooled connection came free in time
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
+    psycopg.InterfaceError,  # a connection already closed underneath the pool
     kombu.exceptions.OperationalError,  # the broker refused or dropped a publish
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
