@@ -17,7 +17,7 @@ from __future__ import annotations
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from tuneforge.api.errors import PayloadTooLarge, TuneforgeError
+from tuneforge.api.errors import PayloadTooLarge, RateLimitExceeded
 from tuneforge.config import Settings
 from tuneforge.models.file import File
 from tuneforge.models.job import TERMINAL_STATUSES, Job
@@ -26,17 +26,12 @@ from tuneforge.models.project import Project
 ACTIVE_STATUSES_NOT = tuple(s.value for s in TERMINAL_STATUSES)
 
 
-class QuotaExceeded(TuneforgeError):
+class QuotaExceeded(RateLimitExceeded):
     """429 with OpenAI's rate-limit code, not to be retried: a quota frees up only when the
     project's own work finishes."""
 
-    status_code = 429
     type = "invalid_request_error"
     headers = {"x-should-retry": "false"}
-
-    def __init__(self, message: str, **kwargs: object) -> None:
-        kwargs.setdefault("code", "rate_limit_exceeded")
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
 
 
 class StorageQuotaExceeded(PayloadTooLarge):

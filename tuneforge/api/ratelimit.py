@@ -15,19 +15,16 @@ import math
 import threading
 import time
 
-from tuneforge.api.errors import TuneforgeError
+from tuneforge.api.errors import RateLimitExceeded
 from tuneforge.config import Settings
 
 #: Buckets kept before idle ones (full again) are dropped.
 MAX_BUCKETS = 100_000
 
 
-class RateLimited(TuneforgeError):
-    status_code = 429
-    type = "requests"
-
+class RateLimited(RateLimitExceeded):
     def __init__(self, message: str, retry_after: float, limit: float) -> None:
-        super().__init__(message, code="rate_limit_exceeded")
+        super().__init__(message)
         self.headers = {
             "retry-after": str(max(1, math.ceil(retry_after))),
             "retry-after-ms": str(max(1, math.ceil(retry_after * 1000))),

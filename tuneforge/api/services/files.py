@@ -29,7 +29,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from tuneforge.api.errors import BadRequest, PayloadTooLarge, TuneforgeError
+from tuneforge.api.errors import BadRequest, PayloadTooLarge, RateLimitExceeded, TuneforgeError
 from tuneforge.config import Settings
 from tuneforge.models import file as files
 from tuneforge.storage import ObjectStore
@@ -55,17 +55,11 @@ DEFAULT_FILENAME = "upload.jsonl"
 _FILENAME_STAR = re.compile(r"filename\*\s*=\s*(?:UTF-8|utf-8)''([^;\s]+)")
 
 
-class TooManyUploads(TuneforgeError):
-    """OpenAI's rate-limit error: the project already runs as many uploads as it may. A slot frees
-    when one of them ends, so the SDK may retry after a moment."""
+class TooManyUploads(RateLimitExceeded):
+    """The project already runs as many uploads as it may. A slot frees when one of them ends, so
+    the SDK may retry after a moment."""
 
-    status_code = 429
-    type = "requests"
     headers = {"retry-after": "1", "x-should-retry": "true"}
-
-    def __init__(self, message: str, **kwargs: Any) -> None:
-        kwargs.setdefault("code", "rate_limit_exceeded")
-        super().__init__(message, **kwargs)
 
 
 class UploadTimeout(TuneforgeError):
