@@ -32,9 +32,14 @@ lint: $(STAMP)-dev
 	$(BIN)/ruff format --check tuneforge tests bench migrations
 	$(BIN)/mypy
 
+# Two test processes (pytest-xdist), whole files each so module fixtures stay together: most of
+# the suite waits on subprocesses (workers starting, leases running out), so two overlap well on
+# two cores. `make test PYTEST_JOBS=` runs it in one process.
+PYTEST_JOBS ?= -n 2 --dist loadfile
+
 test: $(STAMP)-dev
 	$(MAKE) lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_JOBS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .tuneforge .pytest_cache .mypy_cache .ruff_cache

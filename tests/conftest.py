@@ -20,8 +20,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A models directory for the whole run, exported as TUNEFORGE_MODELS_DIR for subprocesses."""
-    path = tmp_path_factory.mktemp("models")
+    """A models directory for the whole run, exported as TUNEFORGE_MODELS_DIR for subprocesses.
+
+    Under pytest-xdist every test process gets its own base temp directory inside one shared
+    parent; the models directory lives in that parent, so the processes share one tiny-chat
+    build (`build_tiny_chat` takes a file lock: one builds, the others wait and reuse it)."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "models"
+    path.mkdir(exist_ok=True)
     previous = os.environ.get("TUNEFORGE_MODELS_DIR")
     os.environ["TUNEFORGE_MODELS_DIR"] = str(path)
     yield path
