@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     max_concurrent_uploads_per_project: int = Field(
         4, ge=1, description="Uploads one project may run at once per API process; one more is a 429."
     )
+    max_chunked_upload_bytes: int = Field(
+        8 << 30,
+        ge=1,
+        description="The largest file the Uploads API (POST /v1/uploads, sent in parts) takes; a "
+        "larger `bytes` is a 413.",
+    )
+    chunked_upload_expires_seconds: int = Field(
+        3600, ge=60, description="An Uploads API upload not completed this long after its creation expires."
+    )
     incomplete_write_max_age_seconds: float = Field(
         24 * 3600.0,
         gt=0,
