@@ -191,6 +191,42 @@ class Settings(BaseSettings):
         "for one) at once; one more is a 503 with Retry-After. Estimates of models built before "
         "need none. 0: no limit.",
     )
+    # --- inference (tuneforge.inference, api/routes/chat.py) ---
+    inference_engine_url: str = Field(
+        "",
+        description="Where the API reaches the built-in inference engine (`tuneforge inference`), "
+        "e.g. `http://inference:8001`; empty: the engine embedded mode starts on the Unix socket "
+        "<data_dir>/inference.sock.",
+    )
+    inference_url: str | None = Field(
+        None,
+        description="An existing vLLM server (OpenAI-compatible, started with --enable-lora and "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) to serve instead of the built-in engine; adapters are "
+        "handed to it through its /v1/load_lora_adapter.",
+    )
+    inference_adapter_dir: Path | None = Field(
+        None,
+        description="With inference_url: a directory the vLLM server reads too, where the API unpacks "
+        "adapters before asking vLLM to load them; default <data_dir>/served-adapters.",
+    )
+    inference_adapters_per_base: int = Field(
+        8, ge=1, description="Adapters the engine keeps loaded per base model (least recently used go)."
+    )
+    inference_max_batch: int = Field(
+        32, ge=1, description="Sequences the engine decodes together in one batch (over adapters)."
+    )
+    inference_max_queued: int = Field(
+        256,
+        ge=1,
+        description="Sequences (requests times n) an engine process holds, waiting or running; one "
+        "more request is a 429.",
+    )
+    inference_timeout_seconds: float = Field(
+        120.0, gt=0, description="A completion still unfinished after this long is stopped (504)."
+    )
+    inference_max_tokens: int = Field(
+        512, ge=1, description="Tokens a completion generates when the request sets no max_tokens."
+    )
 
     @property
     def work_dir(self) -> Path:
@@ -218,6 +254,11 @@ class Settings(BaseSettings):
     def celery_broker_url(self) -> str:
         """The broker Celery connects to: the configured one, or a SQLite file on this machine."""
         return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+
+    @property
+    def inference_socket(self) -> Path:
+        """The Unix socket of the embedded inference engine (used when inference_engine_url is empty)."""
+        return self.data_dir / "inference.sock"
 
     @property
     def models_dir(self) -> Path:
