@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -227,6 +227,44 @@ class Settings(BaseSettings):
     inference_max_tokens: int = Field(
         512, ge=1, description="Tokens a completion generates when the request sets no max_tokens."
     )
+    # --- webhooks and live events (tuneforge.models.webhook, tuneforge.worker.webhooks) ---
+    webhook_allow_hosts: str = Field(
+        "",
+        description="Hosts (names, IP addresses or networks such as 10.0.0.0/8, comma-separated) a "
+        "webhook endpoint may name even over plain http or at a private or loopback address; any "
+        "other endpoint must be https to a public address.",
+    )
+    webhook_retry_seconds: str = Field(
+        "5,30,120,600,1800,3600,7200,14400,28800,28800",
+        description="Delays between the attempts of a webhook delivery (comma-separated seconds, each "
+        "stretched by up to 20% of jitter); after the last the delivery has failed.",
+    )
+    webhook_give_up_seconds: float = Field(
+        24 * 3600.0, gt=0, description="A webhook delivery not made this long after its event has failed."
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, description="How long one webhook attempt may take (connect, send, answer)."
+    )
+    webhook_send_every_seconds: float = Field(
+        2.0, gt=0, description="How often the beat process sends the webhook deliveries that are due."
+    )
+    event_stream_heartbeat_seconds: float = Field(
+        15.0, gt=0, description="A live event stream sends a comment this often so proxies keep it open."
+    )
+
+    @field_validator("webhook_retry_seconds")
+    @classmethod
+    def _check_retry_seconds(cls, value: str) -> str:
+        _parse_delays(value)
+        return value
+
+    @property
+    def webhook_retry_delays(self) -> list[float]:
+        return _parse_delays(self.webhook_retry_seconds)
+
+    @property
+    def webhook_allowed_hosts(self) -> list[str]:
+        return [h.strip().lower() for h in self.webhook_allow_hosts.split(",") if h.strip()]
 
     @property
     def work_dir(self) -> Path:
@@ -263,6 +301,20 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return (self.models_dir_override or self.data_dir / "models").expanduser().resolve()
+
+
+def _parse_delays(value: str) -> list[float]:
+    """`"1,2,4"` -> [1.0, 2.0, 4.0]; each a finite number of seconds >= 0."""
+    delays: list[float] = []
+    for part in value.split(","):
+        try:
+            delay = float(part)
+        except ValueError:
+            raise ValueError(f"not a number of seconds: {part.strip()!r}") from None
+        if not 0 <= delay < float("inf"):
+            raise ValueError(f"a delay must be a finite number of seconds >= 0, not {part.strip()!r}")
+        delays.append(delay)
+    return delays
 
 
 @lru_cache(maxsize=1)
