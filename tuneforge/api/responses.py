@@ -110,6 +110,25 @@ class JobProgress(_Open):
     eta_seconds: float | None = None
 
 
+class Upload(_Open):
+    id: str = Field(description="upload_...")
+    object: Literal["upload"]
+    bytes: int
+    created_at: int
+    expires_at: int
+    filename: str
+    purpose: str
+    status: str = Field(description="pending, completed, cancelled or expired.")
+    file: FileObject | None = Field(None, description="The file the upload became, once completed.")
+
+
+class UploadPart(_Open):
+    id: str = Field(description="part_...")
+    object: Literal["upload.part"]
+    created_at: int
+    upload_id: str
+
+
 class FineTuningJob(_Open):
     id: str = Field(description="ftjob-...")
     object: Literal["fine_tuning.job"]
