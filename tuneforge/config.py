@@ -266,6 +266,31 @@ class Settings(BaseSettings):
     def webhook_allowed_hosts(self) -> list[str]:
         return [h.strip().lower() for h in self.webhook_allow_hosts.split(",") if h.strip()]
 
+    # --- metrics and tracking integrations (tuneforge.metrics, tuneforge.training.integrations) ---
+    worker_metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of a training worker's Prometheus /metrics (its pool processes' metrics, "
+        "gathered by the main process); unset: no endpoint. One worker per port and host.",
+    )
+    worker_metrics_host: str = Field("0.0.0.0", description="Interface the worker's /metrics listens on.")
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="The MLflow tracking server (or store) jobs' `mlflow` integrations log to; unset: a "
+        "job naming mlflow is refused. Users pick the experiment, never the URI.",
+    )
+    wandb_enabled: bool = Field(
+        False,
+        description="Workers log jobs' `wandb` integrations to Weights & Biases with their own "
+        "WANDB_API_KEY (or WANDB_MODE=offline); off: a job naming wandb is refused.",
+    )
+    tensorboard_enabled: bool = Field(
+        True,
+        description="Jobs may ask for the `tensorboard` integration (event files stored as the "
+        "artifact `tensorboard`); off: a job naming it is refused.",
+    )
+
     @property
     def work_dir(self) -> Path:
         return (self.work_dir_override or self.data_dir / "work").expanduser().resolve()
