@@ -251,6 +251,27 @@ class Settings(BaseSettings):
     event_stream_heartbeat_seconds: float = Field(
         15.0, gt=0, description="A live event stream sends a comment this often so proxies keep it open."
     )
+    # --- graders (tuneforge.graders: the graders API and evaluations inside jobs) ---
+    python_grader_enabled: bool = Field(
+        False,
+        description="Run `python` graders (the user's grade(sample, item) in a sandboxed process with "
+        "no network and time, memory and output limits); off: they validate but running one is a 400.",
+    )
+    python_grader_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="CPU and wall-clock time one python grader run may take."
+    )
+    python_grader_memory_mb: int = Field(
+        512, ge=64, le=65536, description="Address space one python grader process may use (MiB)."
+    )
+    grader_model_url: str | None = Field(
+        None,
+        description="OpenAI-compatible base URL (e.g. `http://127.0.0.1:8000/v1`, Tuneforge's own) whose "
+        "/chat/completions `score_model` and `label_model` graders call; unset: they are a 400.",
+    )
+    grader_model_key: SecretStr | None = Field(None, description="Bearer key for grader_model_url.")
+    grader_model_timeout_seconds: float = Field(
+        60.0, gt=0, le=600, description="How long one model grader call may take."
+    )
 
     @field_validator("webhook_retry_seconds")
     @classmethod
