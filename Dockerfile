@@ -14,11 +14,12 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-# Dependencies first, so code changes do not reinstall torch.
+# Dependencies first, so code changes do not reinstall torch; the tracking extra is for workers'
+# wandb, mlflow and tensorboard integrations.
 COPY pyproject.toml README.md ./
 RUN mkdir tuneforge && touch tuneforge/__init__.py \
     && pip install torch==2.13.0 \
-    && pip install . \
+    && pip install ".[tracking]" \
     && pip uninstall -y tuneforge
 COPY tuneforge ./tuneforge
 COPY migrations ./migrations
