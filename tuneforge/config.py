@@ -143,6 +143,19 @@ class Settings(BaseSettings):
     work_dir_override: Path | None = Field(
         None, validation_alias="TUNEFORGE_WORK_DIR", description="Scratch space of training runs."
     )
+    tokenization_cache: bool = Field(
+        True,
+        description="Keep tokenized datasets in the object store (tokcache/), keyed by the file's "
+        "sha256, the tokenizer, chat template, max_seq_length, method and format, and reuse them in "
+        "validation, training, resumed attempts and later jobs on the same file.",
+    )
+    test_oom_above_micro_batch: int | None = Field(
+        None,
+        ge=0,
+        description="TEST ONLY, never in production: the training process raises "
+        "torch.OutOfMemoryError at every step whose micro-batch is above this size (0: every "
+        "step), so tests drive the out-of-memory recovery on machines without a GPU.",
+    )
     # --- quotas and limits (tuneforge.api.quotas, tuneforge.estimates.ceilings) ---
     max_active_jobs_per_project: int = Field(
         0,
