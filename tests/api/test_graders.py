@@ -1,6 +1,6 @@
 """The graders API through the official `openai` SDK: `fine_tuning.alpha.graders.run` and
 `.validate`, OpenAI's answer shapes, a 400 naming the grader's field, and the grader types this
-service validates but does not run."""
+service runs only when configured (python graders enabled, a grader model endpoint)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.support.api import ProjectCtx
+from tests.support.chat_stub import chat_stub
+from tuneforge.config import Settings
 
 EXACT = {
     "type": "string_check",
@@ -132,7 +134,7 @@ def test_python_and_model_graders_validate_but_run_is_refused(
     with pytest.raises(openai.BadRequestError) as refused:
         graders.run(grader=grader, model_sample="x", item={"answer": "x"})  # type: ignore[arg-type]
     assert refused.value.param == "grader.type"  # type: ignore[attr-defined]
-    assert "not available on this service yet" in refused.value.message
+    assert "an administrator" in refused.value.message
 
 
 def test_meteor_is_refused_by_name(project: ProjectCtx) -> None:
@@ -160,3 +162,51 @@ def test_a_missing_sample_is_a_400(project: ProjectCtx) -> None:
     )
     assert answer.status_code == 400
     assert answer.json()["error"]["param"] == "model_sample"
+
+
+@pytest.fixture
+def python_graders_on(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The administrator turns python graders on (with a short time limit for the tests)."""
+    monkeypatch.setattr(settings, "python_grader_enabled", True)
+    monkeypatch.setattr(settings, "python_grader_timeout_seconds", 1.0)
+    monkeypatch.setattr(settings, "python_grader_memory_mb", 256)
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ("    while True:\n        pass", "time limit"),
+        ("    return len(bytearray(8 << 30))", "memory limit"),
+        ("    import socket\n    socket.create_connection(('127.0.0.1', 5432), timeout=2)", "not allowed"),
+    ],
+    ids=["loops forever", "allocates gigabytes", "opens a socket"],
+)
+def test_an_enabled_python_grader_that_misbehaves_is_stopped(
+    project: ProjectCtx, python_graders_on: None, body: str, detail: str
+) -> None:
+    graders = project.openai.fine_tuning.alpha.graders
+    good = {
+        **PYTHON,
+        "source": "def grade(sample, item):\n    return float(sample['output_text'] == item['a'])\n",
+    }
+    assert graders.run(grader=good, model_sample="x", item={"a": "x"}).reward == 1.0  # type: ignore[arg-type]
+    bad = {**PYTHON, "source": f"def grade(sample, item):\n{body}\n"}
+    result = graders.run(grader=bad, model_sample="x", item={})  # type: ignore[arg-type]
+    assert result.reward == 0.0
+    errors = result.metadata.errors  # type: ignore[union-attr]
+    assert errors.python_grader_runtime_error is True
+    assert detail in (errors.python_grader_runtime_error_details or "")
+
+
+def test_model_graders_call_the_configured_endpoint(
+    project: ProjectCtx, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with chat_stub(lambda body: '{"result": 0.75}') as stub:
+        monkeypatch.setattr(settings, "grader_model_url", stub.base_url)
+        result = project.openai.fine_tuning.alpha.graders.run(
+            grader=SCORE_MODEL,  # type: ignore[arg-type]
+            model_sample="Paris",
+            item={"answer": "Paris"},
+        )
+    assert result.reward == 0.75
+    assert stub.requests[0]["messages"][-1]["content"] == "Score Paris against Paris"

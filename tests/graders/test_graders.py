@@ -211,7 +211,7 @@ def test_an_invalid_grader_names_the_field(grader: Any, param: str) -> None:
     assert refused.value.param == param, refused.value.message
 
 
-def test_model_and_python_graders_validate_but_do_not_run() -> None:
+def test_model_and_python_graders_validate_but_do_not_run_unless_configured() -> None:
     python = {"type": "python", "name": "p", "source": "def grade(sample, item):\n    return 1.0\n"}
     score = {
         "type": "score_model",
@@ -238,7 +238,8 @@ def test_model_and_python_graders_validate_but_do_not_run() -> None:
         with pytest.raises(GraderUnavailable) as refused:
             run_grader(parsed, "x", {"answer": "x"})
         assert refused.value.param == param
-        assert "not available on this service yet" in refused.value.message
+        setting = "PYTHON_GRADER_ENABLED" if grader is python else "GRADER_MODEL_URL"
+        assert f"TUNEFORGE_{setting}" in refused.value.message
     with pytest.raises(GraderError, match="passing_labels"):
         parse_grader(multi("l", graders={"l": {**label, "passing_labels": ["great"]}}))
 

@@ -1,28 +1,37 @@
 """Running a grader on one model sample and dataset item: the answer of OpenAI's
 `/fine_tuning/alpha/graders/run` (`reward`, `metadata`, `sub_rewards`, ...).
 
-A reference a template cannot fill, or a formula that fails on the sub-rewards, is not a 400:
-the reward is 0 and `metadata.errors` says why, as OpenAI answers. Graders this service cannot run
-(`python`, `score_model`, `label_model`, the `meteor` and `cosine` metrics) raise
-`GraderUnavailable` before anything runs."""
+A reference a template cannot fill, a formula that fails on the sub-rewards, a python grader that
+fails or a model grader whose call fails is not a 400: the reward is 0 and `metadata.errors` says
+why, as OpenAI answers. Graders this service cannot run (`python` unless the administrator enables
+it, `score_model` and `label_model` without a configured model endpoint, the `meteor` and `cosine`
+metrics) raise `GraderUnavailable` before anything runs. What may run is a `GraderRuntime`."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tuneforge.graders import model as model_graders
 from tuneforge.graders.metrics import MAX_SIMILARITY_CHARS, UNAVAILABLE_METRICS, similarity
+from tuneforge.graders.model import ModelEndpoint
+from tuneforge.graders.sandbox import SandboxLimits, run_python_grader
 from tuneforge.graders.schema import (
     Grader,
     GraderError,
     LabelModelGrader,
     MultiGrader,
+    PythonGrader,
+    ScoreModelGrader,
     StringCheckGrader,
     SubGrader,
     TextSimilarityGrader,
 )
 from tuneforge.graders.templates import Namespaces, TemplateError
+
+if TYPE_CHECKING:
+    from tuneforge.config import Settings
 
 ERROR_FLAGS = (
     "formula_parse_error",
@@ -42,11 +51,30 @@ ERROR_DETAILS = (
     "python_grader_runtime_error_details",
     "python_grader_server_error_type",
 )
-NOT_RUN_HERE = ("python", "score_model", "label_model")
 
 
 class GraderUnavailable(GraderError):
-    """A valid grader this service cannot run (yet)."""
+    """A valid grader this service cannot run as configured."""
+
+
+@dataclass(frozen=True)
+class GraderRuntime:
+    """What graders may use besides pure computation: `python` runs only with sandbox limits
+    (the administrator enabled it), model graders only with an endpoint."""
+
+    python: SandboxLimits | None = None
+    model_endpoint: ModelEndpoint | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GraderRuntime:
+        python = None
+        if settings.python_grader_enabled:
+            python = SandboxLimits(settings.python_grader_timeout_seconds, settings.python_grader_memory_mb)
+        endpoint = None
+        if settings.grader_model_url:
+            key = settings.grader_model_key.get_secret_value() if settings.grader_model_key else None
+            endpoint = ModelEndpoint(settings.grader_model_url, key, settings.grader_model_timeout_seconds)
+        return cls(python, endpoint)
 
 
 @dataclass
@@ -55,12 +83,24 @@ class _Outcome:
     errors: dict[str, bool] = field(default_factory=dict)
     details: dict[str, str] = field(default_factory=dict)
     sub_rewards: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, dict[str, int]] = field(default_factory=dict)  # per grader model
+    sampled_model: str | None = None
 
 
-def ensure_runnable(grader: Grader | SubGrader, param: str = "grader") -> None:
-    if grader.type in NOT_RUN_HERE:
+def ensure_runnable(
+    grader: Grader | SubGrader, runtime: GraderRuntime | None = None, param: str = "grader"
+) -> None:
+    runtime = runtime or GraderRuntime()
+    if isinstance(grader, PythonGrader) and runtime.python is None:
         raise GraderUnavailable(
-            f"'{param}.type' {grader.type!r}: this grader type is not available on this service yet.",
+            f"'{param}.type' 'python': python graders are turned off on this service (an "
+            "administrator turns them on with TUNEFORGE_PYTHON_GRADER_ENABLED=true).",
+            f"{param}.type",
+        )
+    if isinstance(grader, ScoreModelGrader | LabelModelGrader) and runtime.model_endpoint is None:
+        raise GraderUnavailable(
+            f"'{param}.type' {grader.type!r}: model graders need a grader model endpoint, which this "
+            "service has not configured (an administrator sets TUNEFORGE_GRADER_MODEL_URL).",
             f"{param}.type",
         )
     if isinstance(grader, TextSimilarityGrader) and grader.evaluation_metric in UNAVAILABLE_METRICS:
@@ -72,13 +112,16 @@ def ensure_runnable(grader: Grader | SubGrader, param: str = "grader") -> None:
         )
     if isinstance(grader, MultiGrader):
         for key, sub in grader.graders.items():
-            ensure_runnable(sub, f"{param}.{grader.sub_param(key)}")
+            ensure_runnable(sub, runtime, f"{param}.{grader.sub_param(key)}")
 
 
-def run_grader(grader: Grader, model_sample: str, item: Any = None) -> dict[str, Any]:
-    ensure_runnable(grader)
+def run_grader(
+    grader: Grader, model_sample: str, item: Any = None, runtime: GraderRuntime | None = None
+) -> dict[str, Any]:
+    runtime = runtime or GraderRuntime()
+    ensure_runnable(grader, runtime)
     started = time.perf_counter()
-    outcome = _run(grader, Namespaces(model_sample, item))
+    outcome = _run(grader, Namespaces(model_sample, item), runtime)
     errors: dict[str, Any] = {flag: outcome.errors.get(flag, False) for flag in ERROR_FLAGS}
     errors.update({name: outcome.details.get(name) for name in ERROR_DETAILS})
     return {
@@ -89,20 +132,34 @@ def run_grader(grader: Grader, model_sample: str, item: Any = None) -> dict[str,
             "errors": errors,
             "execution_time": time.perf_counter() - started,
             "scores": dict(outcome.sub_rewards),
-            "token_usage": None,
-            "sampled_model_name": None,
+            "token_usage": _total_usage(outcome.usage) if outcome.usage else None,
+            "sampled_model_name": outcome.sampled_model,
         },
         "sub_rewards": outcome.sub_rewards,
-        "model_grader_token_usage_per_model": {},
+        "model_grader_token_usage_per_model": outcome.usage,
     }
 
 
-def _run(grader: Grader | LabelModelGrader, namespaces: Namespaces) -> _Outcome:
+def _total_usage(per_model: dict[str, dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for usage in per_model.values():
+        for key, value in usage.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _run(grader: Grader | LabelModelGrader, namespaces: Namespaces, runtime: GraderRuntime) -> _Outcome:
     if isinstance(grader, MultiGrader):
-        return _run_multi(grader, namespaces)
+        return _run_multi(grader, namespaces, runtime)
     try:
         if isinstance(grader, StringCheckGrader):
             return _Outcome(reward=_string_check(grader, namespaces))
+        if isinstance(grader, PythonGrader):
+            assert runtime.python is not None  # ensure_runnable
+            return _run_python(grader, namespaces, runtime.python)
+        if isinstance(grader, ScoreModelGrader | LabelModelGrader):
+            assert runtime.model_endpoint is not None  # ensure_runnable
+            return _run_model(grader, namespaces, runtime.model_endpoint)
         assert isinstance(grader, TextSimilarityGrader), grader.type  # ensure_runnable refused the rest
         output = namespaces.render(grader.input, MAX_SIMILARITY_CHARS)
         reference = namespaces.render(grader.reference, MAX_SIMILARITY_CHARS)
@@ -124,12 +181,53 @@ def _string_check(grader: StringCheckGrader, namespaces: Namespaces) -> float:
     return 1.0 if passed else 0.0
 
 
-def _run_multi(grader: MultiGrader, namespaces: Namespaces) -> _Outcome:
+def _run_python(grader: PythonGrader, namespaces: Namespaces, limits: SandboxLimits) -> _Outcome:
+    """OpenAI's `sample` for python graders: `output_text`, `output_json` (None unless it parses)."""
+    sample = {"output_text": namespaces.model_sample, "output_json": namespaces.sample_json()}
+    result = run_python_grader(grader.source, sample, namespaces.item, limits)
+    if result.server_error is not None:
+        return _Outcome(
+            errors={"python_grader_server_error": True},
+            details={"python_grader_server_error_type": result.server_error},
+        )
+    if result.error is not None:
+        errors = {"python_grader_runtime_error": True}
+        if result.timed_out:
+            errors["unresponsive_reward_error"] = True
+        return _Outcome(errors=errors, details={"python_grader_runtime_error_details": result.error})
+    assert result.reward is not None
+    return _Outcome(reward=result.reward)
+
+
+def _run_model(
+    grader: ScoreModelGrader | LabelModelGrader, namespaces: Namespaces, endpoint: ModelEndpoint
+) -> _Outcome:
+    if isinstance(grader, ScoreModelGrader):
+        verdict = model_graders.score(grader, namespaces, endpoint)
+    else:
+        verdict = model_graders.label(grader, namespaces, endpoint)
+    usage = {grader.model: verdict.usage} if verdict.usage else {}
+    return _Outcome(
+        reward=verdict.reward,
+        errors=verdict.errors,
+        details=verdict.details,
+        usage=usage,
+        sampled_model=verdict.model,
+    )
+
+
+def _run_multi(grader: MultiGrader, namespaces: Namespaces, runtime: GraderRuntime) -> _Outcome:
     outcome = _Outcome()
     for key, sub in grader.graders.items():
-        result = _run(sub, namespaces)
+        result = _run(sub, namespaces, runtime)
         outcome.sub_rewards[key] = result.reward
         outcome.errors.update({flag: True for flag, on in result.errors.items() if on})
+        outcome.details.update(result.details)
+        for model, usage in result.usage.items():
+            merged = outcome.usage.setdefault(model, {})
+            for name, value in usage.items():
+                merged[name] = merged.get(name, 0) + value
+        outcome.sampled_model = outcome.sampled_model or result.sampled_model
     try:
         outcome.reward = grader.formula.evaluate(outcome.sub_rewards)
     except (ArithmeticError, ValueError):

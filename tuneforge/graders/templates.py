@@ -51,6 +51,10 @@ class Namespaces:
         except (ValueError, RecursionError) as exc:
             self._json_error = str(exc)
 
+    def sample_json(self) -> Any:
+        """The sample parsed as JSON, or None when it is not JSON."""
+        return self._json if self._json_error is None else None
+
     def lookup(self, path: str) -> Any:
         namespace, *rest = path.split(".")
         if namespace == "item":

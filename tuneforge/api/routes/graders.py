@@ -8,10 +8,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuneforge.api.deps import ProjectDep
+from tuneforge.api.deps import ProjectDep, SettingsDep
 from tuneforge.api.errors import BadRequest
 from tuneforge.api.responses import GraderRunResult, GraderValidation, ok
-from tuneforge.graders import Grader, GraderError, parse_grader, run_grader
+from tuneforge.graders import Grader, GraderError, GraderRuntime, parse_grader, run_grader
 
 router = APIRouter(prefix="/v1/fine_tuning/alpha/graders", tags=["graders"])
 
@@ -41,10 +41,12 @@ def _parse(data: dict[str, Any]) -> Grader:
 
 
 @router.post("/run", summary="Run a grader on a model sample and an item", responses=ok(GraderRunResult))
-def run(body: GraderRunRequest, caller: ProjectDep) -> JSONResponse:
+def run(body: GraderRunRequest, caller: ProjectDep, settings: SettingsDep) -> JSONResponse:
+    """`python` graders run only where the administrator enabled them, in a sandboxed process;
+    model graders only with a configured chat endpoint; otherwise a 400 naming `grader.type`."""
     grader = _parse(body.grader)
     try:
-        result = run_grader(grader, body.model_sample, body.item)
+        result = run_grader(grader, body.model_sample, body.item, GraderRuntime.from_settings(settings))
     except GraderError as exc:
         raise BadRequest(exc.message, param=exc.param, code="grader_unavailable") from exc
     return JSONResponse(result)
