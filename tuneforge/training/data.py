@@ -76,6 +76,7 @@ class TrainingData:
     rows: list[dict[str, Any]]
     stats: DataStats
     warnings: Counter[str] = field(default_factory=Counter)
+    cache_key: Any = None  # its tokenization cache key (tuneforge.training.tokcache.DataKey), if cached
 
     def dataset(self) -> Dataset:
         from datasets import Dataset
@@ -244,6 +245,19 @@ def _record_lengths(stats: DataStats, lengths: list[int]) -> None:
     stats.max_tokens = max(lengths, default=0)
 
 
+def _first_format(path: Path) -> str:
+    """The format of the file's first example ("" when it has none or the line is bad: the full
+    read then says why)."""
+    try:
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if raw.strip():
+                    return detect_format(parse_line(raw, number)).value
+    except ValueError:
+        pass
+    return ""
+
+
 def read_training_file(
     path: Path,
     method: str,
@@ -252,7 +266,28 @@ def read_training_file(
     *,
     split: str = "train",
 ) -> TrainingData:
-    """Reads, converts and measures one file for `method` (supervised, dpo or pretraining)."""
+    """Reads, converts and measures one file for `method` (supervised, dpo or pretraining), or
+    takes what an earlier read of the same file made from the tokenization cache when one is
+    configured (tuneforge/training/tokcache.py)."""
+    from tuneforge.training import tokcache
+
+    key = tokcache.data_key(path, tokenizer, max_seq_length, method, _first_format(path), split)
+    data = tokcache.cached_training_data(
+        key, lambda: _read_training_file(path, method, tokenizer, max_seq_length, split=split)
+    )
+    if data.warnings.get("chat_template_missing_used_chatml"):
+        ensure_chat_template(tokenizer)  # as the read did: later readers and the trainer see it
+    return data
+
+
+def _read_training_file(
+    path: Path,
+    method: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    *,
+    split: str = "train",
+) -> TrainingData:
     fmt, records = read_records(path, method)
     warnings: Counter[str] = Counter()
     stats = DataStats(format=fmt.value)

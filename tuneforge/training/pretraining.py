@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from tuneforge.training import tokcache
 from tuneforge.training.common import (
     Finished,
     RecipeConfig,
@@ -63,11 +64,12 @@ def train(cfg: PretrainingConfig, observer: RunObserver | None = None) -> Finish
         packing_strategy=cfg.packing_strategy,
         dataset_text_field="text",
     )
-    trainer = SFTTrainer(
+    trainer = tokcache.sft_trainer(  # TRL's tokenized datasets, from the cache when it has them
+        SFTTrainer,
         model=model,
         args=args,
-        train_dataset=train_data.dataset(),
-        eval_dataset=valid_data.dataset() if valid_data else None,
+        train_data=train_data,
+        valid_data=valid_data,
         processing_class=tokenizer,
         peft_config=peft_config(cfg.adapter, model),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tuneforge.training import tokcache
 from tuneforge.training.common import (
     Finished,
     RecipeConfig,
@@ -79,11 +80,12 @@ def train(cfg: SupervisedConfig, observer: RunObserver | None = None) -> Finishe
         assistant_only_loss=assistant_only,
         completion_only_loss=cfg.completion_only_loss if train_data.kind == "prompt_completion" else None,
     )
-    trainer = SFTTrainer(
+    trainer = tokcache.sft_trainer(  # TRL's tokenized datasets, from the cache when it has them
+        SFTTrainer,
         model=model,
         args=args,
-        train_dataset=train_data.dataset(),
-        eval_dataset=valid_data.dataset() if valid_data else None,
+        train_data=train_data,
+        valid_data=valid_data,
         processing_class=tokenizer,
         peft_config=peft_config(cfg.adapter, model),
     )
