@@ -14,7 +14,7 @@ from tuneforge.api.errors import install_error_handlers
 from tuneforge.api.nul import RejectNul
 from tuneforge.api.ratelimit import RateLimiter
 from tuneforge.api.responses import ADMIN, AUTHENTICATED, install_openapi
-from tuneforge.api.routes import admin, estimates, files, graders, health, jobs, models
+from tuneforge.api.routes import admin, estimates, files, graders, health, jobs, models, webhooks
 from tuneforge.api.services.files import sweeping_incomplete_writes
 from tuneforge.config import Settings, get_settings
 from tuneforge.db import Reader, check_schema, make_engine, make_read_sessionmaker, make_sessionmaker
@@ -65,6 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for router in (files.router, jobs.router, models.router, estimates.router, graders.router):
         app.include_router(router, responses=AUTHENTICATED)
+    app.include_router(webhooks.router, responses=AUTHENTICATED)
+    app.include_router(webhooks.event_types_router, responses=AUTHENTICATED)
     app.include_router(admin.router, responses=ADMIN)
     install_openapi(app)
     return app

@@ -39,6 +39,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
 from tuneforge.db import Base, Reader, UtcDateTime, utcnow
+from tuneforge.models import webhook
 from tuneforge.models.ids import new_id
 
 DEFAULT_QUEUE = "default"
@@ -340,6 +341,13 @@ def list_events(
     return list(session.scalars(stmt.order_by(JobEvent.seq.desc()).limit(limit)))
 
 
+def list_events_after_seq(session: Session, job_id: str, after_seq: int, *, limit: int) -> list[JobEvent]:
+    """Oldest first (by seq): the job's events written after the one numbered `after_seq` (the
+    live event stream)."""
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+    return list(session.scalars(stmt.order_by(JobEvent.seq).limit(limit)))
+
+
 def update_job_where(session: Session, job_id: str, *conditions: Any, **values: Any) -> bool:
     """`UPDATE jobs SET values WHERE id = job_id AND conditions`; whether a row changed. Every
     conditional write to a job goes through here (status changes through `transition`)."""
@@ -394,7 +402,17 @@ def transition(
     elif (job := _cached(session, job_id)) is not None:
         session.refresh(job)
     append_events(session, job_id, events)
+    if target in TERMINAL_STATUSES:
+        _enqueue_webhooks(session, job_id, target)
     return True
+
+
+def _enqueue_webhooks(session: Session, job_id: str, target: JobStatus) -> None:
+    """A final status is a webhook event (`fine_tuning.job.<status>`): its deliveries are written
+    to the outbox in this transaction (tuneforge/models/webhook.py)."""
+    project_id = session.scalar(select(Job.project_id).where(Job.id == job_id))
+    if project_id is not None:
+        webhook.enqueue_event(session, project_id, f"fine_tuning.job.{target.value}", {"id": job_id})
 
 
 def _cached(session: Session, job_id: str) -> Job | None:

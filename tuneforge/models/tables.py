@@ -9,7 +9,19 @@ from tuneforge.models.checkpoint import Artifact, Checkpoint
 from tuneforge.models.file import File
 from tuneforge.models.job import Job, JobEvent
 from tuneforge.models.project import ApiKey, Project
+from tuneforge.models.webhook import WebhookDelivery, WebhookEndpoint
 
 metadata = Base.metadata
 
-__all__ = ["ApiKey", "Artifact", "Checkpoint", "File", "Job", "JobEvent", "Project", "metadata"]
+__all__ = [
+    "ApiKey",
+    "Artifact",
+    "Checkpoint",
+    "File",
+    "Job",
+    "JobEvent",
+    "Project",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "metadata",
+]

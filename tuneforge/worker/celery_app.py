@@ -17,11 +17,16 @@ from tuneforge.config import Settings, get_settings
 
 RUN_JOB_TASK = "tuneforge.run_job"
 RECONCILE_TASK = "tuneforge.reconcile"
+SEND_WEBHOOKS_TASK = "tuneforge.send_webhooks"
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("tuneforge", broker=settings.celery_broker_url, include=["tuneforge.worker.tasks"])
+    app = Celery(
+        "tuneforge",
+        broker=settings.celery_broker_url,
+        include=["tuneforge.worker.tasks", "tuneforge.worker.webhooks"],
+    )
     transport_options: dict[str, Any] = {}
     if settings.embedded_broker:
         # kombu's SQLAlchemy transport hands its transport options to create_engine, so its
@@ -54,9 +59,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "task": RECONCILE_TASK,
                 "schedule": settings.reconcile_every_seconds,
                 "options": {"queue": "control", "expires": settings.reconcile_every_seconds},
-            }
+            },
+            "send-webhooks": {
+                "task": SEND_WEBHOOKS_TASK,
+                "schedule": settings.webhook_send_every_seconds,
+                "options": {"queue": "control", "expires": settings.webhook_send_every_seconds},
+            },
         },
-        task_routes={RECONCILE_TASK: {"queue": "control"}},
+        task_routes={RECONCILE_TASK: {"queue": "control"}, SEND_WEBHOOKS_TASK: {"queue": "control"}},
     )
     return app
 

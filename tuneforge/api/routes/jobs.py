@@ -6,11 +6,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from tuneforge.api.deps import JobDep, JobId, ProjectDep, SessionDep, SettingsDep, StoreDep
 from tuneforge.api.errors import BadRequest, NotFound
+from tuneforge.api.live_events import JobEventBus, job_event_stream
 from tuneforge.api.responses import (
     NOT_FOUND,
     ArtifactList,
@@ -114,12 +115,70 @@ def resume_job(job: JobDep, session: SessionDep) -> JSONResponse:
     return JSONResponse(job_object(job_service.resume_job(session, job)))
 
 
+EVENTS_ANSWER: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": FineTuningJobEventList,
+        "description": "The events, newest first; with `stream=true`, Server-Sent Events.",
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "string",
+                    "description": "With `stream=true`: `id:` the event id and `data:` the event "
+                    "object, oldest first, until the job is final; `: ping` comments as heartbeats.",
+                }
+            }
+        },
+    }
+}
+
+
+def _last_seq(session: SessionDep, job: jobs.Job, last_event_id: str | None) -> int:
+    """The seq after which a stream starts: 0, or that of the event named by Last-Event-ID."""
+    if last_event_id is None or not last_event_id.strip():
+        return 0
+    event = jobs.get_event(session, job.id, last_event_id.strip())
+    if event is None:
+        raise BadRequest(f"No such event of job {job.id}: {last_event_id.strip()}", param="Last-Event-ID")
+    return event.seq
+
+
 @router.get(
     "/{fine_tuning_job_id}/events",
-    summary="List a job's events, newest first",
-    responses={**ok(FineTuningJobEventList), **NOT_FOUND},
+    summary="List a job's events, newest first (or stream them live with stream=true)",
+    responses={**EVENTS_ANSWER, **NOT_FOUND},
 )
-def list_events(job: JobDep, session: SessionDep, after: After = None, limit: Limit20 = 20) -> JSONResponse:
+def list_events(
+    request: Request,
+    job: JobDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    after: After = None,
+    limit: Limit20 = 20,
+    stream: Annotated[
+        bool, Query(description="Server-Sent Events of the events, oldest first, until the job is final.")
+    ] = False,
+    last_event_id: Annotated[
+        str | None, Header(alias="Last-Event-ID", description="With stream=true: start after this event.")
+    ] = None,
+) -> Response:
+    if stream:
+        after_seq = _last_seq(session, job, last_event_id)
+        state = request.app.state
+        bus = getattr(state, "job_event_bus", None)
+        if bus is None:
+            bus = state.job_event_bus = JobEventBus.for_engine(state.engine)
+        events = job_event_stream(
+            bus,
+            state.read_sessionmaker,
+            job.id,
+            after_seq=after_seq,
+            heartbeat_seconds=settings.event_stream_heartbeat_seconds,
+        )
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
     cursor = None
     if after is not None:
         cursor = jobs.get_event(session, job.id, after)
