@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from tuneforge.api.auth import KeyCache, resolve_admin_key
 from tuneforge.api.errors import install_error_handlers
 from tuneforge.api.nul import RejectNul
+from tuneforge.api.observability import install_metrics
 from tuneforge.api.ratelimit import RateLimiter
 from tuneforge.api.responses import ADMIN, AUTHENTICATED, install_openapi
 from tuneforge.api.routes import admin, estimates, files, graders, health, jobs, models, webhooks
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.admin_key = resolve_admin_key(settings)
     install_error_handlers(app)
     app.add_middleware(RejectNul)
+    install_metrics(app)  # after the other middlewares: it counts their answers too
     app.include_router(health.router)
     for router in (files.router, jobs.router, models.router, estimates.router, graders.router):
         app.include_router(router, responses=AUTHENTICATED)

@@ -9,9 +9,11 @@ One job per worker process at a time: prefetch 1, late acks, a fresh pool proces
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery
+from celery.signals import celeryd_init, worker_process_shutdown
 
 from tuneforge.config import Settings, get_settings
 
@@ -72,3 +74,31 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 
 celery_app = make_celery()
+
+
+def _training_worker() -> bool:
+    """A `tuneforge worker` (not the beat's control worker, which consumes `control` only)."""
+    queues = set(filter(None, os.environ.get("TUNEFORGE_WORKER_QUEUES", "").split(",")))
+    return bool(queues) and queues != {"control"}
+
+
+@celeryd_init.connect
+def _serve_metrics(**_: Any) -> None:
+    """The worker's /metrics, before its pool processes fork: see tuneforge/metrics.py."""
+    settings = get_settings()
+    if settings.worker_metrics_port is None or not _training_worker():
+        return
+    from tuneforge.metrics import prepare_multiprocess_dir
+
+    prepare_multiprocess_dir(settings.work_dir / "metrics" / f"worker-{os.getpid()}")
+    from tuneforge.metrics import serve_worker_metrics
+
+    serve_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
+
+
+@worker_process_shutdown.connect
+def _forget_pool_process_gauges(pid: int | None = None, **_: Any) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from tuneforge.metrics import mark_process_dead
+
+        mark_process_dead(pid or os.getpid())
