@@ -15,7 +15,7 @@ from tuneforge.api.nul import RejectNul
 from tuneforge.api.observability import install_metrics
 from tuneforge.api.ratelimit import RateLimiter
 from tuneforge.api.responses import ADMIN, AUTHENTICATED, install_openapi
-from tuneforge.api.routes import admin, estimates, files, graders, health, jobs, models, webhooks
+from tuneforge.api.routes import admin, estimates, files, graders, health, jobs, models, uploads, webhooks
 from tuneforge.api.services.files import sweeping_incomplete_writes
 from tuneforge.config import Settings, get_settings
 from tuneforge.db import Reader, check_schema, make_engine, make_read_sessionmaker, make_sessionmaker
@@ -65,7 +65,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RejectNul)
     install_metrics(app)  # after the other middlewares: it counts their answers too
     app.include_router(health.router)
-    for router in (files.router, jobs.router, models.router, estimates.router, graders.router):
+    for router in (
+        files.router,
+        uploads.router,
+        jobs.router,
+        models.router,
+        estimates.router,
+        graders.router,
+    ):
         app.include_router(router, responses=AUTHENTICATED)
     app.include_router(webhooks.router, responses=AUTHENTICATED)
     app.include_router(webhooks.event_types_router, responses=AUTHENTICATED)

@@ -9,6 +9,7 @@ from tuneforge.models.checkpoint import Artifact, Checkpoint
 from tuneforge.models.file import File
 from tuneforge.models.job import Job, JobEvent
 from tuneforge.models.project import ApiKey, Project
+from tuneforge.models.upload import Upload, UploadPart
 from tuneforge.models.webhook import WebhookDelivery, WebhookEndpoint
 
 metadata = Base.metadata
@@ -21,6 +22,8 @@ __all__ = [
     "Job",
     "JobEvent",
     "Project",
+    "Upload",
+    "UploadPart",
     "WebhookDelivery",
     "WebhookEndpoint",
     "metadata",

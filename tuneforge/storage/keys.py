@@ -4,6 +4,7 @@
     jobs/{job_id}/checkpoints/{checkpoint_id}/adapter.tar.gz  a checkpoint's adapter (its row names this)
     jobs/{job_id}/checkpoints/{checkpoint_id}/state.tar.gz    the trainer state to resume from, beside it
     jobs/{job_id}/artifacts/{name}.tar.gz                     a finished job's artifact
+    uploads/{upload_id}/parts/{part_id}                       one part of an Uploads API upload
 
 Keys are relative, `/`-separated, and made only of ids the service generated and fixed names.
 """
@@ -14,10 +15,20 @@ from typing import NamedTuple
 
 FILES = "files/"
 JOBS = "jobs/"
+UPLOADS = "uploads/"
 
 
 def file_key(file_id: str) -> str:
     return f"{FILES}{file_id}"
+
+
+def upload_prefix(upload_id: str) -> str:
+    """Everything an Uploads API upload wrote: its parts."""
+    return f"{UPLOADS}{upload_id}/"
+
+
+def upload_part_key(upload_id: str, part_id: str) -> str:
+    return f"{upload_prefix(upload_id)}parts/{part_id}"
 
 
 def job_prefix(job_id: str) -> str:

@@ -1,7 +1,8 @@
 """The periodic reconciler (Celery beat): the database says what should be running, the broker
 may have forgotten. It re-sends queued (and validating) jobs whose message was lost, and takes
 back running jobs whose lease ran out (their worker died): they run again from their last stored
-checkpoint, up to `max_attempts` runs, then fail with a clear error."""
+checkpoint, up to `max_attempts` runs, then fail with a clear error. It also expires Uploads API
+uploads left pending past their hour and removes the parts of ended ones."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tuneforge.config import Settings
 from tuneforge.db import session_scope, utcnow
+from tuneforge.models import upload as uploads
 from tuneforge.models.checkpoint import latest_checkpoint
 from tuneforge.models.job import Job, JobStatus
+from tuneforge.storage import ObjectStore, store_from_settings
+from tuneforge.storage.keys import upload_prefix
 from tuneforge.worker import jobstate
 from tuneforge.worker.jobstate import EventRecord
 
@@ -63,6 +67,7 @@ def reconcile(
             done["send_failed"].append(job_id)
     if any(done.values()):
         log.info("reconciler: %s", done)
+    _expire_uploads_safely(settings, sessions, now)
     return done
 
 
@@ -103,3 +108,33 @@ def _resend(session: Session, job_id: str, now: datetime) -> Examined:
     if job is not None and jobstate.touch(session, job.id, job.status, now):
         return "resent", job.queue
     return None
+
+
+def expire_uploads(
+    sessions: sessionmaker[Session], store: ObjectStore, now: datetime, batch: int = 100
+) -> list[str]:
+    """Uploads API: pending uploads past their hour become `expired`; the parts of every ended
+    upload (expired, cancelled, completed) are removed, objects first, then rows, so a pass that
+    fails half-way leaves rows for the next one to find. Returns the upload ids cleaned."""
+    with session_scope(sessions) as session:
+        expired = uploads.expired_pending(session, now, batch)
+        for upload_id in expired:
+            uploads.finish(session, upload_id, uploads.UploadStatus.EXPIRED)
+    with session_scope(sessions) as session:
+        ended = uploads.ended_with_parts(session, batch)
+    for upload_id in ended:
+        store.delete_prefix(upload_prefix(upload_id))
+        with session_scope(sessions) as session:
+            uploads.delete_parts(session, upload_id)
+    if ended:
+        log.info(
+            "reconciler: removed the parts of %d ended uploads (%d expired now)", len(ended), len(expired)
+        )
+    return ended
+
+
+def _expire_uploads_safely(settings: Settings, sessions: sessionmaker[Session], now: datetime) -> None:
+    try:
+        expire_uploads(sessions, store_from_settings(settings), now)
+    except Exception:
+        log.exception("reconciler: cleaning up expired uploads failed; the next pass retries")
