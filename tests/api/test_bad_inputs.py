@@ -322,13 +322,18 @@ def test_jsonl_beyond_the_parsers_limits_names_the_line(project: ProjectCtx, app
 def test_integrations_are_bounded(project: ProjectCtx, app: FastAPI, chat_jsonl: str) -> None:
     file_id = project.upload(chat_jsonl)
     before = _counts(app)
-    many = [{"type": "wandb", "wandb": {"project": f"p{i}"}} for i in range(9)]
-    big = [{"type": "wandb", "wandb": {"project": "p", "notes": "n" * (9 << 10)}}]
-    for integrations in (many, big):
+    many = [{"type": "tensorboard"} for _ in range(9)]
+    big = [{"type": "wandb", "wandb": {"project": "p", "tags": ["t" * 65]}}]
+    extra = [{"type": "mlflow", "mlflow": {"tracking_uri": "file:///etc"}}]
+    for integrations, param in (
+        (many, "integrations"),
+        (big, "integrations[0].wandb.tags[0]"),
+        (extra, "integrations[0].mlflow.tracking_uri"),
+    ):
         err = _error(_job(project, file_id, integrations=integrations), 400)
-        assert err["param"] == "integrations", err
+        assert err["param"] == param, err
     assert _counts(app) == before
-    fine = [{"type": "wandb", "wandb": {"project": "p", "tags": ["a", "b"]}}]
+    fine = [{"type": "tensorboard"}]
     assert _job(project, file_id, integrations=fine).status_code == 200
 
 

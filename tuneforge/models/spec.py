@@ -8,10 +8,10 @@ A spec is stored on the job as JSON (`JobSpec.model_dump(mode="json")`) and read
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 Auto = Literal["auto"]
 MethodType = Literal["supervised", "dpo", "pretraining"]
@@ -157,6 +157,57 @@ class AdapterSpec(_Strict):
         return self
 
 
+class WandbIntegration(_Strict):
+    """OpenAI's `wandb` fields. The worker logs with its own credentials (WANDB_API_KEY)."""
+
+    project: str = Field(..., min_length=1, max_length=128, description="W&B project of the run.")
+    entity: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(
+        None, description="W&B team or user; default: the worker's credentials' default entity."
+    )
+    name: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(
+        None, description="Display name of the run; default: the job's id."
+    )
+    tags: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=32)] = Field(
+        default_factory=list, description="Tags of the run (at most 32)."
+    )
+
+
+class WandbEntry(_Strict):
+    type: Literal["wandb"]
+    wandb: WandbIntegration
+
+
+class MlflowIntegration(_Strict):
+    """Where in the administrator's MLflow tracking server (TUNEFORGE_MLFLOW_TRACKING_URI) the
+    run goes; a job cannot name another server or path."""
+
+    experiment: str = Field("tuneforge", min_length=1, max_length=256, description="Experiment name.")
+    run_name: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        None, description="Run name; default: the job's id."
+    )
+    tags: dict[Annotated[str, Field(min_length=1, max_length=128)], Annotated[str, Field(max_length=512)]] = (
+        Field(default_factory=dict, max_length=32, description="Run tags (at most 32 pairs).")
+    )
+
+
+class MlflowEntry(_Strict):
+    type: Literal["mlflow"]
+    mlflow: MlflowIntegration = Field(default_factory=MlflowIntegration)
+
+
+class TensorboardEntry(_Strict):
+    """TensorBoard event files of the run, stored as the job's artifact `tensorboard`."""
+
+    type: Literal["tensorboard"]
+
+
+Integration = Annotated[WandbEntry | MlflowEntry | TensorboardEntry, Field(discriminator="type")]
+INTEGRATION_MODELS: dict[str, type[_Strict]] = {
+    "wandb": WandbEntry,
+    "mlflow": MlflowEntry,
+    "tensorboard": TensorboardEntry,
+}
+
 ExportKind = Literal["merged"]
 MAX_INTEGRATIONS = 8
 MAX_INTEGRATION_BYTES = 8 << 10
@@ -186,24 +237,50 @@ class JobSpec(_Strict):
     method: Method = Field(default_factory=Method)
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     export: list[ExportKind] = Field(default_factory=list, description='["merged"] adds a merged model.')
-    integrations: list[dict[str, Any]] | None = Field(
+    integrations: list[Integration] | None = Field(
         None,
         max_length=MAX_INTEGRATIONS,
-        description=f"Accepted and ignored; at most {MAX_INTEGRATIONS}, each at most "
-        f"{MAX_INTEGRATION_BYTES} bytes as JSON.",
+        description="Experiment trackers the run logs to (per-step metrics, parameters, the adapter): "
+        f"`wandb`, `mlflow`, `tensorboard`; at most {MAX_INTEGRATIONS}. One the service has not "
+        "configured is refused.",
     )
     queue: str | None = Field(
         None, description="Worker queue (GPU class) to run on; default is the service's default queue."
     )
 
-    @field_validator("integrations")
+    @field_validator("integrations", mode="before")
     @classmethod
-    def _integrations_are_small(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        """They are stored on the job and shown on every page of the job list."""
-        for i, item in enumerate(value or []):
-            if len(json.dumps(item)) > MAX_INTEGRATION_BYTES:
-                raise ValueError(f"integrations[{i}] is longer than {MAX_INTEGRATION_BYTES} bytes as JSON")
-        return value
+    def _integrations_by_type(cls, value: Any) -> Any:
+        """Each item is checked as the model its `type` names, so an error is at
+        `integrations[i].type` or `integrations[i].wandb.project`, never at a union member."""
+        if not isinstance(value, list):
+            return value
+        checked: list[Any] = []
+        for i, item in enumerate(value):
+            kind = item.get("type") if isinstance(item, dict) else None
+            model = INTEGRATION_MODELS.get(kind) if isinstance(kind, str) else None
+            if model is None:
+                detail = PydanticCustomError(
+                    "integration_type",
+                    "type must be one of {types}",
+                    {"types": ", ".join(INTEGRATION_MODELS)},
+                )
+                raise ValidationError.from_exception_data(
+                    "integrations", [InitErrorDetails(type=detail, loc=(i, "type"), input=kind)]
+                )
+            try:
+                checked.append(model.model_validate(item))
+            except ValidationError as exc:
+                errors = [
+                    InitErrorDetails(
+                        type=PydanticCustomError("integration", "{message}", {"message": e["msg"]}),
+                        loc=(i, *e["loc"]),
+                        input=e.get("input"),
+                    )
+                    for e in exc.errors()
+                ]
+                raise ValidationError.from_exception_data("integrations", errors) from None
+        return checked
 
     @model_validator(mode="before")
     @classmethod

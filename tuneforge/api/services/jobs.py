@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from tuneforge.api import quotas
 from tuneforge.api.errors import BadRequest
+from tuneforge.api.services.integrations import check_integrations
 from tuneforge.config import Settings
 from tuneforge.db import after_commit, utcnow
 from tuneforge.estimates import EstimateError, FileStats
@@ -85,6 +86,7 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
     if spec.validation_file is not None:
         _checked_file(session, project_id, spec.validation_file, "validation_file", method)
 
+    check_integrations(spec, settings)
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
     spec = spec.model_copy(update={"seed": seed})
     try:
