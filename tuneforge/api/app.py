@@ -20,6 +20,7 @@ from tuneforge.api.services.files import sweeping_incomplete_writes
 from tuneforge.config import Settings, get_settings
 from tuneforge.db import Reader, check_schema, make_engine, make_read_sessionmaker, make_sessionmaker
 from tuneforge.storage import store_from_settings
+from tuneforge.ui import install_dashboard
 
 DESCRIPTION = (
     "OpenAI-compatible fine-tuning API. Authenticate with `Authorization: Bearer <key>`: the admin "
@@ -77,5 +78,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router, responses=AUTHENTICATED)
     app.include_router(webhooks.event_types_router, responses=AUTHENTICATED)
     app.include_router(admin.router, responses=ADMIN)
+    install_dashboard(app)
     install_openapi(app)
     return app
