@@ -128,7 +128,7 @@ def distributed(
             "TUNEFORGE_S3_ENDPOINT_URL": s3_endpoint,
             "TUNEFORGE_S3_PUBLIC_ENDPOINT_URL": s3_endpoint,
             "TUNEFORGE_ADMIN_KEY": "tf-admin-" + uuid.uuid4().hex,
-            "TUNEFORGE_LEASE_SECONDS": "6",
+            "TUNEFORGE_LEASE_SECONDS": "15",
             "TUNEFORGE_RECONCILE_EVERY_SECONDS": "2",
             "TUNEFORGE_QUEUED_STALE_SECONDS": "30",
             "AWS_ACCESS_KEY_ID": "testing",
