@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tuneforge.estimates.command import add_parser as add_estimate_parser
 
     add_estimate_parser(commands)
+    from tuneforge.client.commands import add_parsers as add_client_parsers
+
+    add_client_parsers(commands)
     return parser
 
 
