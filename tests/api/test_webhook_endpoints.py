@@ -49,6 +49,11 @@ def test_endpoint_lifecycle_through_the_sdk(
     shown = project.client.get(f"/v1/webhook_endpoints/{created.id}", headers=project.headers).json()
     assert "signing_secret" not in shown and shown["signing_secret_hint"] == created.signing_secret_hint
     assert [e.id for e in sdk.webhooks.list()] == [created.id]
+    assert sdk.webhooks.event_types.list().data == [
+        SUCCEEDED,
+        "fine_tuning.job.failed",
+        "fine_tuning.job.cancelled",
+    ]
 
     updated = sdk.webhooks.update(created.id, name="ci-2", event_types=[SUCCEEDED, "fine_tuning.job.failed"])
     assert (updated.name, updated.event_types) == ("ci-2", [SUCCEEDED, "fine_tuning.job.failed"])

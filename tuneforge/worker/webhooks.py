@@ -218,20 +218,27 @@ def attempt(settings: Settings, url: str, message_id: str, body: str, secrets: S
         "webhook-timestamp": str(timestamp),
         "webhook-signature": sign(message_id, timestamp, body, secrets),
     }
-    send_url, extensions = url, dict[str, Any]()
+    routes: list[tuple[str, dict[str, str], dict[str, Any]]]
     try:
         ipaddress.ip_address(target.host)
-    except ValueError:  # a name: connect to the address just checked
-        send_url, host_header, extensions = _pinned_request(target, addresses[0])
-        headers.update(host_header)
-    try:
-        with httpx.Client(
-            timeout=settings.webhook_timeout_seconds, follow_redirects=False, trust_env=False
-        ) as client:
-            response = client.post(send_url, content=body.encode(), headers=headers, extensions=extensions)
-        return Attempt(response.status_code, None if response.is_success else _answer(response))
-    except httpx.HTTPError as exc:
-        return Attempt(None, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS] or type(exc).__name__)
+        routes = [(url, {}, {})]
+    except ValueError:  # a name: connect to an address just checked, the next one if it refuses
+        routes = [_pinned_request(target, address) for address in addresses]
+    error = "no address"
+    for send_url, host_header, extensions in routes:
+        try:
+            with httpx.Client(
+                timeout=settings.webhook_timeout_seconds, follow_redirects=False, trust_env=False
+            ) as client:
+                response = client.post(
+                    send_url, content=body.encode(), headers={**headers, **host_header}, extensions=extensions
+                )
+            return Attempt(response.status_code, None if response.is_success else _answer(response))
+        except httpx.ConnectError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        except httpx.HTTPError as exc:
+            return Attempt(None, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS])
+    return Attempt(None, error[:MAX_ERROR_CHARS])
 
 
 def _answer(response: httpx.Response) -> str:
