@@ -74,6 +74,7 @@ class RunResult:
     adapter_dir: Path | None = None  # PEFT layout (None for `full`)
     model_dir: Path | None = None  # full weights (`full` only)
     merged_dir: Path | None = None  # when export includes "merged"
+    tensorboard_dir: Path | None = None  # event files, with the tensorboard integration
     metrics_csv: Path | None = None
     last_checkpoint: Path | None = None
     trainable_params: int = 0

@@ -32,6 +32,7 @@ def recipe_config(spec: JobSpec, paths: RunPaths) -> RecipeConfig:
         "seed": spec.seed,
         "export_merged": "merged" in spec.export,
         "trust_remote_code": get_settings().trust_remote_code,
+        "integrations": list(spec.integrations or []),
     }
     method = spec.method.type
     if method == "supervised":

@@ -45,6 +45,7 @@ from tuneforge.storage.keys import CheckpointKeys, artifact_key, file_key
 from tuneforge.worker import fairshare, incidents, jobstate, resilience
 from tuneforge.worker.dispatch import enqueue_job
 from tuneforge.worker.jobstate import EventRecord, RunPlan, StoredArtifact
+from tuneforge.worker.observability import RunMetrics
 from tuneforge.worker.packaging import adapter_only, extract_tarball, make_tarball, upload
 from tuneforge.worker.resilience import (
     LeaseClock,
@@ -171,7 +172,10 @@ def run_job(job_id: str, ctx: WorkerContext) -> RunOutcome:
     )
     if plan is None:
         return RunOutcome.NOT_CLAIMED
-    return JobRun(ctx, plan, claimed_at).execute()
+    run = JobRun(ctx, plan, claimed_at)
+    outcome = run.execute()
+    run.metrics.finished(outcome.value)
+    return outcome
 
 
 class LeaseLost(Exception):
@@ -212,6 +216,7 @@ class JobRun:
         self.lease = LeaseClock(self.settings.lease_seconds, claimed_at)
         self.outage = Outage(self.job_id, self.lease)
         self.handback_deadline: float | None = None  # set when the worker is asked to shut down
+        self.metrics = RunMetrics(ctx.sessions, plan)  # Prometheus (tuneforge/worker/observability.py)
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -325,6 +330,8 @@ class JobRun:
                 self._on_metrics(message)
             elif kind == "checkpoint":
                 self._on_checkpoint(process, message)
+            elif kind == "notice":
+                self._on_notice(message)
             elif kind == "result":
                 return self._on_result(message)
             elif kind == "error":
@@ -438,6 +445,12 @@ class JobRun:
         }
         self.progress_dirty = True
         self.last_metrics = data
+        self.metrics.step(message)
+
+    def _on_notice(self, message: dict[str, Any]) -> None:
+        """Something the run reports that does not stop it (a tracking integration that failed)."""
+        data = message.get("data") or {}
+        self.pending.append(EventRecord(str(message["message"]), level="warn", data=data, at=utcnow()))
 
     def _on_checkpoint(self, process: TrainingProcess, message: dict[str, Any]) -> None:
         step = int(message["step"])
@@ -565,6 +578,7 @@ class JobRun:
             ("adapter", "adapter_dir"),
             ("model", "model_dir"),
             ("merged", "merged_dir"),
+            ("tensorboard", "tensorboard_dir"),
         ):
             source = message.get(field_name)
             if source:
@@ -656,12 +670,15 @@ class JobRun:
             self.outage.check_lease(now)
             return None
         try:
-            return self._write(renew=True)
+            state = self._write(renew=True)
         except Exception as error:
             if not is_transient(error):
                 raise
             self.outage.failed(error, now)
+            self.metrics.renewed(False)
             return None
+        self.metrics.renewed(True)
+        return state
 
     def _flush_and_renew(self, process: TrainingProcess) -> None:
         state = self._flush()
