@@ -4,6 +4,7 @@
     jobs/{job_id}/checkpoints/{checkpoint_id}/adapter.tar.gz  a checkpoint's adapter (its row names this)
     jobs/{job_id}/checkpoints/{checkpoint_id}/state.tar.gz    the trainer state to resume from, beside it
     jobs/{job_id}/artifacts/{name}.tar.gz                     a finished job's artifact
+    tokcache/{file_sha256}/{entry}                            a tokenized dataset (training/tokcache.py)
     uploads/{upload_id}/parts/{part_id}                       one part of an Uploads API upload
 
 Keys are relative, `/`-separated, and made only of ids the service generated and fixed names.
@@ -76,3 +77,18 @@ class CheckpointKeys(NamedTuple):
         ):
             raise ValueError(f"{key!r} is not a checkpoint's object key")
         return cls(parts[1], parts[3])
+
+
+TOKCACHE = "tokcache/"
+
+
+def tokenization_cache_prefix(file_sha256: str) -> str:
+    """Every tokenization cache entry made from the file with this sha256."""
+    return f"{TOKCACHE}{file_sha256}/"
+
+
+def tokenization_cache_key(file_sha256: str, entry: str) -> str:
+    """One entry (a file name made by tuneforge.training.tokcache) of a file's tokenization cache."""
+    if not file_sha256.isalnum() or "/" in entry or entry.startswith("."):
+        raise ValueError(f"not a tokenization cache entry: {file_sha256!r}/{entry!r}")
+    return f"{tokenization_cache_prefix(file_sha256)}{entry}"

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from tuneforge.training.common import Finished, RecipeConfig
 
 
-def recipe_config(spec: JobSpec, paths: RunPaths) -> RecipeConfig:
-    """The typed config of the recipe that `spec.method.type` names."""
+def recipe_config(spec: JobSpec, paths: RunPaths, *, gradient_checkpointing: bool = False) -> RecipeConfig:
+    """The typed config of the recipe that `spec.method.type` names; `gradient_checkpointing`
+    turns it on whatever the model and device (the worker's out-of-memory retry asks for it)."""
     from tuneforge.config import get_settings
 
     common: dict[str, Any] = {
@@ -32,7 +33,7 @@ def recipe_config(spec: JobSpec, paths: RunPaths) -> RecipeConfig:
         "seed": spec.seed,
         "export_merged": "merged" in spec.export,
         "trust_remote_code": get_settings().trust_remote_code,
-        "integrations": list(spec.integrations or []),
+        "gradient_checkpointing": gradient_checkpointing,
     }
     method = spec.method.type
     if method == "supervised":
@@ -50,11 +51,17 @@ def recipe_config(spec: JobSpec, paths: RunPaths) -> RecipeConfig:
     raise ValueError(f"method.type {method!r} is not supported")
 
 
-def run_recipe(spec: JobSpec, paths: RunPaths, observer: RunObserver | None = None) -> Finished:
+def run_recipe(
+    spec: JobSpec,
+    paths: RunPaths,
+    observer: RunObserver | None = None,
+    *,
+    gradient_checkpointing: bool = False,
+) -> Finished:
     """Like run_training, but also hands back the trained model and tokenizer (tests, notebooks)."""
     from tuneforge.training import dpo, pretraining, supervised
 
-    cfg = recipe_config(spec, paths)
+    cfg = recipe_config(spec, paths, gradient_checkpointing=gradient_checkpointing)
     if isinstance(cfg, supervised.SupervisedConfig):
         return supervised.train(cfg, observer)
     if isinstance(cfg, dpo.DpoConfig):
@@ -63,10 +70,16 @@ def run_recipe(spec: JobSpec, paths: RunPaths, observer: RunObserver | None = No
     return pretraining.train(cfg, observer)
 
 
-def run_training(spec: JobSpec, paths: RunPaths, observer: RunObserver | None = None) -> RunResult:
+def run_training(
+    spec: JobSpec,
+    paths: RunPaths,
+    observer: RunObserver | None = None,
+    *,
+    gradient_checkpointing: bool = False,
+) -> RunResult:
     """Trains `spec` on `paths`, telling `observer` about progress; see tuneforge.training.interface.
 
     Raises `tuneforge.training.data.DataError` (a ValueError) for data that cannot train, with the
     file and line in the message, and ValueError for a spec the recipe cannot run.
     """
-    return run_recipe(spec, paths, observer).result
+    return run_recipe(spec, paths, observer, gradient_checkpointing=gradient_checkpointing).result

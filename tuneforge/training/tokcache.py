@@ -77,10 +77,15 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        digest.update(backend.to_str().encode())
+        definition = json.loads(backend.to_str())
+        for runtime in ("padding", "truncation"):  # how batches are shaped, not the ids
+            definition.pop(runtime, None)
+        digest.update(json.dumps(definition, sort_keys=True).encode())
     else:
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    # The pad token is left out: trainers set it (to EOS) after validation measured the file.
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if k != "pad_token"}
+    digest.update(json.dumps(special, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 

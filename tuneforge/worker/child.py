@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from tuneforge.training import tokcache
 from tuneforge.training.interface import RunInfo, RunPaths, RunResult, StepMetrics, StopReason
 
 DEFAULT_RUNNER = "tuneforge.training.run:run_training"
@@ -93,14 +94,10 @@ class ChannelObserver:
         self.channel = channel
 
     def on_start(self, info: RunInfo) -> None:
-        self.channel.send({"type": "start", **dataclasses.asdict(info)})
+        self.channel.send({"type": "start", **dataclasses.asdict(info), **tokcache.summary()})
 
     def on_metrics(self, metrics: StepMetrics) -> None:
         self.channel.send({"type": "metrics", **dataclasses.asdict(metrics)})
-
-    def on_notice(self, message: str, data: dict[str, Any]) -> None:
-        """Something to tell the job's events that does not stop the run (tuneforge.training.integrations)."""
-        self.channel.send({"type": "notice", "message": message, "data": data})
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         self.channel.send({"type": "checkpoint", "step": step, "path": str(path), "metrics": metrics})
@@ -140,6 +137,8 @@ def main(argv: list[str]) -> int:
 
         spec = JobSpec.model_validate(command["spec"])
         raw = command["paths"]
+        tokcache.configure(Path(raw["tokcache_dir"]) if raw.get("tokcache_dir") else None)
+        _inject_test_oom()
         model_dir = raw.get("model_dir") or resolve_model_path(
             spec.model, command.get("models", ""), Path(command["models_dir"])
         )
@@ -152,7 +151,7 @@ def main(argv: list[str]) -> int:
             model_id=spec.model,
         )
         runner = _load_runner(command.get("runner") or DEFAULT_RUNNER)
-        result = runner(spec, paths, ChannelObserver(channel))
+        result = runner(spec, paths, ChannelObserver(channel), **(command.get("options") or {}))
         channel.send({"type": "result", **_result_dict(result)})
         return 0
     except BaseException as error:
@@ -162,9 +161,45 @@ def main(argv: list[str]) -> int:
                 "code": _error_code(error),
                 "message": f"{type(error).__name__}: {error}",
                 "traceback": traceback.format_exc(limit=20),
+                **_out_of_memory_advice(error, command),
             }
         )
         return 1
+
+
+def _out_of_memory_advice(error: BaseException, command: dict[str, Any]) -> dict[str, Any]:
+    """For an out-of-memory error, what the estimator says would fit (tuneforge/worker/oom.py)."""
+    if _error_code(error) != "out_of_memory":
+        return {}
+    from tuneforge.worker.oom import advice
+
+    checkpointing = bool((command.get("options") or {}).get("gradient_checkpointing"))
+    return {"advice": advice(command["spec"], checkpointing)}
+
+
+def _inject_test_oom() -> None:
+    """TEST ONLY (TUNEFORGE_TEST_OOM_ABOVE_MICRO_BATCH=N): every training step whose micro-batch
+    is above N raises torch.OutOfMemoryError, as a GPU that is too small would; CPU memory cannot
+    stand in for a GPU's in tests. Unset (always, in production), nothing changes."""
+    from tuneforge.config import get_settings
+
+    limit = get_settings().test_oom_above_micro_batch
+    if limit is None:
+        return
+    import torch
+    import transformers
+
+    original = transformers.Trainer.training_step
+
+    def training_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        micro = self.args.per_device_train_batch_size
+        if micro > limit:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (injected for tests: micro-batch {micro} > {limit})"
+            )
+        return original(self, *args, **kwargs)
+
+    transformers.Trainer.training_step = training_step  # type: ignore[method-assign]
 
 
 def _result_dict(result: RunResult) -> dict[str, Any]:
@@ -184,7 +219,11 @@ def _error_code(error: BaseException) -> str:
         return "non_finite_loss"
     if type(error).__name__ == "DataError":  # tuneforge.training.data: the file cannot be trained on
         return "invalid_training_file"
-    if "out of memory" in text or isinstance(error, MemoryError):
+    if (
+        "out of memory" in text
+        or isinstance(error, MemoryError)
+        or type(error).__name__ == "OutOfMemoryError"
+    ):
         return "out_of_memory"
     if type(error).__name__ in ("UnknownModel", "OSError") and "model" in text:
         return "model_load_failed"

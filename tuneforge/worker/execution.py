@@ -42,10 +42,9 @@ from tuneforge.models.job import Job, JobStatus
 from tuneforge.models.spec import JobSpec
 from tuneforge.storage import ObjectStore, open_store
 from tuneforge.storage.keys import CheckpointKeys, artifact_key, file_key
-from tuneforge.worker import fairshare, incidents, jobstate, resilience
+from tuneforge.worker import fairshare, incidents, jobstate, oom, resilience
 from tuneforge.worker.dispatch import enqueue_job
 from tuneforge.worker.jobstate import EventRecord, RunPlan, StoredArtifact
-from tuneforge.worker.observability import RunMetrics
 from tuneforge.worker.packaging import adapter_only, extract_tarball, make_tarball, upload
 from tuneforge.worker.resilience import (
     LeaseClock,
@@ -56,6 +55,7 @@ from tuneforge.worker.resilience import (
     retry_transient,
 )
 from tuneforge.worker.supervisor import TrainingProcess, describe_exit
+from tuneforge.worker.tokstore import StoreCache
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,7 @@ def run_job(job_id: str, ctx: WorkerContext) -> RunOutcome:
     )
     if plan is None:
         return RunOutcome.NOT_CLAIMED
-    run = JobRun(ctx, plan, claimed_at)
-    outcome = run.execute()
-    run.metrics.finished(outcome.value)
-    return outcome
+    return JobRun(ctx, plan, claimed_at).execute()
 
 
 class LeaseLost(Exception):
@@ -216,7 +213,11 @@ class JobRun:
         self.lease = LeaseClock(self.settings.lease_seconds, claimed_at)
         self.outage = Outage(self.job_id, self.lease)
         self.handback_deadline: float | None = None  # set when the worker is asked to shut down
-        self.metrics = RunMetrics(ctx.sessions, plan)  # Prometheus (tuneforge/worker/observability.py)
+        self.memory = oom.MemoryPlan()  # the out-of-memory ladder's rung (tuneforge/worker/oom.py)
+        self.effective_hp: dict[str, Any] = {}  # the hyperparameters the run reported at its start
+        self.stored_checkpoint: Path | None = None  # the newest checkpoint of this run in the store
+        self.run_paths: dict[str, str | None] = {}
+        self.tokcache: StoreCache | None = None
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -269,6 +270,7 @@ class JobRun:
                 "runner": os.environ.get("TUNEFORGE_TRAINING_RUNNER") or None,
             }
         )
+        self.run_paths = paths
         self.run_sent_at = time.monotonic()
         return self._supervise(process)
 
@@ -288,7 +290,11 @@ class JobRun:
             resume_from = extract_tarball(archive, inputs / f"checkpoint-{self.plan.resume.step}")
         out_dir = self.work / "out"
         out_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.tokenization_cache:
+            self.tokcache = StoreCache(self.store, self.work / "tokcache")
+            self.tokcache.pull([train_file, valid_file])
         return {
+            "tokcache_dir": str(self.tokcache.directory) if self.tokcache else None,
             "train_file": str(train_file),
             "valid_file": str(valid_file) if valid_file else None,
             "out_dir": str(out_dir),
@@ -330,8 +336,6 @@ class JobRun:
                 self._on_metrics(message)
             elif kind == "checkpoint":
                 self._on_checkpoint(process, message)
-            elif kind == "notice":
-                self._on_notice(message)
             elif kind == "result":
                 return self._on_result(message)
             elif kind == "error":
@@ -340,6 +344,15 @@ class JobRun:
                 if self._stopped_with_the_worker(process, message):
                     return self._hand_back(None)
                 code = message.get("code", "training_error")
+                if code == oom.OUT_OF_MEMORY:
+                    if resilience.shutdown_requested_at() is not None:
+                        return self._hand_back(None)
+                    retried = self._retry_out_of_memory(process)
+                    if retried is not None:
+                        process = retried
+                        continue
+                    text = oom.exhausted_message(self.memory, message.get("advice") or [])
+                    return self._fail(code, text, process, detail=message.get("traceback") or "")
                 return self._fail(code, message["message"], process, detail=message.get("traceback") or "")
             self._notice_shutdown(process)
             if self.handback_deadline is not None and time.monotonic() >= self.handback_deadline:
@@ -382,6 +395,58 @@ class JobRun:
             process.send({"op": "stop", "reason": "pause"})
             self.stop_sent = "shutdown"
 
+    def _retry_out_of_memory(self, failed: TrainingProcess) -> TrainingProcess | None:
+        """The next rung of the out-of-memory ladder: a fresh training process running the job
+        from its newest stored checkpoint (or where this run started) with less memory; None when
+        the ladder is spent or no process starts. Not a failed attempt."""
+        found = oom.next_plan(self.memory, self.effective_hp)
+        if found is None:
+            return None
+        self.memory, text = found
+        resume = (
+            self.stored_checkpoint if self.stored_checkpoint and self.stored_checkpoint.is_dir() else None
+        )
+        paths = {
+            **self.run_paths,
+            "resume_from": str(resume) if resume else self.run_paths.get("resume_from"),
+        }
+        step = (
+            int(resume.name.rsplit("-", 1)[-1])
+            if resume
+            else (self.plan.resume.step if self.plan.resume else 0)
+        )
+        data = {
+            "code": oom.OUT_OF_MEMORY,
+            "micro_batch_size": self.memory.micro_batch,
+            "gradient_accumulation_steps": self.memory.accumulation,
+            "gradient_checkpointing": self.memory.gradient_checkpointing,
+            "resume_step": step,
+        }
+        where = f"from its checkpoint at step {step}" if step else "from the start"
+        self.pending.append(EventRecord(f"{text}, {where}.", level="warn", data=data))
+        self._flush()
+        failed.stop(grace=2.0)
+        failed.log_path.unlink(missing_ok=True)
+        self.process = TrainingProcess.spawn(_child_log_path(self.settings))
+        while not self.process.wait_ready(FLUSH_EVERY_S):  # the lease is renewed while it imports
+            if not self.process.alive():
+                return None
+            self._flush()
+        self.process.send(
+            {
+                "op": "run",
+                "spec": oom.retry_spec(self.plan.spec, self.memory, self.effective_hp),
+                "paths": paths,
+                "models": self.settings.models,
+                "models_dir": str(self.settings.models_dir),
+                "runner": os.environ.get("TUNEFORGE_TRAINING_RUNNER") or None,
+                "options": {"gradient_checkpointing": True} if self.memory.gradient_checkpointing else {},
+            }
+        )
+        self.run_sent_at = time.monotonic()
+        self.first_metrics, self.stop_sent = None, None
+        return self.process
+
     # --- messages from the training process ----------------------------------------------------
 
     def _on_start(self, message: dict[str, Any]) -> None:
@@ -408,8 +473,12 @@ class JobRun:
             self.process.pid if self.process else None,
         )
         data = {"hyperparameters": hp, **self.params, "setup_seconds": setup}
+        data |= {k: message[k] for k in ("tokenization_cache", "tokenization_cache_entries") if k in message}
+        self.effective_hp = hp
         self.pending.append(EventRecord(text + ".", data=data))
         self._flush()
+        if self.tokcache is not None:  # what the run tokenized, for the next attempt or job
+            self.tokcache.push()
 
     def _on_metrics(self, message: dict[str, Any]) -> None:
         step = int(message["step"])
@@ -445,17 +514,12 @@ class JobRun:
         }
         self.progress_dirty = True
         self.last_metrics = data
-        self.metrics.step(message)
-
-    def _on_notice(self, message: dict[str, Any]) -> None:
-        """Something the run reports that does not stop it (a tracking integration that failed)."""
-        data = message.get("data") or {}
-        self.pending.append(EventRecord(str(message["message"]), level="warn", data=data, at=utcnow()))
 
     def _on_checkpoint(self, process: TrainingProcess, message: dict[str, Any]) -> None:
         step = int(message["step"])
         checkpoint_id = new_checkpoint_id()
         key = self._store_checkpoint(checkpoint_id, Path(message["path"]))
+        self.stored_checkpoint = Path(message["path"])
         raw = {**self.last_metrics, **(message.get("metrics") or {})}
         metrics = {
             "step": step,
@@ -578,7 +642,6 @@ class JobRun:
             ("adapter", "adapter_dir"),
             ("model", "model_dir"),
             ("merged", "merged_dir"),
-            ("tensorboard", "tensorboard_dir"),
         ):
             source = message.get(field_name)
             if source:
@@ -670,15 +733,12 @@ class JobRun:
             self.outage.check_lease(now)
             return None
         try:
-            state = self._write(renew=True)
+            return self._write(renew=True)
         except Exception as error:
             if not is_transient(error):
                 raise
             self.outage.failed(error, now)
-            self.metrics.renewed(False)
             return None
-        self.metrics.renewed(True)
-        return state
 
     def _flush_and_renew(self, process: TrainingProcess) -> None:
         state = self._flush()

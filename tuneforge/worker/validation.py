@@ -16,6 +16,7 @@ from tuneforge.models.file import File
 from tuneforge.models.job import EventRecord, Job, JobStatus, transition
 from tuneforge.models.spec import JobSpec
 from tuneforge.worker import incidents, jobstate
+from tuneforge.worker.tokstore import StoreCache
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,8 @@ def _check(
 ) -> tuple[str | None, str | None, dict[str, Any]]:
     from transformers import AutoTokenizer
 
+    from tuneforge.training import tokcache
     from tuneforge.training.base_models import UnknownModel, resolve_model_path
-    from tuneforge.training.data import DataError, read_training_file
 
     if "training_file" not in keys:
         return f"training file {spec.training_file} no longer exists", "training_file", {}
@@ -74,11 +75,33 @@ def _check(
     except UnknownModel:
         return f"model {spec.model!r} is not on offer on this worker", "model", {}
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=ctx.settings.trust_remote_code)
-    max_len = spec.hyperparameters.max_seq_length
     summary: dict[str, Any] = {"files": {}, "warnings": {}}
+    # What this measures, training takes from the tokenization cache (tuneforge/training/tokcache.py).
+    cache = StoreCache(ctx.store, work / "tokcache") if ctx.settings.tokenization_cache else None
+    tokcache.configure(cache.directory if cache else None)
+    try:
+        return _check_files(spec, keys, ctx, work, tokenizer, cache, summary)
+    finally:
+        tokcache.configure(None)
+
+
+def _check_files(
+    spec: JobSpec,
+    keys: dict[str, tuple[str, str, str]],
+    ctx: Any,
+    work: Any,
+    tokenizer: Any,
+    cache: StoreCache | None,
+    summary: dict[str, Any],
+) -> tuple[str | None, str | None, dict[str, Any]]:
+    from tuneforge.training.data import DataError, read_training_file
+
+    max_len = spec.hyperparameters.max_seq_length
     for param, (key, filename, file_id) in keys.items():
         path = work / f"{param}.jsonl"
         ctx.store.download(key, path)
+        if cache is not None:
+            cache.pull([path])
         try:
             data = read_training_file(
                 path,
@@ -99,6 +122,8 @@ def _check(
                 {},
             )
         summary["files"][param] = {"id": file_id, **stats.as_dict()}
+        if cache is not None:
+            cache.push()
         for name, count in data.warnings.items():
             summary["warnings"][f"{param}.{name}"] = count
     train = summary["files"]["training_file"]

@@ -1,0 +1,149 @@
+"""Out-of-memory recovery and the tokenization cache, on real workers training tuneforge/tiny-chat.
+
+The out-of-memory error is injected (TUNEFORGE_TEST_OOM_ABOVE_MICRO_BATCH, a test-only setting):
+CPU memory cannot stand in for a GPU's. One worker injects above a micro-batch of 1, so a job with
+batch_size 2 succeeds after one halving; another injects at every micro-batch (0), so a job climbs
+the whole ladder and fails with `out_of_memory` and the estimator's advice. The jobs of the first
+worker share one file, so the retried run and a later job find its tokenization in the cache.
+Timings are reported (the start event's setup_seconds), never asserted."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from tuneforge.db import session_scope
+from tuneforge.models.job import Job, JobEvent
+from tuneforge.worker.celery_app import RUN_JOB_TASK, make_celery
+
+from .helpers import events, get_job, seed_job, sender, status
+from .procs import Services, running_services, wait_for
+
+pytestmark = pytest.mark.slow
+
+REAL_RUNNER = "tuneforge.training.run:run_training"
+ALL_OOM_QUEUE = "gpu-oom"
+JOB_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def services(
+    pg_url: str,
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    models_dir: Path,
+    tiny_chat_path: Path,
+) -> Iterator[Services]:
+    env = {"TUNEFORGE_TRAINING_RUNNER": REAL_RUNNER, "TUNEFORGE_LEASE_SECONDS": "30"}
+    with running_services(tmp_path_factory.mktemp("oom"), pg_url, redis_url, models_dir, env) as svc:
+        svc.worker(extra_env={"TUNEFORGE_TEST_OOM_ABOVE_MICRO_BATCH": "1"})
+        svc.worker(queues=ALL_OOM_QUEUE, extra_env={"TUNEFORGE_TEST_OOM_ABOVE_MICRO_BATCH": "0"})
+        yield svc
+
+
+def _job(services: Services, data: Path, batch_size: int) -> str:
+    hp = {"batch_size": batch_size, "max_steps": 3, "save_every_steps": 10, "n_epochs": 1}
+    return seed_job(
+        services, data, extra={"method": {"type": "supervised", "supervised": {"hyperparameters": hp}}}
+    )
+
+
+def _send(services: Services, job_id: str, queue: str) -> None:
+    saved = dict(os.environ)
+    os.environ.update(services.env)
+    try:
+        app = make_celery(services.settings())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+
+
+def _finished(services: Services, job_id: str) -> Job:
+    assert wait_for(
+        lambda: status(services, job_id) in ("succeeded", "failed", "cancelled"),
+        JOB_TIMEOUT_S,
+        job_id,
+        services,
+    )
+    return get_job(services, job_id)
+
+
+def _starts(rows: list[JobEvent]) -> list[dict[str, Any]]:
+    return [e.data for e in rows if e.message.startswith("Training started") and e.data]
+
+
+@pytest.fixture(scope="module")
+def halved(services: Services, qa_path: Path) -> tuple[Job, list[JobEvent]]:
+    job_id = _job(services, qa_path, batch_size=2)
+    sender(services)(job_id)
+    return _finished(services, job_id), events(services, job_id)
+
+
+def test_an_injected_oom_succeeds_after_one_halving(halved: tuple[Job, list[JobEvent]]) -> None:
+    job, rows = halved
+    assert job.status == "succeeded", (job.error, [e.message for e in rows])
+    assert job.attempt == 1  # the retry is no failed attempt
+    retries = [e for e in rows if e.data and e.data.get("code") == "out_of_memory"]
+    assert len(retries) == 1, [e.message for e in rows]
+    assert retries[0].level == "warn"
+    assert retries[0].message.startswith(
+        "Out of memory with micro-batch 2: retrying with micro-batch 1 and gradient_accumulation_steps 2 "
+        "(the same 2 examples per step)"
+    )
+    data = retries[0].data or {}
+    assert data["micro_batch_size"] == 1 and data["gradient_checkpointing"] is False
+    first, second = _starts(rows)
+    assert (
+        first["hyperparameters"]["batch_size"],
+        first["hyperparameters"]["gradient_accumulation_steps"],
+    ) == (2, 1)
+    assert (
+        second["hyperparameters"]["batch_size"],
+        second["hyperparameters"]["gradient_accumulation_steps"],
+    ) == (1, 2)
+    # The retried run reads the file's tokenization the first run stored.
+    assert first["tokenization_cache"] == "miss" and second["tokenization_cache"] == "hit"
+    assert not any(e.level == "error" for e in rows)
+
+
+def test_a_later_job_on_the_same_file_hits_the_tokenization_cache(
+    services: Services, qa_path: Path, halved: tuple[Job, list[JobEvent]]
+) -> None:
+    job_id = _job(services, qa_path, batch_size=1)
+    sender(services)(job_id)
+    job = _finished(services, job_id)
+    assert job.status == "succeeded", job.error
+    (start,) = _starts(events(services, job_id))
+    assert start["tokenization_cache"] == "hit", start
+    assert set(start["tokenization_cache_entries"].values()) == {"hit"}
+    miss = _starts(halved[1])[0].get("setup_seconds")
+    print(f"setup_seconds: first job (miss) {miss}, later job (hit) {start['setup_seconds']}")
+
+
+def test_an_oom_at_every_micro_batch_fails_with_advice(services: Services, qa_path: Path) -> None:
+    job_id = _job(services, qa_path, batch_size=2)
+    with session_scope(services.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(queue=ALL_OOM_QUEUE))
+    _send(services, job_id, ALL_OOM_QUEUE)
+    job = _finished(services, job_id)
+    rows = events(services, job_id)
+    assert job.status == "failed" and job.error is not None, [e.message for e in rows]
+    assert job.error["code"] == "out_of_memory"
+    message = job.error["message"]
+    assert message.startswith(
+        "out of device memory even with micro-batch 1 and gradient checkpointing; to fit: "
+    )
+    assert "qlora" in message and "(incident inc-" in message
+    assert job.attempt == 1
+    ladder = [
+        e.message for e in rows if e.data and e.data.get("code") == "out_of_memory" and e.level == "warn"
+    ]
+    assert len(ladder) == 2, ladder
+    assert ladder[0].startswith("Out of memory with micro-batch 2: retrying with micro-batch 1")
+    assert ladder[1].startswith("Out of memory with micro-batch 1: retrying with gradient checkpointing")
