@@ -28,6 +28,9 @@ from tuneforge.training.outputs import (
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
+    from tuneforge.models.spec import Integration
+    from tuneforge.training.integrations import TrackingCallback
+
 
 @dataclass
 class RecipeConfig:
@@ -57,6 +60,10 @@ class RecipeConfig:
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute activations whatever the model and device (out-of-memory retries)."},
+    )
+    integrations: list[Integration] = field(
+        default_factory=list,
+        metadata={"help": "Experiment trackers to log to (tuneforge.training.integrations)."},
     )
 
     def effective_seed(self) -> int:
@@ -150,12 +157,35 @@ def train_and_save(
     """Trains (resuming if asked), then writes adapter/model/merged, the card and the RunResult."""
     report = _prepare(trainer, cfg, run)
     callback = _attach_callbacks(trainer, cfg, observer, run, report)
-    output = trainer.train(resume_from_checkpoint=str(cfg.resume_from) if cfg.resume_from else None)
+    tracking = _start_tracking(trainer, cfg, observer, run, report)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(cfg.resume_from) if cfg.resume_from else None)
+    except BaseException:
+        if tracking is not None:
+            tracking.finish(None)
+        raise
     metrics = _final_metrics(trainer, run, callback, output.metrics)
     result = _run_result(trainer, cfg, run, report, callback, metrics)
     if callback.stopped is None:
         _save_outputs(trainer, cfg, run, report, result)
+    if tracking is not None:
+        tracking.finish(result if callback.stopped is None else None)
     return Finished(result, trainer.model, run.tokenizer)
+
+
+def _start_tracking(
+    trainer: Trainer, cfg: RecipeConfig, observer: RunObserver | None, run: RecipeRun, report: _Report
+) -> TrackingCallback | None:
+    """The job's experiment trackers, started and fed from the Trainer's logs (after the observer
+    callback, which checks each step's numbers first). A tracker's failure is a notice to the
+    observer (an event), never the run's failure."""
+    from tuneforge.training.integrations import run_params, start_tracking
+
+    params = run_params(run.method, cfg.model_id, cfg.adapter.model_dump(mode="json"), report.hyperparameters)
+    tracking = start_tracking(cfg.integrations, cfg.out_dir, params, getattr(observer, "on_notice", None))
+    if tracking is not None:
+        trainer.add_callback(tracking)
+    return tracking
 
 
 def _prepare(trainer: Trainer, cfg: RecipeConfig, run: RecipeRun) -> _Report:

@@ -34,6 +34,7 @@ def recipe_config(spec: JobSpec, paths: RunPaths, *, gradient_checkpointing: boo
         "export_merged": "merged" in spec.export,
         "trust_remote_code": get_settings().trust_remote_code,
         "gradient_checkpointing": gradient_checkpointing,
+        "integrations": list(spec.integrations or []),
     }
     method = spec.method.type
     if method == "supervised":

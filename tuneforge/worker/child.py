@@ -99,6 +99,10 @@ class ChannelObserver:
     def on_metrics(self, metrics: StepMetrics) -> None:
         self.channel.send({"type": "metrics", **dataclasses.asdict(metrics)})
 
+    def on_notice(self, message: str, data: dict[str, Any]) -> None:
+        """Something to tell the job's events that does not stop the run (tuneforge.training.integrations)."""
+        self.channel.send({"type": "notice", "message": message, "data": data})
+
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         self.channel.send({"type": "checkpoint", "step": step, "path": str(path), "metrics": metrics})
         if not self.channel.wait_for_ack(step, CHECKPOINT_ACK_TIMEOUT_S):

@@ -45,6 +45,7 @@ from tuneforge.storage.keys import CheckpointKeys, artifact_key, file_key
 from tuneforge.worker import fairshare, incidents, jobstate, oom, resilience
 from tuneforge.worker.dispatch import enqueue_job
 from tuneforge.worker.jobstate import EventRecord, RunPlan, StoredArtifact
+from tuneforge.worker.observability import RunMetrics
 from tuneforge.worker.packaging import adapter_only, extract_tarball, make_tarball, upload
 from tuneforge.worker.resilience import (
     LeaseClock,
@@ -172,7 +173,10 @@ def run_job(job_id: str, ctx: WorkerContext) -> RunOutcome:
     )
     if plan is None:
         return RunOutcome.NOT_CLAIMED
-    return JobRun(ctx, plan, claimed_at).execute()
+    run = JobRun(ctx, plan, claimed_at)
+    outcome = run.execute()
+    run.metrics.finished(outcome.value)
+    return outcome
 
 
 class LeaseLost(Exception):
@@ -218,6 +222,7 @@ class JobRun:
         self.stored_checkpoint: Path | None = None  # the newest checkpoint of this run in the store
         self.run_paths: dict[str, str | None] = {}
         self.tokcache: StoreCache | None = None
+        self.metrics = RunMetrics(ctx.sessions, plan)  # Prometheus (tuneforge/worker/observability.py)
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -336,6 +341,8 @@ class JobRun:
                 self._on_metrics(message)
             elif kind == "checkpoint":
                 self._on_checkpoint(process, message)
+            elif kind == "notice":
+                self._on_notice(message)
             elif kind == "result":
                 return self._on_result(message)
             elif kind == "error":
@@ -514,6 +521,12 @@ class JobRun:
         }
         self.progress_dirty = True
         self.last_metrics = data
+        self.metrics.step(message)
+
+    def _on_notice(self, message: dict[str, Any]) -> None:
+        """Something the run reports that does not stop it (a tracking integration that failed)."""
+        data = message.get("data") or {}
+        self.pending.append(EventRecord(str(message["message"]), level="warn", data=data, at=utcnow()))
 
     def _on_checkpoint(self, process: TrainingProcess, message: dict[str, Any]) -> None:
         step = int(message["step"])
@@ -642,6 +655,7 @@ class JobRun:
             ("adapter", "adapter_dir"),
             ("model", "model_dir"),
             ("merged", "merged_dir"),
+            ("tensorboard", "tensorboard_dir"),
         ):
             source = message.get(field_name)
             if source:
@@ -733,12 +747,15 @@ class JobRun:
             self.outage.check_lease(now)
             return None
         try:
-            return self._write(renew=True)
+            state = self._write(renew=True)
         except Exception as error:
             if not is_transient(error):
                 raise
             self.outage.failed(error, now)
+            self.metrics.renewed(False)
             return None
+        self.metrics.renewed(True)
+        return state
 
     def _flush_and_renew(self, process: TrainingProcess) -> None:
         state = self._flush()
