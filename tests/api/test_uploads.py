@@ -18,6 +18,7 @@ import psutil
 import pytest
 from fastapi import FastAPI
 from openai import OpenAI
+from sqlalchemy import select
 
 from tests.api.conftest import ProjectCtx
 from tests.support import start_server, stop_server
@@ -176,13 +177,18 @@ def test_reconciler_expires_pending_uploads_and_removes_parts(project: ProjectCt
         client.uploads.parts.create(upload.id, data=b"{}")
     assert _error(expired.value)["code"] == "upload_expired"
 
-    assert upload.id in expire_uploads(sessions, store, utcnow())
+    completed = _chunked(client, _jsonl(10), 300)  # its part rows wait for the reconciler
+
+    cleaned = expire_uploads(sessions, store, utcnow())
+    assert upload.id in cleaned and completed.id in cleaned
     assert not store.exists(key)
     with sessions() as session:
         row = session.get(Upload, upload.id)
         assert row is not None
         assert row.status == "expired"
         assert session.get(UploadPart, part.id) is None
+        assert session.scalars(select(UploadPart).where(UploadPart.upload_id == completed.id)).all() == []
+    assert list(store.list(f"uploads/{completed.id}/")) == []
 
 
 # --- a real server over S3: the 200 MB case and the API process's memory ---

@@ -137,11 +137,13 @@ def expired_pending(session: Session, now: datetime, limit: int) -> list[str]:
 
 
 def ended_with_parts(session: Session, limit: int) -> list[str]:
-    """Ids of uploads no longer pending whose part rows remain (a clean-up that failed half-way)."""
+    """Ids of uploads no longer pending whose part rows remain. Read from the parts' side: only
+    uploads in progress or awaiting clean-up have parts, so the query never walks every upload."""
     stmt = (
-        select(Upload.id)
+        select(UploadPart.upload_id)
+        .join(Upload, Upload.id == UploadPart.upload_id)
         .where(Upload.status != UploadStatus.PENDING.value)
-        .where(select(UploadPart.id).where(UploadPart.upload_id == Upload.id).exists())
+        .distinct()
         .limit(limit)
     )
     return list(session.scalars(stmt))
