@@ -12,7 +12,9 @@ from typing import Any
 import openai
 import pytest
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
+from tests.api.test_openapi import Conformance
 from tests.support.api import ProjectCtx
 from tests.support.receiver import Receiver, start_receiver
 
@@ -187,3 +189,23 @@ def test_a_final_status_writes_the_outbox_row_and_ends_the_stream(
         headers={**project.headers, "Last-Event-ID": "ftevent-nope"},
     )
     assert _error(bad)["param"] == "Last-Event-ID"
+
+
+def test_answers_conform_to_the_document(
+    client: TestClient, project: ProjectCtx, receiver: Receiver, allow_local: None
+) -> None:
+    check, key = Conformance(client), project.key
+    base, one = "/v1/webhook_endpoints", "/v1/webhook_endpoints/{webhook_endpoint_id}"
+    body = {"name": "doc", "url": receiver.url(f"/doc-{project.id}"), "event_types": [SUCCEEDED]}
+    made = check("POST", base, base, key, json=body)
+    check("POST", base, base, key, json={**body, "url": "http://example.com/"})
+    path = f"{base}/{made['id']}"
+    check("GET", base, base, key, params={"limit": 1})
+    check("GET", one, path, key)
+    check("GET", one, f"{base}/we_nothing", key)
+    check("POST", one, path, key, json={"name": "doc-2"})
+    check("POST", one + "/rotate_secret", path + "/rotate_secret", key, json={})
+    check("POST", one + "/test", path + "/test", key, json={"event_type": SUCCEEDED})
+    check("GET", one + "/deliveries", path + "/deliveries", key)
+    check("GET", "/v1/webhook_event_types", "/v1/webhook_event_types", key)
+    check("DELETE", one, path, key)

@@ -147,7 +147,7 @@ def resolve(target: Target) -> list[IpAddress]:
     UrlRefused (for a host that does not resolve, too)."""
     try:
         infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
         raise HostUnresolved(f"The URL's host does not resolve: {exc}.") from None
     addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
     if not target.allowed:
