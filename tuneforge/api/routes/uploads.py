@@ -111,7 +111,7 @@ async def add_part(
         return announced
 
     announced = await run_in_threadpool(check)
-    part_id, size = await service.receive_part(request, store, settings, upload_id)
+    part_id, size = await service.receive_part(request, store, settings, caller.project_id, upload_id)
     key = upload_part_key(upload_id, part_id)
 
     def record() -> uploads.UploadPart:

@@ -13,6 +13,7 @@ store's one part buffer.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -30,7 +31,13 @@ from starlette.requests import ClientDisconnect, Request
 
 from tuneforge.api import quotas
 from tuneforge.api.errors import BadRequest, NotFound, PayloadTooLarge
-from tuneforge.api.services.files import MULTIPART_OVERHEAD, UPLOAD_THREADS, UploadTimeout, clean_filename
+from tuneforge.api.services.files import (
+    MULTIPART_OVERHEAD,
+    UPLOAD_THREADS,
+    TooManyUploads,
+    UploadTimeout,
+    clean_filename,
+)
 from tuneforge.config import Settings
 from tuneforge.db import utcnow
 from tuneforge.models import file as files
@@ -45,6 +52,9 @@ log = logging.getLogger(__name__)
 MAX_PART_BYTES = 64 << 20  # OpenAI's limit, and the SDK's default part size
 MAX_FORM_PARTS = 8
 MAX_MIME_TYPE = 255
+
+# Parts arriving now, per project, in this API process (touched on the event loop only).
+_RUNNING: collections.Counter[str] = collections.Counter()
 
 
 def create(
@@ -181,10 +191,28 @@ class _PartReader:
 
 
 async def receive_part(
-    request: Request, store: ObjectStore, settings: Settings, upload_id: str
+    request: Request, store: ObjectStore, settings: Settings, project_id: str, upload_id: str
 ) -> tuple[str, int]:
     """Streams the request's `data` field into the store as a new part; returns (part id, bytes).
-    On any error nothing is left behind."""
+    On any error nothing is left behind. A project already sending
+    `max_concurrent_uploads_per_project` parts in this process gets a 429 (the SDK retries)."""
+    limit = settings.max_concurrent_uploads_per_project
+    if _RUNNING[project_id] >= limit:
+        raise TooManyUploads(
+            f"This project already sends {limit} parts at once; retry when one has finished.", param="data"
+        )
+    _RUNNING[project_id] += 1
+    try:
+        return await _receive_part(request, store, settings, upload_id)
+    finally:
+        _RUNNING[project_id] -= 1
+        if _RUNNING[project_id] <= 0:
+            del _RUNNING[project_id]
+
+
+async def _receive_part(
+    request: Request, store: ObjectStore, settings: Settings, upload_id: str
+) -> tuple[str, int]:
     content_type, options = parse_options_header(request.headers.get("content-type"))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
