@@ -9,6 +9,7 @@ creation), one fails (the stand-in crashes at step 7) and one is cancelled."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ class Stack:
     base_url: str
     key: str
     receiver: Receiver
+    beat: subprocess.Popen[bytes]
 
     def sdk(self) -> OpenAI:
         return OpenAI(base_url=self.base_url + "/v1", api_key=self.key, max_retries=2, timeout=60)
@@ -70,11 +72,11 @@ def stack(
     with running_services(tmp_path_factory.mktemp("webhooks"), pg_url, redis_url, models_dir, env) as svc:
         serve = svc.start("serve", "--port", str(port), name="serve")
         svc.worker(concurrency=2)
-        svc.beat()
+        beat = svc.beat()
         base_url = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(base_url, serve, 90, svc.tmp / "serve-0.log")
-            yield Stack(svc, base_url, key, receiver)
+            yield Stack(svc, base_url, key, receiver, beat)
         finally:
             receiver.close()
 
@@ -231,3 +233,29 @@ def test_the_live_stream_sends_every_event_in_order_and_resumes_after_last_event
     middle = len(listed) // 2
     rest, _ = _stream(stack, jobs.succeeded, **{"Last-Event-ID": listed[middle]["id"]})
     assert rest == jobs.streamed[middle + 1 :]
+
+
+def test_a_delivery_written_while_the_sender_is_down_is_sent_when_it_is_back(
+    stack: Stack, jobs: Jobs, qa_path: Path
+) -> None:
+    """The outbox outlives the beat process: a job cancelled while no sender runs is delivered
+    by the next one."""
+    sdk = stack.sdk()
+    path = f"/later-{uuid.uuid4().hex[:8]}"
+    endpoint = sdk.webhooks.create(
+        name="later", url=stack.receiver.url(path), event_types=["fine_tuning.job.cancelled"]
+    )
+    stack.services.stop(stack.beat)
+    training_file = sdk.files.create(file=qa_path.open("rb"), purpose="fine-tune").id
+    job = sdk.fine_tuning.jobs.create(model="tuneforge/tiny-chat", training_file=training_file)
+    sdk.fine_tuning.jobs.cancel(job.id)
+    [pending] = stack.get(f"/v1/webhook_endpoints/{endpoint.id}/deliveries").json()["data"]
+    assert (pending["status"], pending["attempts"]) == ("pending", 0)
+    stack.beat = stack.services.beat()
+    [received] = _received(stack, endpoint.id, 1)
+    event = sdk.webhooks.unwrap(received.body, received.headers, secret=endpoint.signing_secret)
+    assert (event.type, event.data.id, received.headers["webhook-id"]) == (
+        "fine_tuning.job.cancelled",
+        job.id,
+        pending["id"],
+    )
