@@ -43,3 +43,13 @@ test: $(STAMP)-dev
 
 clean:
 	rm -rf $(VENV) .tuneforge .pytest_cache .mypy_cache .ruff_cache
+
+# The dashboard's browser tests and screenshots use Debian's chromium (Playwright only drives it).
+.PHONY: chromium screenshots
+chromium:
+	command -v chromium >/dev/null || (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium))
+
+# docs/ui-job.png (a trained job's page and its loss curve) and docs/ui-new-job.png (the form with
+# its estimate), taken by the browser tests on a real stack.
+screenshots: $(STAMP)-dev chromium
+	UI_SCREENSHOT_DIR=docs $(BIN)/python -m pytest tests/ui/test_dashboard.py -q -p no:cacheprovider
