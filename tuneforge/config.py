@@ -363,9 +363,9 @@ class Settings(BaseSettings):
 
 
 def _parse_delays(value: str) -> list[float]:
-    """`"1,2,4"` -> [1.0, 2.0, 4.0]; each a finite number of seconds >= 0."""
+    """`"1,2,4"` -> [1.0, 2.0, 4.0]; each a finite number of seconds >= 0 (empty: no retries)."""
     delays: list[float] = []
-    for part in value.split(","):
+    for part in filter(str.strip, value.split(",")):
         try:
             delay = float(part)
         except ValueError:

@@ -54,6 +54,8 @@ BATCH = 50
 PARALLEL_ATTEMPTS = 8
 JITTER = 0.2
 MAX_ERROR_CHARS = 500
+MAX_ADDRESSES = 3
+"""Addresses of one name an attempt tries, each only if the one before refused the connection."""
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -223,7 +225,7 @@ def attempt(settings: Settings, url: str, message_id: str, body: str, secrets: S
         ipaddress.ip_address(target.host)
         routes = [(url, {}, {})]
     except ValueError:  # a name: connect to an address just checked, the next one if it refuses
-        routes = [_pinned_request(target, address) for address in addresses]
+        routes = [_pinned_request(target, address) for address in addresses[:MAX_ADDRESSES]]
     error = "no address"
     for send_url, host_header, extensions in routes:
         try:
