@@ -55,7 +55,7 @@ def test_upload_create_watch_download(cli: Any, qa_path: Path, tiny_chat_path: P
 
     status, job = cli(
         "jobs", "create", "--model", "tuneforge/tiny-chat", "--training-file", file["id"],
-        "--max-steps", "4", "--batch-size", "8", "--suffix", "cli", "--metadata", "origin=cli",
+        "--max-steps", "2", "--batch-size", "8", "--suffix", "cli", "--metadata", "origin=cli",
     )  # fmt: skip
     assert status == 0
     assert job["status"] == "validating_files" and job["metadata"] == {"origin": "cli"}
