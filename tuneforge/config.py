@@ -132,6 +132,17 @@ class Settings(BaseSettings):
         "starts another. Measured: about 1 s on a busy 2-core machine (the heavy warm-up runs after "
         "the report); Celery's own default, 4 s, is too short under load.",
     )
+    worker_devices: int | None = Field(
+        None,
+        ge=1,
+        description="Devices this worker trains on (`tuneforge worker --devices N`); a job whose "
+        "hardware.count is larger waits for another worker. Default: every visible GPU, or 1 on CPU.",
+    )
+    worker_cpu_processes: bool = Field(
+        False,
+        description="Let a CPU worker run a job as hardware.count gloo processes (up to worker_devices): "
+        "for tests and benchmarks of multi-device training without GPUs.",
+    )
     worker_shutdown_grace_seconds: float = Field(
         25.0,
         gt=0,
