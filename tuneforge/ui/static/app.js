@@ -396,11 +396,11 @@ function jobsTable(jobs) {
         h(
           "td",
           {},
-          h("a", { href: `#/jobs/${encodeURIComponent(job.id)}`, class: "mono" }, job.id),
+          h("a", { href: `#/jobs/${encodeURIComponent(job.id)}`, class: "mono job-link" }, job.id),
           job.suffix ? h("div", { class: "suffix" }, job.suffix) : null,
         ),
         h("td", {}, statusBadge(job.status)),
-        h("td", {}, job.fine_tuned_model || job.model),
+        h("td", {}, job.model, job.fine_tuned_model ? h("div", { class: "ft-model mono" }, job.fine_tuned_model) : null),
         h("td", {}, methodOf(job)),
         h("td", {}, adapterOf(job)),
         h("td", { class: "progress-cell" }, progressOf(job), h("small", {}, progressText(job))),
@@ -751,16 +751,26 @@ async function jobView(jobId) {
     );
   }
 
+  // Events arrive one by one on the stream: the page is redrawn at most every 150 ms.
+  let redraw = null;
+  let grew = false;
+  cleanups.push(() => clearTimeout(redraw));
+
   function addEvents(list) {
-    let grew = false;
     for (const e of list) {
       if (!e || !e.id || events.has(e.id)) continue;
       events.set(e.id, e);
       if (e.type === "metrics" && chart.add(e.data)) grew = true;
     }
-    if (grew) chart.draw();
-    renderEvents();
-    renderEvaluations();
+    if (redraw === null) {
+      redraw = setTimeout(() => {
+        redraw = null;
+        if (grew) chart.draw();
+        grew = false;
+        renderEvents();
+        renderEvaluations();
+      }, 150);
+    }
   }
 
   let finalShown = false;
