@@ -89,6 +89,12 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args.host, args.port, access_log=args.access_log)
 
 
+def _inference(args: argparse.Namespace) -> int:
+    from tuneforge.inference.server import run_engine
+
+    return run_engine(args.host, args.port, args.uds)
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from tuneforge.db import migrate
 
@@ -121,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="Port (default 8000).")
     serve.add_argument("--access-log", action="store_true", help="Log every request.")
     serve.set_defaults(handler=_serve)
+    inference = commands.add_parser(
+        "inference", help="Run the inference engine behind /v1/chat/completions and /v1/completions."
+    )
+    inference.add_argument("--host", default=None, help="Interface to listen on (default 127.0.0.1).")
+    inference.add_argument("--port", type=int, default=None, help="Port (default 8001).")
+    inference.add_argument(
+        "--uds", default=None, help="A Unix socket instead (default with no TUNEFORGE_INFERENCE_ENGINE_URL)."
+    )
+    inference.set_defaults(handler=_inference)
     migrate = commands.add_parser("migrate", help="Upgrade the database schema (alembic upgrade).")
     migrate.add_argument("--revision", default="head", help="Target revision (default head).")
     migrate.set_defaults(handler=_migrate)

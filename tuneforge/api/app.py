@@ -15,7 +15,18 @@ from tuneforge.api.nul import RejectNul
 from tuneforge.api.observability import install_metrics
 from tuneforge.api.ratelimit import RateLimiter
 from tuneforge.api.responses import ADMIN, AUTHENTICATED, install_openapi
-from tuneforge.api.routes import admin, estimates, files, graders, health, jobs, models, uploads, webhooks
+from tuneforge.api.routes import (
+    admin,
+    chat,
+    estimates,
+    files,
+    graders,
+    health,
+    jobs,
+    models,
+    uploads,
+    webhooks,
+)
 from tuneforge.api.services.files import sweeping_incomplete_writes
 from tuneforge.config import Settings, get_settings
 from tuneforge.db import Reader, check_schema, make_engine, make_read_sessionmaker, make_sessionmaker
@@ -73,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models.router,
         estimates.router,
         graders.router,
+        chat.router,
     ):
         app.include_router(router, responses=AUTHENTICATED)
     app.include_router(webhooks.router, responses=AUTHENTICATED)

@@ -45,15 +45,19 @@ def _die_with_parent() -> None:
 
 
 def start_embedded_worker(settings: Settings, log_dir: Path | None = None) -> EmbeddedWorker:
-    """Starts `tuneforge worker --concurrency 1` and `tuneforge beat` with this process's settings."""
+    """Starts `tuneforge worker --concurrency 1` and `tuneforge beat` with this process's settings,
+    and `tuneforge inference` on the embedded socket unless an inference server is configured."""
     log_dir = log_dir or settings.data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TUNEFORGE_DATA_DIR": str(settings.data_dir)}
     worker = EmbeddedWorker(stop_timeout=settings.worker_shutdown_grace_seconds + 10)
-    for name, args in (
+    children = [
         ("worker", ["worker", "--queues", settings.default_queue, "--concurrency", "1"]),
         ("beat", ["beat"]),
-    ):
+    ]
+    if not settings.inference_engine_url and not settings.inference_url:
+        children.append(("inference", ["inference", "--uds", str(settings.inference_socket)]))
+    for name, args in children:
         with (log_dir / f"{name}.log").open("ab") as log:
             worker.processes.append(
                 subprocess.Popen(

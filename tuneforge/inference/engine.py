@@ -1,0 +1,671 @@
+"""The decoding engine: one thread per base model runs batches of sequences, whatever adapters
+they ask for, through PEFT's mixed-adapter batches (`adapter_names=`, one name per row, `__base__`
+for the plain base).
+
+A request's adapter is fetched and read (download, unpack, tokenizer) by a loader thread while the
+base's loop keeps serving the adapters it has; the loop then inserts it into the model between two
+batches, so a new adapter holds up the others for no longer than that insertion. Each base keeps
+at most `adapters_per_base` adapters; the least recently used one that no waiting request needs
+goes first.
+
+Batches are static: the loop takes every waiting sequence whose adapter is ready (up to
+`max_batch`), prefills them together (left-padded), then decodes one token per row per step;
+finished, cancelled and timed-out rows leave the batch (and the KV cache) as they end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneforge.inference.adapters import AdapterFetcher, cache_name
+from tuneforge.inference.protocol import Route
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class EngineError(Exception):
+    """An answer other than a completion, in OpenAI's error shape."""
+
+    def __init__(
+        self, status: int, message: str, *, code: str, param: str | None = None, type: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int | None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class Event:
+    """What a request's reader receives: `delta` (text of one choice), `finish` (one choice ended),
+    `done` (all ended; usage), `error`."""
+
+    kind: str
+    index: int = 0
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    error: EngineError | None = None
+
+
+@dataclass
+class Generation:
+    """One request: `n` sequences for each prompt, its events pushed onto an asyncio queue of the
+    server's loop. `messages` (chat) or `prompts` (completions) are tokenized once its adapter
+    (and so its chat template) is ready."""
+
+    route: Route
+    sampling: Sampling
+    n: int
+    messages: list[dict[str, Any]] | None
+    prompts: list[str] | None
+    loop: asyncio.AbstractEventLoop
+    deadline: float
+    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    completion_tokens: int = 0
+    open_rows: int = 0
+
+    @property
+    def sequences(self) -> int:
+        return self.n * (1 if self.messages is not None else len(self.prompts or []))
+
+    @property
+    def adapter_name(self) -> str | None:
+        adapter = self.route.adapter
+        return cache_name(adapter.storage_key) if adapter is not None and adapter.kind == "adapter" else None
+
+    def emit(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    def fail(self, error: EngineError) -> None:
+        self.emit(Event("error", error=error))
+
+
+@dataclass
+class Tokenizing:
+    """A loaded adapter's (or the base's) tokenizer and the tokens that end a turn."""
+
+    tokenizer: PreTrainedTokenizerBase
+    eos_ids: frozenset[int]
+
+
+@dataclass
+class _Row:
+    generation: Generation
+    index: int
+    prompt_ids: list[int]
+    adapter: str
+    max_new: int
+    tokenizing: Tokenizing
+    generator: torch.Generator | None
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids |= {int(i) for i in configured}
+    return frozenset(ids)
+
+
+def _load_tokenizer(directory: Path, fallback: PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with the weights (it carries the chat template the model trained with)."""
+    from transformers import AutoTokenizer
+
+    has_tokenizer = any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if not has_tokenizer and fallback is not None:
+        return fallback
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    if not tokenizer.chat_template and fallback is not None and fallback.chat_template:
+        tokenizer.chat_template = fallback.chat_template
+    return tokenizer
+
+
+class BaseRunner:
+    """The decoding loop of one base model (or one fully fine-tuned model) and its adapters."""
+
+    def __init__(
+        self,
+        key: str,
+        locate: Callable[[], Path],
+        fetcher: AdapterFetcher,
+        *,
+        adapters_per_base: int,
+        max_batch: int,
+        released: Callable[[int], None],
+    ) -> None:
+        self.key = key
+        self.locate = locate
+        self.fetcher = fetcher
+        self.adapters_per_base = adapters_per_base
+        self.max_batch = max_batch
+        self.released = released
+        self.cond = threading.Condition()
+        self.pending: collections.deque[Generation] = collections.deque()
+        self.ready: list[tuple[str, Path, Tokenizing]] = []  # fetched, waiting to be inserted
+        self.loading: set[str] = set()
+        self.failed: dict[str, EngineError] = {}
+        self.loaded: collections.OrderedDict[str, Tokenizing] = collections.OrderedDict()
+        self.model: Any = None
+        self.base_tokenizing: Tokenizing | None = None
+        self.load_error: EngineError | None = None
+        self.thread = threading.Thread(target=self._loop, name=f"decode-{key}", daemon=True)
+        self.thread.start()
+
+    # --- requests in ---
+    def submit(self, generation: Generation) -> None:
+        with self.cond:
+            self.pending.append(generation)
+            self.cond.notify()
+
+    # --- the loop ---
+    def _loop(self) -> None:
+        try:
+            self._load_base()
+        except Exception as exc:
+            log.exception("loading base model %s failed", self.key)
+            self.load_error = EngineError(
+                503, f"The model could not be loaded: {type(exc).__name__}", code="model_unavailable"
+            )
+        while True:
+            with self.cond:
+                while not self.pending and not self.ready:
+                    self.cond.wait()
+                ready, self.ready = self.ready, []
+            for name, directory, tokenizing in ready:
+                self._insert(name, directory, tokenizing)
+            batch = self._admit()
+            if batch:
+                try:
+                    self._decode(batch)
+                except Exception as exc:  # a bug must not kill the loop: fail the batch, go on
+                    log.exception("decoding failed on %s", self.key)
+                    for generation in batch:
+                        generation.fail(
+                            EngineError(500, f"Generation failed: {type(exc).__name__}", code="server_error")
+                        )
+                        self.released(generation.sequences)
+            elif not ready:
+                with self.cond:  # only waiting for loads: sleep until one finishes or a request comes
+                    if not self.ready:
+                        self.cond.wait(timeout=0.5)
+
+    def _load_base(self) -> None:
+        import torch
+
+        from tuneforge.training.loading import detect_device, load_model
+
+        device = detect_device()
+        path = self.locate()
+        model: Any = load_model(path, device)
+        if device.cuda:
+            model = model.to("cuda")
+        model.eval()
+        torch.set_grad_enabled(False)
+        self.device = "cuda" if device.cuda else "cpu"
+        tokenizer = _load_tokenizer(path, None)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model = model
+        self.base_tokenizing = Tokenizing(tokenizer, _eos_ids(tokenizer, model))
+
+    def _admit(self) -> list[Generation]:
+        """Takes the waiting requests whose weights are ready, up to `max_batch` sequences; starts
+        fetching the adapters of the others; answers those that cannot be served."""
+        batch: list[Generation] = []
+        rows = 0
+        now = time.monotonic()
+        with self.cond:
+            waiting: collections.deque[Generation] = collections.deque()
+            for generation in self.pending:
+                name = generation.adapter_name
+                error = self.load_error or (self.failed.get(name) if name else None)
+                if generation.cancelled.is_set():
+                    self.released(generation.sequences)
+                elif error is not None or now > generation.deadline:
+                    generation.fail(error or _timeout())
+                    self.released(generation.sequences)
+                elif name is not None and name not in self.loaded:
+                    if name not in self.loading:
+                        self._start_fetch(generation)
+                    waiting.append(generation)
+                elif batch and rows + generation.sequences > self.max_batch:
+                    waiting.append(generation)
+                else:
+                    if name is not None:
+                        self.loaded.move_to_end(name)
+                    batch.append(generation)
+                    rows += generation.sequences
+            self.pending = waiting
+        admitted = []
+        for generation in batch:
+            try:
+                self._tokenize(generation)
+            except EngineError as exc:
+                generation.fail(exc)
+                self.released(generation.sequences)
+            else:
+                admitted.append(generation)
+        return admitted
+
+    def _start_fetch(self, generation: Generation) -> None:
+        assert generation.route.adapter is not None
+        name = generation.adapter_name
+        assert name is not None
+        self.loading.add(name)
+        key = generation.route.adapter.storage_key
+        threading.Thread(target=self._fetch, args=(name, key), name=f"fetch-{name}", daemon=True).start()
+
+    def _fetch(self, name: str, storage_key: str) -> None:
+        try:
+            directory = self.fetcher.fetch(storage_key)
+            config = directory / "adapter_config.json"
+            import json
+
+            peft_type = json.loads(config.read_text()).get("peft_type") if config.exists() else None
+            if peft_type != "LORA":
+                raise EngineError(
+                    400,
+                    f"This model's adapter ({peft_type or 'unknown type'}) cannot be served; LoRA, DoRA "
+                    "and QLoRA adapters and full fine-tunes can.",
+                    code="model_not_supported",
+                    param="model",
+                )
+            base = self.base_tokenizing
+            tokenizer = _load_tokenizer(directory, base.tokenizer if base else None)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            tokenizing = Tokenizing(
+                tokenizer, _eos_ids(tokenizer, self.model) | (base.eos_ids if base else set())
+            )
+        except EngineError as exc:
+            failure = exc
+        except Exception as exc:
+            log.exception("fetching adapter %s failed", storage_key)
+            failure = EngineError(
+                503, f"The adapter could not be loaded: {type(exc).__name__}", code="model_unavailable"
+            )
+        else:
+            with self.cond:
+                self.ready.append((name, directory, tokenizing))
+                self.cond.notify()
+            return
+        with self.cond:
+            self.loading.discard(name)
+            self.failed[name] = failure
+            self.cond.notify()
+
+    def _insert(self, name: str, directory: Path, tokenizing: Tokenizing) -> None:
+        from peft import PeftModel
+
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(directory), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(directory), adapter_name=name)
+            self.model.eval()
+        except Exception as exc:
+            log.exception("inserting adapter %s failed", name)
+            with self.cond:
+                self.loading.discard(name)
+                self.failed[name] = EngineError(
+                    400,
+                    f"The adapter does not fit its base model: {type(exc).__name__}",
+                    code="model_not_supported",
+                )
+            return
+        with self.cond:
+            self.loading.discard(name)
+            self.loaded[name] = tokenizing
+            needed = {g.adapter_name for g in self.pending}
+            for old in list(self.loaded):
+                if len(self.loaded) <= self.adapters_per_base:
+                    break
+                if old != name and old not in needed:
+                    self.model.delete_adapter(old)
+                    del self.loaded[old]
+
+    def _tokenize(self, generation: Generation) -> None:
+        name = generation.adapter_name
+        tokenizing = self.loaded[name] if name is not None else self.base_tokenizing
+        assert tokenizing is not None
+        tokenizer = tokenizing.tokenizer
+        if generation.messages is not None:
+            if not tokenizer.chat_template:
+                raise EngineError(
+                    400,
+                    "This model has no chat template; use /v1/completions.",
+                    code="model_not_supported",
+                    param="model",
+                )
+            text = tokenizer.apply_chat_template(
+                generation.messages, tokenize=False, add_generation_prompt=True
+            )
+            texts = [str(text)]
+        else:
+            texts = list(generation.prompts or [])
+        limit = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        generation.prompt_ids = []
+        for text in texts:
+            ids = list(tokenizer(text, add_special_tokens=generation.messages is None)["input_ids"])
+            if not ids:
+                ids = [
+                    tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+                ]
+            if len(ids) >= limit:
+                raise EngineError(
+                    400,
+                    f"This model's maximum context length is {limit} tokens; the prompt has {len(ids)}.",
+                    code="context_length_exceeded",
+                    param="messages" if generation.messages is not None else "prompt",
+                )
+            generation.prompt_ids.append(ids)
+
+    # --- decoding ---
+    def _rows(self, batch: list[Generation]) -> list[_Row]:
+        import torch
+
+        limit = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        rows = []
+        for generation in batch:
+            name = generation.adapter_name
+            tokenizing = self.loaded[name] if name is not None else self.base_tokenizing
+            assert tokenizing is not None
+            sampling = generation.sampling
+            for p, ids in enumerate(generation.prompt_ids):
+                for j in range(generation.n):
+                    room = limit - len(ids)
+                    max_new = min(sampling.max_tokens, room) if sampling.max_tokens else room
+                    generator = None
+                    if sampling.seed is not None and sampling.temperature > 0:
+                        generator = torch.Generator(device=self.device).manual_seed(sampling.seed + j)
+                    rows.append(
+                        _Row(
+                            generation,
+                            p * generation.n + j,
+                            ids,
+                            name or BASE_ADAPTER,
+                            max_new,
+                            tokenizing,
+                            generator,
+                        )
+                    )
+            generation.open_rows = len(generation.prompt_ids) * generation.n
+        return rows
+
+    def _decode(self, batch: list[Generation]) -> None:
+        import torch
+        from peft import PeftModel
+        from transformers import DynamicCache
+
+        rows = self._rows(batch)
+        pad = self.base_tokenizing.tokenizer.pad_token_id if self.base_tokenizing else 0
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), int(pad or 0), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
+            mask[i, width - len(row.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        mixed = isinstance(self.model, PeftModel)
+        cache = DynamicCache()
+        extra: dict[str, Any] = {"adapter_names": [r.adapter for r in rows]} if mixed else {}
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        ).logits[:, -1, :]
+        next_position = positions[:, -1] + 1
+        while True:
+            tokens = self._sample(rows, logits.float())
+            keep = [i for i, row in enumerate(rows) if self._advance(row, tokens[i])]
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                rows = [rows[i] for i in keep]
+                tokens, mask, next_position = tokens[index], mask[index], next_position[index]
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
+            if mixed:
+                extra["adapter_names"] = [r.adapter for r in rows]
+            logits = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=next_position[:, None],
+                cache=cache,
+                use_cache=True,
+                **extra,
+            ).logits[:, -1, :]
+            next_position = next_position + 1
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        greedy = logits.argmax(dim=-1)
+        logprobs = (
+            torch.log_softmax(logits, dim=-1) if any(r.generation.sampling.logprobs for r in rows) else None
+        )
+        chosen = greedy.clone()
+        for i, row in enumerate(rows):
+            sampling = row.generation.sampling
+            if sampling.temperature > 0:
+                scaled = logits[i] / sampling.temperature
+                if sampling.top_p < 1.0:
+                    ordered, order = torch.sort(scaled, descending=True)
+                    probs = torch.softmax(ordered, dim=-1)
+                    outside = probs.cumsum(-1) - probs > sampling.top_p
+                    ordered[outside] = float("-inf")
+                    scaled = torch.full_like(scaled, float("-inf")).scatter(0, order, ordered)
+                probs = torch.softmax(scaled, dim=-1)
+                chosen[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
+            if logprobs is not None and sampling.logprobs:
+                token = int(chosen[i])
+                decode = row.tokenizing.tokenizer.decode
+                top: list[tuple[str, float]] = []
+                if sampling.top_logprobs:
+                    values, indices = torch.topk(logprobs[i], sampling.top_logprobs)
+                    top = [(str(decode([int(t)])), float(v)) for v, t in zip(values, indices, strict=True)]
+                row.pending_logprobs.append(
+                    TokenLogprob(str(decode([token])), float(logprobs[i, token]), top)
+                )
+        return chosen
+
+    def _advance(self, row: _Row, token_tensor: torch.Tensor) -> bool:
+        """Adds one token to a row and emits what is safe to show; False when the row ended."""
+        generation = row.generation
+        token = int(token_tensor)
+        generation.completion_tokens += 1
+        if generation.cancelled.is_set() or time.monotonic() > generation.deadline:
+            return self._close(row, None)
+        stops = generation.sampling.stop
+        if token in row.tokenizing.eos_ids:
+            row.finish_reason = "stop"
+        else:
+            row.out_ids.append(token)
+            row.text = str(row.tokenizing.tokenizer.decode(row.out_ids, skip_special_tokens=True))
+            cut = min((i for i in (row.text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                row.text = row.text[:cut]
+                row.finish_reason = "stop"
+            elif len(row.out_ids) >= row.max_new:
+                row.finish_reason = "length"
+        if row.finish_reason is None:
+            hold = max((len(s) for s in stops), default=1) - 1
+            upto = len(row.text) - hold
+            if row.text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
+                upto = min(upto, len(row.text) - 1)
+        else:
+            upto = len(row.text)
+        if upto > row.emitted:
+            generation.emit(Event("delta", row.index, row.text[row.emitted : upto], row.pending_logprobs))
+            row.pending_logprobs = []
+            row.emitted = upto
+        if row.finish_reason is None:
+            return True
+        if row.pending_logprobs:
+            generation.emit(Event("delta", row.index, "", row.pending_logprobs))
+            row.pending_logprobs = []
+        generation.emit(Event("finish", row.index, finish_reason=row.finish_reason))
+        return self._close(row, row.finish_reason)
+
+    def _close(self, row: _Row, reason: str | None) -> bool:
+        generation = row.generation
+        generation.open_rows -= 1
+        if generation.open_rows == 0:
+            if reason is None and not generation.cancelled.is_set():
+                generation.fail(_timeout())
+            elif reason is not None:
+                prompt = sum(len(ids) for ids in generation.prompt_ids)
+                usage = {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": generation.completion_tokens,
+                    "total_tokens": prompt + generation.completion_tokens,
+                }
+                generation.emit(Event("done", usage=usage))
+            self.released(generation.sequences)
+        return False
+
+
+def _timeout() -> EngineError:
+    return EngineError(504, "The completion did not finish in time.", code="timeout", type="server_error")
+
+
+class Engine:
+    """Every base model's runner, started on first use, and the queue limit over all of them."""
+
+    def __init__(
+        self,
+        locate_base: Callable[[str], Path],
+        fetcher: AdapterFetcher,
+        *,
+        adapters_per_base: int,
+        max_batch: int,
+        max_queued: int,
+        timeout_seconds: float,
+    ) -> None:
+        self.locate_base = locate_base
+        self.fetcher = fetcher
+        self.adapters_per_base = adapters_per_base
+        self.max_batch = max_batch
+        self.max_queued = max_queued
+        self.timeout_seconds = timeout_seconds
+        self.runners: dict[str, BaseRunner] = {}
+        self.in_flight = 0
+        self.lock = threading.Lock()
+
+    def _release(self, sequences: int) -> None:
+        with self.lock:
+            self.in_flight -= sequences
+
+    def _runner(self, route: Route) -> BaseRunner:
+        adapter = route.adapter
+        if adapter is not None and adapter.kind == "model":
+            key = f"model:{adapter.storage_key}"
+            storage_key = adapter.storage_key
+
+            def locate() -> Path:
+                return self.fetcher.fetch(storage_key)
+        else:
+            key = f"base:{route.base_model}"
+            base = route.base_model
+
+            def locate() -> Path:
+                return self.locate_base(base)
+
+        with self.lock:
+            runner = self.runners.get(key)
+            if runner is None:
+                runner = self.runners[key] = BaseRunner(
+                    key,
+                    locate,
+                    self.fetcher,
+                    adapters_per_base=self.adapters_per_base,
+                    max_batch=self.max_batch,
+                    released=self._release,
+                )
+            return runner
+
+    def submit(
+        self,
+        route: Route,
+        sampling: Sampling,
+        *,
+        n: int,
+        messages: list[dict[str, Any]] | None = None,
+        prompts: list[str] | None = None,
+    ) -> Generation:
+        generation = Generation(
+            route,
+            sampling,
+            n,
+            messages,
+            prompts,
+            asyncio.get_running_loop(),
+            time.monotonic() + self.timeout_seconds,
+        )
+        with self.lock:
+            if self.in_flight + generation.sequences > self.max_queued:
+                raise EngineError(
+                    429,
+                    "The inference engine's queue is full; retry shortly.",
+                    code="rate_limit_exceeded",
+                    type="requests",
+                )
+            self.in_flight += generation.sequences
+        self._runner(route).submit(generation)
+        return generation
