@@ -6,6 +6,7 @@ the stack that delivers)."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from tests.api.test_openapi import Conformance
+from tests.support import wait_for
 from tests.support.api import ProjectCtx
 from tests.support.receiver import Receiver, start_receiver
 
@@ -209,3 +211,35 @@ def test_answers_conform_to_the_document(
     check("GET", one + "/deliveries", path + "/deliveries", key)
     check("GET", "/v1/webhook_event_types", "/v1/webhook_event_types", key)
     check("DELETE", one, path, key)
+
+
+def test_a_live_stream_follows_a_job_until_its_final_status(
+    app: FastAPI, project: ProjectCtx, chat_jsonl: str
+) -> None:
+    """Opened before the events are written (PostgreSQL: woken by NOTIFY; SQLite: polling), the
+    stream sends each event as it is committed and ends with the final status."""
+    from tuneforge.db import session_scope
+    from tuneforge.models import job as jobs
+
+    job = project.openai.fine_tuning.jobs.create(
+        model="tuneforge/tiny-chat", training_file=project.upload(chat_jsonl)
+    )
+    streamed: dict[str, list[dict[str, Any]]] = {}
+    watcher = threading.Thread(target=lambda: streamed.update(events=_stream(project, job.id)), daemon=True)
+    watcher.start()
+    wait_for(
+        lambda: getattr(app.state, "job_event_bus", None) and app.state.job_event_bus.subscribers,
+        30,
+        "the stream to open",
+    )
+    for step in (1, 2, 3):
+        with session_scope(app.state.sessionmaker) as session:
+            jobs.append_events(session, job.id, [jobs.EventRecord(f"step {step}", type="metrics")])
+    with session_scope(app.state.sessionmaker) as session:
+        assert jobs.transition(
+            session, job.id, jobs.JobStatus.CANCELLED, events=[jobs.EventRecord("Job cancelled.")]
+        )
+    watcher.join(timeout=30)
+    listed = [e.id for e in project.openai.fine_tuning.jobs.list_events(job.id, limit=100).data][::-1]
+    assert [e["id"] for e in streamed["events"]] == listed
+    assert [e["message"] for e in streamed["events"]][-4:] == ["step 1", "step 2", "step 3", "Job cancelled."]

@@ -55,6 +55,11 @@ class JobEventBus:
         self._ready: asyncio.Event | None = None
         self.listening = False
 
+    @property
+    def subscribers(self) -> int:
+        """Streams open now."""
+        return self._subscribers
+
     @classmethod
     def for_engine(cls, engine: Engine) -> JobEventBus:
         if engine.dialect.name != "postgresql":
