@@ -148,9 +148,10 @@ def test_create_from_the_form_after_its_estimate_and_watch_the_loss_curve(
     assert job.method.supervised.hyperparameters.batch_size == 4  # type: ignore[union-attr]
 
     chart = page.locator("#loss-chart")
-    page.wait_for_function(
+    page.wait_for_function(  # validation, the worker's training process and the model load first
         "() => document.querySelector('#job-status [data-status]').dataset.status === 'running'"
-        " && Number(document.querySelector('#loss-chart').dataset.points) > 0"
+        " && Number(document.querySelector('#loss-chart').dataset.points) > 0",
+        timeout=300_000,
     )
     first = int(chart.get_attribute("data-points"))
     assert first < TRAIN_STEPS
