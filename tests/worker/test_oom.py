@@ -127,7 +127,9 @@ def test_a_later_job_on_the_same_file_hits_the_tokenization_cache(
 
 
 def test_an_oom_at_every_micro_batch_fails_with_advice(services: Services, qa_path: Path) -> None:
-    job_id = _job(services, qa_path, batch_size=2)
+    """batch_size 1 cannot be halved: the ladder's one rung is gradient checkpointing (the
+    halving rung is the first test's)."""
+    job_id = _job(services, qa_path, batch_size=1)
     with session_scope(services.sessions) as session:
         session.execute(update(Job).where(Job.id == job_id).values(queue=ALL_OOM_QUEUE))
     _send(services, job_id, ALL_OOM_QUEUE)
@@ -144,6 +146,24 @@ def test_an_oom_at_every_micro_batch_fails_with_advice(services: Services, qa_pa
     ladder = [
         e.message for e in rows if e.data and e.data.get("code") == "out_of_memory" and e.level == "warn"
     ]
-    assert len(ladder) == 2, ladder
-    assert ladder[0].startswith("Out of memory with micro-batch 2: retrying with micro-batch 1")
-    assert ladder[1].startswith("Out of memory with micro-batch 1: retrying with gradient checkpointing")
+    assert ladder == [
+        "Out of memory with micro-batch 1: retrying with gradient checkpointing, from the start."
+    ]
+    assert [e.message for e in rows if e.level == "error"] == [f"Fine-tuning job failed: {message}"]
+
+
+def test_the_ladder() -> None:
+    from tuneforge.worker.oom import MemoryPlan, next_plan, retry_spec
+
+    halved = next_plan(MemoryPlan(), {"batch_size": 6, "gradient_accumulation_steps": 2, "n_epochs": 4})
+    assert halved is not None and halved[0] == MemoryPlan(3, 4, False, halved=True)
+    checkpointing = next_plan(halved[0], {})
+    assert checkpointing is not None and checkpointing[0] == MemoryPlan(3, 4, True, halved=True)
+    assert next_plan(checkpointing[0], {}) is None
+    odd = next_plan(MemoryPlan(), {"batch_size": 5, "gradient_accumulation_steps": 1})
+    assert odd is not None and odd[0].micro_batch == 1 and odd[0].accumulation == 5  # still 5 per step
+    spec = {"method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": "auto", "n_epochs": "auto"}}}}
+    hp = retry_spec(spec, halved[0], {"n_epochs": 4, "save_every_steps": 7})["method"]["dpo"][
+        "hyperparameters"
+    ]
+    assert hp == {"batch_size": 3, "gradient_accumulation_steps": 4, "n_epochs": 4, "save_every_steps": 7}

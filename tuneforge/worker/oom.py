@@ -61,10 +61,9 @@ def next_plan(current: MemoryPlan, effective: dict[str, Any]) -> tuple[MemoryPla
     if not current.gradient_checkpointing:
         shape = f"micro-batch {micro}" if isinstance(micro, int) else "its micro-batch"
         text = f"Out of memory with {shape}: retrying with gradient checkpointing"
-        return (
-            MemoryPlan(current.micro_batch, current.accumulation, True, halved=True),
-            text,
-        )
+        known = isinstance(micro, int)  # pinned, so the failure can say what was tried
+        plan = MemoryPlan(micro if known else None, accumulation if known else None, True, halved=True)
+        return plan, text
     return None
 
 
