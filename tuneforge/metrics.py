@@ -14,18 +14,17 @@ Where each is recorded and served:
   process that delivers is.
 
 The metrics are module globals, created at import. In multiprocess mode the value class must be
-chosen after the environment variable is set, so this module is imported lazily by the worker
-(never before `prepare_multiprocess_dir`).
+chosen after the environment variable is set, so a worker imports this module only after its
+set-up (tuneforge/worker/celery_app.py) and records through tuneforge/worker/observability.py,
+which imports it lazily.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
-from pathlib import Path
 
 from prometheus_client import (
     REGISTRY,
@@ -161,14 +160,6 @@ def exposition(*extra: CollectorRegistry) -> bytes:
 
 
 # --- the worker's endpoint ---------------------------------------------------------------------
-
-
-def prepare_multiprocess_dir(directory: Path) -> None:
-    """Points this process (and the pool processes it forks) at an empty multiprocess directory.
-    Call before this module is imported in the process: see the module docstring."""
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    os.environ[MULTIPROC_ENV] = str(directory)
 
 
 def serve_worker_metrics(host: str, port: int) -> None:

@@ -10,6 +10,7 @@ One job per worker process at a time: prefetch 1, late acks, a fresh pool proces
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 from celery import Celery
@@ -88,9 +89,12 @@ def _serve_metrics(**_: Any) -> None:
     settings = get_settings()
     if settings.worker_metrics_port is None or not _training_worker():
         return
-    from tuneforge.metrics import prepare_multiprocess_dir
-
-    prepare_multiprocess_dir(settings.work_dir / "metrics" / f"worker-{os.getpid()}")
+    # An empty directory for this worker's processes, named in the environment before anything
+    # imports tuneforge.metrics (its metrics pick their value class when created).
+    directory = settings.work_dir / "metrics" / f"worker-{os.getpid()}"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     from tuneforge.metrics import serve_worker_metrics
 
     serve_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
