@@ -120,3 +120,27 @@ def test_dockerfile_builds_one_image_for_every_role(dockerfile: list[tuple[str, 
             for source in shlex.split(rest)[:-1]:
                 assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is missing"
     assert any(kw == "USER" and rest != "root" for kw, rest in dockerfile)
+
+
+def test_prometheus_scrapes_the_api_and_the_worker(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    prometheus = services["prometheus"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in prometheus["volumes"] if v.startswith("./")}
+    config_path = ROOT / mounts["/etc/prometheus/prometheus.yml"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    config = yaml.safe_load(config_path.read_text())
+    targets = {
+        job["job_name"]: [t for group in job["static_configs"] for t in group["targets"]]
+        for job in config["scrape_configs"]
+    }
+    api_port = build_parser().parse_args(services["api"]["command"]).port
+    worker_port = Settings.model_validate(
+        {
+            k.removeprefix("TUNEFORGE_").lower(): v
+            for k, v in _env(services["worker"]).items()
+            if k.startswith("TUNEFORGE_")
+        }
+    ).worker_metrics_port
+    assert worker_port is not None
+    assert targets == {"tuneforge-api": [f"api:{api_port}"], "tuneforge-worker": [f"worker:{worker_port}"]}
+    assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in config["scrape_configs"])
