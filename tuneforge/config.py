@@ -320,6 +320,13 @@ class Settings(BaseSettings):
         "gathered by the main process); unset: no endpoint. One worker per port and host.",
     )
     worker_metrics_host: str = Field("0.0.0.0", description="Interface the worker's /metrics listens on.")
+    beat_metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of `tuneforge beat`'s Prometheus /metrics (webhook deliveries, which it "
+        "sends), on worker_metrics_host; unset: no endpoint.",
+    )
     mlflow_tracking_uri: str | None = Field(
         None,
         description="The MLflow tracking server (or store) jobs' `mlflow` integrations log to; unset: a "

@@ -134,13 +134,20 @@ def test_prometheus_scrapes_the_api_and_the_worker(compose: dict[str, Any]) -> N
         for job in config["scrape_configs"]
     }
     api_port = build_parser().parse_args(services["api"]["command"]).port
-    worker_port = Settings.model_validate(
-        {
-            k.removeprefix("TUNEFORGE_").lower(): v
-            for k, v in _env(services["worker"]).items()
-            if k.startswith("TUNEFORGE_")
-        }
-    ).worker_metrics_port
-    assert worker_port is not None
-    assert targets == {"tuneforge-api": [f"api:{api_port}"], "tuneforge-worker": [f"worker:{worker_port}"]}
+    worker, beat = (
+        Settings.model_validate(
+            {
+                k.removeprefix("TUNEFORGE_").lower(): v
+                for k, v in _env(services[n]).items()
+                if k.startswith("TUNEFORGE_")
+            }
+        )
+        for n in ("worker", "beat")
+    )
+    assert worker.worker_metrics_port is not None and beat.beat_metrics_port is not None
+    assert targets == {
+        "tuneforge-api": [f"api:{api_port}"],
+        "tuneforge-worker": [f"worker:{worker.worker_metrics_port}"],
+        "tuneforge-beat": [f"beat:{beat.beat_metrics_port}"],
+    }
     assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in config["scrape_configs"])

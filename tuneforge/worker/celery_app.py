@@ -77,17 +77,20 @@ def make_celery(settings: Settings | None = None) -> Celery:
 celery_app = make_celery()
 
 
-def _training_worker() -> bool:
-    """A `tuneforge worker` (not the beat's control worker, which consumes `control` only)."""
+def _metrics_port(settings: Settings) -> int | None:
+    """A `tuneforge worker`'s metrics port, or the beat's (its worker consumes `control` only)."""
     queues = set(filter(None, os.environ.get("TUNEFORGE_WORKER_QUEUES", "").split(",")))
-    return bool(queues) and queues != {"control"}
+    if not queues:
+        return None
+    return settings.beat_metrics_port if queues == {"control"} else settings.worker_metrics_port
 
 
 @celeryd_init.connect
 def _serve_metrics(**_: Any) -> None:
-    """The worker's /metrics, before its pool processes fork: see tuneforge/metrics.py."""
+    """The worker's (or beat's) /metrics, before its pool processes fork: see tuneforge/metrics.py."""
     settings = get_settings()
-    if settings.worker_metrics_port is None or not _training_worker():
+    port = _metrics_port(settings)
+    if port is None:
         return
     # An empty directory for this worker's processes, named in the environment before anything
     # imports tuneforge.metrics (its metrics pick their value class when created).
@@ -97,7 +100,7 @@ def _serve_metrics(**_: Any) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     from tuneforge.metrics import serve_worker_metrics
 
-    serve_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
+    serve_worker_metrics(settings.worker_metrics_host, port)
 
 
 @worker_process_shutdown.connect
