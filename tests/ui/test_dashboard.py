@@ -129,12 +129,13 @@ def test_create_from_the_form_after_its_estimate_and_watch_the_loss_curve(
     page.fill("#max_steps", str(TRAIN_STEPS))
     page.fill("#suffix", "ui-a")
     page.fill("#metadata", "origin=dashboard")
+    page.select_option("#hardware", "a100-80gb")
     page.click("#estimate-job")
     # The first estimate of a model builds its skeleton (seconds; more on a busy machine).
     page.locator("#estimate dt", has_text="Memory per device").wait_for(timeout=180_000)
     page.locator(f"#estimate [data-steps='{TRAIN_STEPS}']").wait_for()
     estimate_text = page.locator("#estimate").text_content()
-    for shown in ("Trainable parameters", "Steps", "Estimated time", "Advice"):
+    for shown in ("Trainable parameters", "Steps", "Estimated time", "Advice", "a100-80gb — fits"):
         assert shown in estimate_text
     page.locator("#create-job:enabled").wait_for()
     shoot(page, "ui-new-job.png")

@@ -11,6 +11,8 @@ const STATUSES = ["validating_files", "queued", "running", "paused", "succeeded"
 const METHODS = ["supervised", "dpo", "pretraining"];
 const ADAPTERS = ["lora", "qlora", "dora", "prefix_tuning", "prompt_tuning", "ia3", "full"];
 const POLL_MS = 2000;
+// Device classes the estimator knows (tuneforge/estimates/hardware.py); only the estimate uses them.
+const HARDWARE = ["cpu", "t4", "l4", "a10g", "rtx4090", "a100-40gb", "a100-80gb", "h100-80gb", "h200"];
 const STEP_INCREMENTS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
 
 const session = { key: sessionStorage.getItem(KEY_STORAGE), admin: false };
@@ -973,6 +975,7 @@ async function newJobView() {
     seed: h("input", { id: "seed", type: "number", min: "0" }),
     metadata: h("textarea", { id: "metadata", rows: "2", placeholder: "team=search\nticket=42" }),
     merged: h("input", { id: "export-merged", type: "checkbox" }),
+    hardware: select("hardware", [["", "no fit check"], ...HARDWARE.map((g) => [g, g])], ""),
   };
   const estimateBox = h("div", { id: "estimate", class: "card" }, h("p", { class: "note" }, "The estimate appears here."));
   const specBox = h("pre", { id: "spec-preview", class: "spec" });
@@ -1017,6 +1020,7 @@ async function newJobView() {
       field("Metadata", c.metadata, "key=value, one a line"),
       h("label", { class: "check" }, c.merged, " Also export a merged model"),
     ),
+    h("fieldset", {}, h("legend", {}, "Estimate only"), field("Check the fit on", c.hardware, "Not part of the job.")),
     h("div", { class: "actions" }, estimateButton, submit),
     status,
   );
@@ -1064,6 +1068,7 @@ async function newJobView() {
   function estimateBody(spec) {
     const body = { model: spec.model, adapter: spec.adapter, method: spec.method };
     if (spec.training_file) body.training_file = spec.training_file;
+    if (c.hardware.value) body.hardware = { gpu: c.hardware.value };
     return body;
   }
 
