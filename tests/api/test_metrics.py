@@ -39,15 +39,19 @@ def test_metrics_parse_and_move_with_requests_and_jobs(project: ProjectCtx, chat
     after = scrape(client)
 
     route = "/v1/fine_tuning/jobs/{fine_tuning_job_id}"
-    assert value(after, "tuneforge_http_requests_total", method="GET", route=route, status="200") >= 1 + value(
-        before, "tuneforge_http_requests_total", method="GET", route=route, status="200"
-    )
+    assert value(
+        after, "tuneforge_http_requests_total", method="GET", route=route, status="200"
+    ) >= 1 + value(before, "tuneforge_http_requests_total", method="GET", route=route, status="200")
     assert value(after, "tuneforge_http_requests_total", method="GET", route=route, status="404") >= 1
-    assert value(after, "tuneforge_http_request_duration_seconds_count", method="POST", route="/v1/files") >= 1
+    assert (
+        value(after, "tuneforge_http_request_duration_seconds_count", method="POST", route="/v1/files") >= 1
+    )
     assert value(after, "tuneforge_jobs", status="validating_files") == 1 + value(
         before, "tuneforge_jobs", status="validating_files"
     )
-    assert value(after, "tuneforge_queue_depth", queue="gpu") == 1 + value(before, "tuneforge_queue_depth", queue="gpu")
+    assert value(after, "tuneforge_queue_depth", queue="gpu") == 1 + value(
+        before, "tuneforge_queue_depth", queue="gpu"
+    )
     assert ("tuneforge_jobs", (("status", "paused"),)) in after  # every status, 0 included
     labels = " ".join(str(key) for key in after)
     assert job.id not in labels and file_id not in labels and project.id not in labels
@@ -65,7 +69,10 @@ def test_an_unknown_path_is_one_series(client: TestClient) -> None:
     ("integrations", "param"),
     [
         ([{"type": "wandb", "wandb": {"project": "p"}}], "integrations[0].type"),
-        ([{"type": "tensorboard"}, {"type": "mlflow", "mlflow": {"experiment": "e"}}], "integrations[1].type"),
+        (
+            [{"type": "tensorboard"}, {"type": "mlflow", "mlflow": {"experiment": "e"}}],
+            "integrations[1].type",
+        ),
         ([{"type": "comet"}], "integrations[0].type"),
         ([{"type": "wandb", "wandb": {"project": "p", "api_key": "x"}}], "integrations[0].wandb.api_key"),
         ([{"type": "mlflow", "mlflow": {"experiment": "e", "tracking_uri": "file:///etc"}}], None),
@@ -76,7 +83,9 @@ def test_integrations_the_service_has_not_configured_are_refused(
 ) -> None:
     file_id = project.upload(chat_jsonl)
     with pytest.raises(BadRequestError) as refused:
-        project.openai.fine_tuning.jobs.create(model=MODEL, training_file=file_id, integrations=integrations)  # type: ignore[arg-type]
+        project.openai.fine_tuning.jobs.create(
+            model=MODEL, training_file=file_id, extra_body={"integrations": integrations}
+        )
     assert refused.value.status_code == 400
     body = refused.value.body
     assert isinstance(body, dict)
@@ -88,6 +97,6 @@ def test_tensorboard_is_accepted_and_echoed(project: ProjectCtx, chat_jsonl: str
     job = project.openai.fine_tuning.jobs.create(
         model=MODEL,
         training_file=file_id,
-        integrations=[{"type": "tensorboard"}],  # type: ignore[list-item]
+        extra_body={"integrations": [{"type": "tensorboard"}]},
     )
-    assert job.integrations is not None and job.integrations[0].type == "tensorboard"  # type: ignore[comparison-overlap]
+    assert job.integrations is not None and job.integrations[0].type == "tensorboard"
