@@ -435,8 +435,9 @@ class JobRun:
         failed.stop(grace=2.0)
         failed.log_path.unlink(missing_ok=True)
         self.process = TrainingProcess.spawn(_child_log_path(self.settings))
+        deadline = time.monotonic() + READY_TIMEOUT_S
         while not self.process.wait_ready(FLUSH_EVERY_S):  # the lease is renewed while it imports
-            if not self.process.alive():
+            if not self.process.alive() or time.monotonic() > deadline:
                 return None
             self._flush()
         self.process.send(
