@@ -158,6 +158,10 @@ class FineTuningJob(_Open):
     trainable_params: int | None
     total_params: int | None
     estimate: dict[str, Any] | None
+    base_model: str | None = Field(None, description="The original base model id (lineage).")
+    parent: dict[str, str | None] | None = Field(
+        None, description='A continued job\'s parent: {"job": "ftjob-...", "checkpoint": "ftckpt-..."|null}.'
+    )
 
 
 class FineTuningJobList(ListPage):

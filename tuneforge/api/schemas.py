@@ -92,6 +92,10 @@ def job_object(job: JobView) -> dict[str, Any]:
         "trainable_params": job.trainable_params,
         "total_params": job.total_params,
         "estimate": job.estimate,
+        "base_model": job.base_model or job.model,
+        "parent": {"job": job.parent_job_id, "checkpoint": job.parent_checkpoint_id}
+        if job.parent_job_id
+        else None,
     }
 
 

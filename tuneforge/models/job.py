@@ -147,6 +147,12 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     resume_checkpoint_id: Mapped[str | None] = mapped_column(String(64))
     last_event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # Lineage (issue 8): a job continued from a fine-tuned model or checkpoint trains on top of
+    # its parent's weights; `base_model` is the original base id (None: `model` is the base).
+    base_model: Mapped[str | None] = mapped_column(String(512))
+    parent_job_id: Mapped[str | None] = mapped_column(String(64))
+    parent_checkpoint_id: Mapped[str | None] = mapped_column(String(64))
+    model_deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
     @property
     def job_status(self) -> JobStatus:
@@ -210,6 +216,9 @@ JOB_VIEW_COLUMNS = (
     Job.fine_tuned_model,
     Job.result_files,
     Job.estimate,
+    Job.base_model,
+    Job.parent_job_id,
+    Job.parent_checkpoint_id,
 )
 _GET_JOB_VIEW = select(*JOB_VIEW_COLUMNS).where(
     Job.id == bindparam("job_id"), Job.project_id == bindparam("project_id")
@@ -261,14 +270,25 @@ def list_fine_tuned_models(session: Session, project_id: str) -> list[tuple[str,
     """(fine_tuned_model, finished_at or created_at) of the project's jobs that produced a model."""
     stmt = (
         select(Job.fine_tuned_model, Job.finished_at, Job.created_at)
-        .where(Job.project_id == project_id, Job.fine_tuned_model.is_not(None))
+        .where(
+            Job.project_id == project_id, Job.fine_tuned_model.is_not(None), Job.model_deleted_at.is_(None)
+        )
         .order_by(Job.created_at, Job.id)
     )
     return [(name, finished or created) for name, finished, created in session.execute(stmt) if name]
 
 
 def find_fine_tuned_model(session: Session, project_id: str, model_id: str) -> Job | None:
-    stmt = select(Job).where(Job.project_id == project_id, Job.fine_tuned_model == model_id).limit(1)
+    """The project's job that produced `model_id`, unless that model was deleted."""
+    stmt = (
+        select(Job)
+        .where(
+            Job.project_id == project_id,
+            Job.fine_tuned_model == model_id,
+            Job.model_deleted_at.is_(None),
+        )
+        .limit(1)
+    )
     return session.scalar(stmt)
 
 

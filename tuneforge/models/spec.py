@@ -208,6 +208,17 @@ INTEGRATION_MODELS: dict[str, type[_Strict]] = {
     "tensorboard": TensorboardEntry,
 }
 
+
+class ContinueSpec(_Strict):
+    """How a job continued from a fine-tuned model or checkpoint (`model`) takes over its state."""
+
+    optimizer_state: bool = Field(
+        False,
+        description="Also resume the optimizer and learning-rate scheduler state of the checkpoint "
+        "named by `model` (a true continuation); default: fresh optimizer state.",
+    )
+
+
 ExportKind = Literal["merged"]
 MAX_INTEGRATIONS = 8
 MAX_INTEGRATION_BYTES = 8 << 10
@@ -220,7 +231,17 @@ class JobSpec(_Strict):
     on top of this model; this model checks everything that can be judged from the body alone.
     """
 
-    model: str = Field(..., min_length=1, max_length=512, description="A base model id from GET /v1/models.")
+    model_config = ConfigDict(
+        extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
+
+    model: str = Field(
+        ...,
+        min_length=1,
+        max_length=512,
+        description="A base model id from GET /v1/models, or a fine-tuned model (`ft:...`) or "
+        "checkpoint (`ft:...:ckpt-step-N`) of your project to continue from.",
+    )
     training_file: str = Field(
         ..., min_length=1, max_length=64, description="Id of an uploaded training file."
     )
@@ -246,6 +267,11 @@ class JobSpec(_Strict):
     )
     queue: str | None = Field(
         None, description="Worker queue (GPU class) to run on; default is the service's default queue."
+    )
+    continue_: ContinueSpec | None = Field(
+        None,
+        alias="continue",
+        description="Only with a fine-tuned `model`: what to take over from it besides its weights.",
     )
 
     @field_validator("integrations", mode="before")

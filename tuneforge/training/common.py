@@ -46,6 +46,14 @@ class RecipeConfig:
     resume_from: Path | None = field(
         default=None, metadata={"help": "A checkpoint directory written by an earlier run of this job."}
     )
+    source_adapter: Path | None = field(
+        default=None,
+        metadata={"help": "A continued job's parent PEFT adapter: trained on instead of a fresh one."},
+    )
+    source_state: Path | None = field(
+        default=None,
+        metadata={"help": "A checkpoint whose optimizer and scheduler state the run starts with."},
+    )
     adapter: AdapterSpec = field(default_factory=AdapterSpec, metadata={"help": "Which parameters train."})
     hyperparameters: Hyperparameters = field(
         default_factory=Hyperparameters, metadata={"help": "As the job gave them; 'auto' resolved here."}

@@ -1,5 +1,7 @@
 """Direct preference optimisation with TRL's DPOTrainer. Adapter runs use the base with the adapter
-switched off as the reference (`ref_model=None`); full runs an explicit frozen copy of the base.
+switched off as the reference (`ref_model=None`); full runs an explicit frozen copy of the base
+(for a continued job, of its parent's weights). A job continued from a fine-tuned adapter trains
+that adapter against a frozen copy of it, TRL's "ref" adapter.
 Reads top to bottom: load, set up, train, save."""
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from tuneforge.training.loading import (
     detect_device,
     load_model,
     load_tokenizer,
-    peft_config,
+    take_over_optimizer_state,
+    trainable_model,
 )
 
 
@@ -51,6 +54,9 @@ def train(cfg: DpoConfig, observer: RunObserver | None = None) -> Finished:
     )
     device = detect_device()
     model = load_model(cfg.model_dir, device, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
+    # A continued job trains its parent's adapter; TRL then keeps a frozen copy of it ("ref") as
+    # the reference, so the policy is held near the parent model, not the raw base.
+    model, new_adapter = trainable_model(model, cfg.adapter, cfg.source_adapter)
     reference = None
     if cfg.adapter.type == "full":
         reference = load_model(cfg.model_dir, device, trust_remote_code=cfg.trust_remote_code)
@@ -77,9 +83,10 @@ def train(cfg: DpoConfig, observer: RunObserver | None = None) -> Finished:
         train_dataset=train_data.dataset(),
         eval_dataset=valid_data.dataset() if valid_data else None,
         processing_class=tokenizer,
-        peft_config=peft_config(cfg.adapter, model),
+        peft_config=new_adapter,
     )
     keep_adapter_in_float32_on_cpu(trainer, device)
+    take_over_optimizer_state(trainer, cfg.source_state, resuming=cfg.resume_from is not None)
 
     # Train, save
     return train_and_save(

@@ -22,6 +22,10 @@ class RunPaths:
     valid_file: Path | None = None
     resume_from: Path | None = None  # a checkpoint directory written by an earlier run
     model_id: str | None = None  # recorded in adapter_config.json instead of model_dir
+    # A continued job (issue 8): its parent's PEFT adapter, loaded as the trainable adapter, and
+    # a checkpoint whose optimizer and scheduler state the run takes over.
+    source_adapter: Path | None = None
+    source_state: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from tuneforge.models.spec import AdapterSpec, MethodType
 if TYPE_CHECKING:
     import torch
     from peft import PeftConfig
-    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -199,6 +199,44 @@ def peft_config(adapter: AdapterSpec, model: PreTrainedModel) -> PeftConfig | No
     if adapter.type == "full":
         return None
     raise ValueError(f"adapter.type {adapter.type!r} is not supported")
+
+
+def trainable_model(
+    model: PreTrainedModel, adapter: AdapterSpec, source_adapter: Path | None
+) -> tuple[Any, PeftConfig | None]:
+    """The model and PEFT config a recipe hands its trainer. A continued job trains its parent's
+    adapter: loaded with PEFT as the trainable adapter (`is_trainable=True`), so there is no new
+    config; otherwise the base and a fresh adapter's config (None for `full`)."""
+    if source_adapter is None:
+        return model, peft_config(adapter, model)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, source_adapter, is_trainable=True), None
+
+
+def take_over_optimizer_state(trainer: Trainer, state_dir: Path | None, *, resuming: bool) -> None:
+    """A continued job asked for its parent checkpoint's optimizer and scheduler state: loaded into
+    the freshly made optimizer and scheduler as training begins (the run's own steps still count
+    from 0). A run resumed from its own checkpoint has its own state, which wins."""
+    if state_dir is None or resuming:
+        return
+    checkpoint: Path = state_dir
+    import torch
+    from transformers import TrainerCallback
+
+    class TakeOverOptimizerState(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            try:
+                optimizer = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+                scheduler = torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=True)
+                kwargs["optimizer"].load_state_dict(optimizer)
+                kwargs["lr_scheduler"].load_state_dict(scheduler)
+            except (OSError, ValueError, KeyError) as error:
+                raise ValueError(
+                    f"the checkpoint's optimizer state does not fit this run's trainable parameters: {error}"
+                ) from error
+
+    trainer.add_callback(TakeOverOptimizerState())
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:

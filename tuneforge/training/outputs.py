@@ -37,7 +37,8 @@ def save_adapter(model: Any, tokenizer: PreTrainedTokenizerBase, out: Path, mode
         # PEFT looks for the base's config under the model id to check the vocabulary; the id is not
         # a local path, and the vocabulary is never modified here.
         warnings.filterwarnings("ignore", message="Could not find a config file")
-        model.save_pretrained(out, safe_serialization=True)
+        # Only the trained adapter: a continued DPO run also holds TRL's frozen "ref" copy.
+        model.save_pretrained(out, safe_serialization=True, selected_adapters=[model.active_adapter])
     tokenizer.save_pretrained(out)
     fix_adapter_config(out, model_id)
     (out / "README.md").write_text(card)

@@ -28,6 +28,8 @@ def recipe_config(spec: JobSpec, paths: RunPaths, *, gradient_checkpointing: boo
         "valid_file": paths.valid_file,
         "out_dir": paths.out_dir,
         "resume_from": paths.resume_from,
+        "source_adapter": paths.source_adapter,
+        "source_state": paths.source_state,
         "adapter": spec.adapter,
         "hyperparameters": spec.hyperparameters,
         "seed": spec.seed,

@@ -23,7 +23,8 @@ from tuneforge.training.loading import (
     detect_device,
     load_model,
     load_tokenizer,
-    peft_config,
+    take_over_optimizer_state,
+    trainable_model,
 )
 
 
@@ -53,6 +54,7 @@ def train(cfg: SupervisedConfig, observer: RunObserver | None = None) -> Finishe
     )
     device = detect_device()
     model = load_model(cfg.model_dir, device, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
+    model, new_adapter = trainable_model(model, cfg.adapter, cfg.source_adapter)
 
     # Set up
     assistant_only = cfg.assistant_only_loss and train_data.kind == "conversational"
@@ -87,9 +89,10 @@ def train(cfg: SupervisedConfig, observer: RunObserver | None = None) -> Finishe
         train_data=train_data,
         valid_data=valid_data,
         processing_class=tokenizer,
-        peft_config=peft_config(cfg.adapter, model),
+        peft_config=new_adapter,
     )
     keep_adapter_in_float32_on_cpu(trainer, device)
+    take_over_optimizer_state(trainer, cfg.source_state, resuming=cfg.resume_from is not None)
 
     # Train, save
     return train_and_save(

@@ -153,6 +153,8 @@ def main(argv: list[str]) -> int:
             valid_file=Path(raw["valid_file"]) if raw.get("valid_file") else None,
             resume_from=Path(raw["resume_from"]) if raw.get("resume_from") else None,
             model_id=spec.model,
+            source_adapter=Path(raw["source_adapter"]) if raw.get("source_adapter") else None,
+            source_state=Path(raw["source_state"]) if raw.get("source_state") else None,
         )
         runner = _load_runner(command.get("runner") or DEFAULT_RUNNER)
         result = runner(spec, paths, ChannelObserver(channel), **(command.get("options") or {}))

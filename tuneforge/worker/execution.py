@@ -36,11 +36,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from tuneforge.config import Settings
 from tuneforge.db import make_engine, make_sessionmaker, session_scope, utcnow
 from tuneforge.estimates.ceilings import OverCeiling, check_ceilings, training_file_stats
+from tuneforge.models import lineage
 from tuneforge.models.checkpoint import new_checkpoint_id
 from tuneforge.models.file import new_file_id
 from tuneforge.models.job import Job, JobStatus
 from tuneforge.models.spec import JobSpec
 from tuneforge.storage import ObjectStore, open_store
+from tuneforge.storage.base import ObjectNotFound
 from tuneforge.storage.keys import CheckpointKeys, artifact_key, file_key
 from tuneforge.worker import fairshare, incidents, jobstate, oom, resilience
 from tuneforge.worker.dispatch import enqueue_job
@@ -179,6 +181,10 @@ def run_job(job_id: str, ctx: WorkerContext) -> RunOutcome:
     return outcome
 
 
+class SourceGone(Exception):
+    """The model or checkpoint a continued job starts from is no longer stored."""
+
+
 class LeaseLost(Exception):
     """Another worker owns the job now (this one was presumed dead)."""
 
@@ -254,7 +260,10 @@ class JobRun:
                 self.work.parent.rmdir()  # the job's directory, once no attempt uses it
 
     def _execute(self) -> RunOutcome:
-        paths = self._download_inputs()
+        try:
+            paths = self._download_inputs()
+        except SourceGone as gone:
+            return self._fail("source_model_unavailable", str(gone))
         try:  # the ceiling may have been lowered since the job was created, paused or queued
             stats = training_file_stats(paths["train_file"] or "")
             check_ceilings(JobSpec.model_validate(self.plan.spec), stats, None, self.settings)
@@ -304,7 +313,34 @@ class JobRun:
             "valid_file": str(valid_file) if valid_file else None,
             "out_dir": str(out_dir),
             "resume_from": str(resume_from) if resume_from else None,
+            **self._download_source(inputs),
         }
+
+    def _download_source(self, inputs: Path) -> dict[str, str]:
+        """A continued job's starting point (its parent's adapter, full weights or checkpoint),
+        unpacked: full weights replace the base model directory; an adapter is loaded as the
+        trainable adapter; a checkpoint also offers its optimizer state when the spec asks."""
+        with session_scope(self.ctx.sessions) as session:
+            job = session.get(Job, self.job_id)
+            if job is None or job.parent_job_id is None:
+                return {}
+            found = lineage.source_object(session, job)
+        if found is None:
+            raise SourceGone(
+                "the fine-tuned model or checkpoint this job continues from was deleted (or the "
+                "checkpoint pruned) after the job was created"
+            )
+        archive = inputs / "source.tar.gz"
+        try:
+            self.store.download(found.storage_key, archive)
+        except ObjectNotFound:
+            raise SourceGone("the stored weights of the model this job continues from are gone") from None
+        source = extract_tarball(archive, inputs / "source")
+        archive.unlink()
+        paths = {"model_dir": str(source)} if found.full else {"source_adapter": str(source)}
+        if found.checkpoint and (self.plan.spec.get("continue") or {}).get("optimizer_state"):
+            paths["source_state"] = str(source)
+        return paths
 
     def _ready_training_process(self) -> TrainingProcess | None:
         """The warm training process, or a fresh one if it died while it waited; None when none
@@ -589,7 +625,8 @@ class JobRun:
     def _on_succeeded(self, message: dict[str, Any], progress: dict[str, Any]) -> RunOutcome:
         artifacts = self._upload_artifacts(message)
         result_file = self._upload_metrics_csv(message.get("metrics_csv"))
-        name = fine_tuned_model_name(self.plan.model, self.plan.project_name, self.plan.suffix, self.job_id)
+        base = self.plan.spec.get("model") or self.plan.model  # a continued job's original base
+        name = fine_tuned_model_name(base, self.plan.project_name, self.plan.suffix, self.job_id)
         self._flush()  # the uploads took a while: renew the lease the result write may retry within
         events = [
             EventRecord(

@@ -22,6 +22,7 @@ from tuneforge.estimates.ceilings import OverCeiling, check_ceilings
 from tuneforge.estimates.jobs import JobDoesNotFit, job_estimate
 from tuneforge.models import file as files
 from tuneforge.models import job as jobs
+from tuneforge.models import lineage
 from tuneforge.models.spec import JobSpec
 from tuneforge.training.base_models import UnknownModel, find_base_model
 from tuneforge.training.formats import METHOD_FORMATS
@@ -73,11 +74,13 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
     sends it to the workers after the commit: a worker runs the deep checks (token lengths with
     the real tokenizer, fit with the method), then queues and runs it, or fails it with
     `invalid_training_file`."""
+    given_model = spec.model
+    source, spec = _continued_spec(session, project_id, spec)
     try:
         find_base_model(spec.model, settings.models, settings.models_dir)
     except UnknownModel:
         raise BadRequest(
-            f"Model '{spec.model}' is not on offer here; GET /v1/models lists the models you can fine-tune.",
+            f"Model '{given_model}' is not on offer here; GET /v1/models lists the models you can fine-tune.",
             param="model",
             code="model_not_available",
         ) from None
@@ -108,7 +111,7 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
     job = jobs.Job(
         id=jobs.new_job_id(),
         project_id=project_id,
-        model=spec.model,
+        model=given_model,
         status=jobs.JobStatus.VALIDATING_FILES.value,
         spec=spec.model_dump(mode="json"),
         training_file=spec.training_file,
@@ -123,18 +126,95 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
         max_attempts=settings.max_attempts,
         estimate=estimate,
     )
-    quotas.reserve_active_job(session, settings, project_id)  # last: holds the project's lock
-    jobs.add_job(
-        session,
-        job,
-        [
-            f"Created fine-tuning job: {job.id}",
+    events = []
+    if source is not None:
+        job.base_model = spec.model
+        job.parent_job_id = source.job.id
+        job.parent_checkpoint_id = source.checkpoint.id if source.checkpoint else None
+        events.append(_lineage_event(given_model, spec, source))
+    events.append(
+        jobs.EventRecord(
             f"Validating training file {training.id}: {training.examples} examples in {training.format} "
-            f"format, about {training.approx_tokens} tokens; queue '{queue}'.",
-        ],
+            f"format, about {training.approx_tokens} tokens; queue '{queue}'."
+        )
     )
+    quotas.reserve_active_job(session, settings, project_id)  # last: holds the project's lock
+    jobs.add_job(session, job, [f"Created fine-tuning job: {job.id}"])
+    jobs.append_events(session, job.id, events)
     _enqueue_after_commit(session, job.id, queue)
     return job
+
+
+def _unknown_source(name: str) -> BadRequest:
+    return BadRequest(
+        f"Model '{name}' is neither a base model on offer nor a fine-tuned model or checkpoint of a "
+        "succeeded job of this project; GET /v1/models lists them.",
+        param="model",
+        code="model_not_available",
+    )
+
+
+def _continued_spec(
+    session: Session, project_id: str, spec: JobSpec
+) -> tuple[lineage.Source | None, JobSpec]:
+    """For a `model` naming a fine-tuned model or checkpoint: the source, and the spec as the
+    worker runs it, with `model` the original base id and `adapter` the source's (the source
+    adapter is trained on, so its type and shape carry over; a full source's weights take any
+    adapter). A base `model`: (None, the spec unchanged)."""
+    if not lineage.is_fine_tuned_name(spec.model):
+        if spec.continue_ is not None:
+            raise BadRequest(
+                "'continue' applies only to a job whose model is a fine-tuned model or checkpoint.",
+                param="continue",
+                code="invalid_continue",
+            )
+        return None, spec
+    source = lineage.find_source(session, project_id, spec.model)
+    if source is None:
+        raise _unknown_source(spec.model)
+    parent = JobSpec.model_validate(source.job.spec)
+    adapter = spec.adapter if "adapter" in spec.model_fields_set else parent.adapter
+    if parent.adapter.type != "full":
+        if adapter.type != parent.adapter.type:
+            raise BadRequest(
+                f"Model '{spec.model}' is a {parent.adapter.type} adapter; a job continuing from it trains "
+                f"that adapter, so adapter.type must be '{parent.adapter.type}' (or left out).",
+                param="adapter.type",
+                code="invalid_adapter",
+            )
+        adapter = parent.adapter
+    elif adapter.type != "full":
+        raise BadRequest(
+            f"Model '{spec.model}' has full weights; Tuneforge continues it with full fine-tuning only "
+            "(an adapter would not load onto the original base), so adapter.type must be 'full' "
+            "(or left out).",
+            param="adapter.type",
+            code="invalid_adapter",
+        )
+    if spec.continue_ is not None and spec.continue_.optimizer_state and source.checkpoint is None:
+        raise BadRequest(
+            "continue.optimizer_state needs a checkpoint as model (ft:...:ckpt-step-N): only checkpoints "
+            "keep the optimizer and scheduler state.",
+            param="continue.optimizer_state",
+            code="invalid_continue",
+        )
+    return source, spec.model_copy(update={"model": parent.model, "adapter": adapter})
+
+
+def _lineage_event(given: str, spec: JobSpec, source: lineage.Source) -> jobs.EventRecord:
+    checkpoint = source.checkpoint
+    where = f"checkpoint {checkpoint.id} (step {checkpoint.step_number})" if checkpoint else "final weights"
+    optimizer = spec.continue_ is not None and spec.continue_.optimizer_state
+    state = "optimizer and scheduler state resumed" if optimizer else "fresh optimizer state"
+    return jobs.EventRecord(
+        f"Continuing from {given}: job {source.job.id}, {where}; base model {spec.model}; {state}.",
+        data={
+            "parent": {"job": source.job.id, "checkpoint": checkpoint.id if checkpoint else None},
+            "model": given,
+            "base_model": spec.model,
+            "optimizer_state": optimizer,
+        },
+    )
 
 
 def cancel_job(session: Session, job: jobs.Job) -> jobs.Job:
