@@ -61,6 +61,12 @@ def _delivery(sessions: sessionmaker[Session], endpoint_id: str, delivery_id: st
         return found
 
 
+def _delivered_metric(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("tuneforge_webhook_deliveries_total", {"outcome": outcome}) or 0.0
+
+
 def _clear(sessions: sessionmaker[Session]) -> None:
     with session_scope(sessions) as session:
         for endpoint in webhook.list_endpoints(session, DEFAULT_PROJECT_ID, limit=100):
@@ -73,8 +79,11 @@ def test_retries_until_the_schedule_runs_out_then_fails(
     _clear(sessions)
     settings = _settings(tmp_path, webhook_retry_seconds="0,0")
     endpoint_id, delivery_id = _endpoint_and_event(sessions, receiver.url("/down", 503))
+    before = {o: _delivered_metric(o) for o in ("retry", "gave_up")}
     for _ in range(4):  # the fourth pass finds nothing due
         send_due(settings, sessions, budget_seconds=0)
+    # /metrics counts each attempt by outcome: two to be retried, then the one given up
+    assert {o: _delivered_metric(o) - before[o] for o in before} == {"retry": 2, "gave_up": 1}
     attempts = receiver.received("/down")
     assert [r.headers["webhook-id"] for r in attempts] == [delivery_id] * 3
     failed = _delivery(sessions, endpoint_id, delivery_id)

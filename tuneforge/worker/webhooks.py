@@ -42,6 +42,7 @@ import httpx
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from tuneforge import metrics
 from tuneforge.config import Settings, get_settings
 from tuneforge.db import make_engine, make_sessionmaker, session_scope, utcnow
 from tuneforge.models import webhook
@@ -282,6 +283,10 @@ def _deliver(settings: Settings, sessions: sessionmaker[Session], due: webhook.D
             error=result.error,
             retry_at=again,
         )
+    if result.delivered:
+        metrics.record_webhook_delivery("delivered")
+    else:
+        metrics.record_webhook_delivery("gave_up" if status == webhook.DeliveryStatus.FAILED else "retry")
     if status == webhook.DeliveryStatus.FAILED:
         log.warning(
             "webhook delivery %s to endpoint %s failed for good after %d attempts: %s",
