@@ -219,6 +219,48 @@ class ContinueSpec(_Strict):
     )
 
 
+class EvaluationSpec(_Strict):
+    """Graded generations on the validation file's items at every checkpoint and at the end (and
+    once from the base model with `compare_base`): the mean reward is the job's `eval_score`.
+
+    For a chat line the prompt is its messages before the last assistant message, and the grader
+    reads `{{item.reference}}` (that message's content) and `{{item.<field>}}` for every other
+    top-level field of the line; prompt/completion lines give `reference` = the completion,
+    preference lines the preferred answer."""
+
+    grader: dict[str, Any] = Field(
+        ...,
+        description="An OpenAI grader (string_check, text_similarity, multi, python, score_model) "
+        "that reads {{sample.output_text}} and {{item.reference}}.",
+    )
+    max_samples: Annotated[int, Field(ge=1, le=1000)] = Field(
+        50, description="Validation items graded (the first N lines of the validation file)."
+    )
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = Field(
+        256, description="Most tokens generated per answer (greedy)."
+    )
+    compare_base: bool = Field(
+        True, description="Also grade the starting model once: `base_eval_score` beside `eval_score`."
+    )
+
+    @field_validator("grader")
+    @classmethod
+    def _valid_grader(cls, grader: dict[str, Any]) -> dict[str, Any]:
+        """A bad grader is an error at its own field (`evaluation.grader.operation`)."""
+        from tuneforge.graders.schema import GraderError, parse_grader
+
+        try:
+            parse_grader(grader)
+        except GraderError as exc:
+            where = exc.param.split(".")[1:]
+            message = exc.message.removeprefix(f"Invalid value for '{exc.param}': ").removesuffix(".")
+            detail = PydanticCustomError("invalid_grader", "{message}", {"message": message})
+            raise ValidationError.from_exception_data(
+                "grader", [InitErrorDetails(type=detail, loc=tuple(where), input=grader)]
+            ) from None
+        return grader
+
+
 ExportKind = Literal["merged"]
 MAX_INTEGRATIONS = 8
 MAX_INTEGRATION_BYTES = 8 << 10
@@ -268,6 +310,11 @@ class JobSpec(_Strict):
     queue: str | None = Field(
         None, description="Worker queue (GPU class) to run on; default is the service's default queue."
     )
+    evaluation: EvaluationSpec | None = Field(
+        None,
+        description="Graded generations on the validation file at each checkpoint and at the end "
+        "(`eval_score`, `base_eval_score`); needs a validation_file.",
+    )
     continue_: ContinueSpec | None = Field(
         None,
         alias="continue",
@@ -307,6 +354,25 @@ class JobSpec(_Strict):
                 ]
                 raise ValidationError.from_exception_data("integrations", errors) from None
         return checked
+
+    @model_validator(mode="after")
+    def _evaluation_needs_validation_items(self) -> JobSpec:
+        if self.evaluation is None:
+            return self
+        problem = None
+        if self.validation_file is None:
+            problem = (
+                "validation_file",
+                "evaluation grades answers to the validation file's items; give one",
+            )
+        elif self.method.type == "pretraining":
+            problem = ("evaluation", "evaluation needs prompts to answer; pretraining data has none")
+        if problem is not None:
+            detail = PydanticCustomError("evaluation", problem[1])
+            raise ValidationError.from_exception_data(
+                "JobSpec", [InitErrorDetails(type=detail, loc=(problem[0],), input=None)]
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from tuneforge.training import evaluation
 from tuneforge.training.interface import RunInfo, RunObserver, StepMetrics, StopReason
+
+if TYPE_CHECKING:
+    from tuneforge.models.spec import EvaluationSpec
 
 # OpenAI's results-file columns first, then ours.
 CSV_COLUMNS = [
@@ -25,7 +30,22 @@ CSV_COLUMNS = [
     "grad_norm",
     "reward_accuracy",  # DPO: share of pairs whose chosen reward beats the rejected one
     "reward_margin",  # DPO: mean chosen-minus-rejected reward
+    # Reinforcement fine-tuning (GRPO): the grader's rewards of the step's sampled answers.
+    "reward",
+    "reward_std",
+    "kl",
+    "completion_length",
+    "grader_failures",
+    "eval_reward",
 ]
+#: The GRPO trainer's log names of the reinforcement columns (and StepMetrics fields).
+GRPO_LOGS = {
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "kl": "kl",
+    "completions/mean_length": "completion_length",
+    "grader_failures": "grader_failures",
+}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -103,6 +123,7 @@ class MetricsCsv:
             row["epoch"] = _number(logs.get("epoch"))
             row["reward_accuracy"] = _number(logs.get("rewards/accuracies"))
             row["reward_margin"] = _number(logs.get("rewards/margins"))
+            row.update({name: _number(logs.get(key)) for key, name in GRPO_LOGS.items()})
             if tokens_seen is not None:
                 row["tokens_seen"] = tokens_seen
             elif "num_input_tokens_seen" in logs:
@@ -110,6 +131,7 @@ class MetricsCsv:
         if "eval_loss" in logs:
             row["valid_loss"] = _number(logs["eval_loss"])
             row["valid_mean_token_accuracy"] = _number(logs.get("eval_mean_token_accuracy"))
+            row["eval_reward"] = _number(logs.get("eval_reward"))
         for earlier in sorted(s for s in self._rows if s < step):
             self._write(earlier)
 
@@ -197,11 +219,13 @@ class ObserverCallback(TrainerCallback):
             self.last_train = {
                 "train_loss": _number(logs["loss"]),
                 "train_mean_token_accuracy": _number(logs.get("mean_token_accuracy")),
+                **{name: _number(logs[key]) for key, name in GRPO_LOGS.items() if key in logs},
             }
         if "eval_loss" in logs:
             self.last_eval = {
                 "valid_loss": _number(logs["eval_loss"]),
                 "valid_mean_token_accuracy": _number(logs.get("eval_mean_token_accuracy")),
+                **({"eval_reward": _number(logs["eval_reward"])} if "eval_reward" in logs else {}),
             }
         self.observer.on_metrics(
             StepMetrics(
@@ -215,6 +239,8 @@ class ObserverCallback(TrainerCallback):
                 tokens_per_second=speed,
                 train_mean_token_accuracy=_number(logs.get("mean_token_accuracy")),
                 valid_mean_token_accuracy=_number(logs.get("eval_mean_token_accuracy")),
+                **{name: _number(logs.get(key)) for key, name in GRPO_LOGS.items()},
+                eval_reward=_number(logs.get("eval_reward")),
             )
         )
 
@@ -235,3 +261,77 @@ class ObserverCallback(TrainerCallback):
     @property
     def final_metrics(self) -> dict[str, Any]:
         return {**self.last_train, **self.last_eval}
+
+
+class EvaluationCallback(TrainerCallback):
+    """Answers the validation items (tuneforge/training/evaluation.py) with the starting model
+    before the first step, at every checkpoint and at the end. Added before the observer's
+    callback, so a checkpoint's answers are on disk before the checkpoint is reported."""
+
+    def __init__(
+        self,
+        spec: EvaluationSpec,
+        valid_file: Path,
+        out_dir: Path,
+        tokenizer: Any,
+        *,
+        adapter_type: str,
+        resume_from: Path | None,
+        observer: ObserverCallback,
+    ) -> None:
+        self.spec = spec
+        self.items = evaluation.read_items(valid_file, spec.max_samples)
+        self.out_dir = out_dir
+        self.tokenizer = tokenizer
+        self.adapter_type = adapter_type
+        self.resume_from = resume_from
+        self.observer = observer
+
+    def _answer(self, model: Any, step: int | None) -> Path:
+        path = evaluation.answers_path(self.out_dir, step)
+        evaluation.write_answers(
+            path,
+            self.items,
+            evaluation.generate_answers(model, self.tokenizer, self.items, self.spec.max_new_tokens),
+        )
+        return path
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not self.spec.compare_base or not self.items or not state.is_world_process_zero:
+            return
+        base = evaluation.answers_path(self.out_dir, None)
+        if self.resume_from is not None:  # the first attempt answered with the starting model
+            kept = self.resume_from / evaluation.CHECKPOINT_BASE_ANSWERS
+            if kept.is_file():
+                base.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(kept, base)
+            return
+        model = kwargs["model"]
+        # LoRA, DoRA and IA3 start as the identity, full and continued runs as the starting weights;
+        # fresh virtual tokens are not the base, so prefix and prompt tuning switch them off.
+        if self.adapter_type in evaluation.PROMPT_LEARNING:
+            with model.disable_adapter():
+                self._answer(model, None)
+        else:
+            self._answer(model, None)
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not self.items or not state.is_world_process_zero:
+            return
+        self._answer(kwargs["model"], state.global_step)
+        base = evaluation.answers_path(self.out_dir, None)
+        checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        if base.is_file() and checkpoint.is_dir():
+            shutil.copyfile(base, checkpoint / evaluation.CHECKPOINT_BASE_ANSWERS)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not self.items or not state.is_world_process_zero or self.observer.stopped is not None:
+            return
+        if not evaluation.answers_path(self.out_dir, state.global_step).is_file():
+            self._answer(kwargs["model"], state.global_step)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuneforge.models.spec import AdapterSpec, Hyperparameters
-from tuneforge.training.callbacks import MetricsCsv, NullObserver, ObserverCallback
+from tuneforge.models.spec import AdapterSpec, EvaluationSpec, Hyperparameters
+from tuneforge.training.callbacks import EvaluationCallback, MetricsCsv, NullObserver, ObserverCallback
 from tuneforge.training.data import TrainingData
 from tuneforge.training.hyperparams import RULES, EffectiveHyperparameters
 from tuneforge.training.interface import RunObserver, RunResult
@@ -64,6 +64,10 @@ class RecipeConfig:
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code shipped with the model."}
+    )
+    evaluation: EvaluationSpec | None = field(
+        default=None,
+        metadata={"help": "Answer the validation items at each checkpoint and at the end, for grading."},
     )
     gradient_checkpointing: bool = field(
         default=False,
@@ -234,6 +238,18 @@ def _attach_callbacks(
         total_params=report.total,
         checkpoints_dir=cfg.checkpoints_dir,
     )
+    if cfg.evaluation is not None and cfg.valid_file is not None:  # first: answers before the report
+        trainer.add_callback(
+            EvaluationCallback(
+                cfg.evaluation,
+                cfg.valid_file,
+                cfg.out_dir,
+                run.tokenizer,
+                adapter_type=cfg.adapter.type,
+                resume_from=cfg.resume_from,
+                observer=callback,
+            )
+        )
     trainer.add_callback(callback)
     if run.hp.early_stopping_patience is not None:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=run.hp.early_stopping_patience))

@@ -35,6 +35,7 @@ def recipe_config(spec: JobSpec, paths: RunPaths, *, gradient_checkpointing: boo
         "seed": spec.seed,
         "export_merged": "merged" in spec.export,
         "trust_remote_code": get_settings().trust_remote_code,
+        "evaluation": spec.evaluation,
         "gradient_checkpointing": gradient_checkpointing,
         "integrations": list(spec.integrations or []),
     }

@@ -46,6 +46,7 @@ from tuneforge.storage.base import ObjectNotFound
 from tuneforge.storage.keys import CheckpointKeys, artifact_key, file_key
 from tuneforge.worker import fairshare, incidents, jobstate, oom, resilience
 from tuneforge.worker.dispatch import enqueue_job
+from tuneforge.worker.evaluation import JobEvaluation, describe
 from tuneforge.worker.jobstate import EventRecord, RunPlan, StoredArtifact
 from tuneforge.worker.observability import RunMetrics
 from tuneforge.worker.packaging import adapter_only, extract_tarball, make_tarball, upload
@@ -80,6 +81,8 @@ CHECKPOINT_METRICS = (
     "valid_mean_token_accuracy",
     "full_valid_loss",
     "full_valid_mean_token_accuracy",
+    "eval_score",
+    "base_eval_score",
 )
 
 
@@ -223,6 +226,9 @@ class JobRun:
         self.lease = LeaseClock(self.settings.lease_seconds, claimed_at)
         self.outage = Outage(self.job_id, self.lease)
         self.handback_deadline: float | None = None  # set when the worker is asked to shut down
+        self.evaluation: JobEvaluation | None = None  # graded answers (tuneforge/worker/evaluation.py)
+        self.evaluated_steps: set[int] = set()
+        self.last_tick = time.monotonic()
         self.memory = oom.MemoryPlan()  # the out-of-memory ladder's rung (tuneforge/worker/oom.py)
         self.effective_hp: dict[str, Any] = {}  # the hyperparameters the run reported at its start
         self.stored_checkpoint: Path | None = None  # the newest checkpoint of this run in the store
@@ -570,7 +576,7 @@ class JobRun:
         checkpoint_id = new_checkpoint_id()
         key = self._store_checkpoint(checkpoint_id, Path(message["path"]))
         self.stored_checkpoint = Path(message["path"])
-        raw = {**self.last_metrics, **(message.get("metrics") or {})}
+        raw = {**self.last_metrics, **(message.get("metrics") or {}), **self._evaluate(step)}
         metrics = {
             "step": step,
             **{name: raw[name] for name in CHECKPOINT_METRICS if raw.get(name) is not None},
@@ -578,6 +584,48 @@ class JobRun:
         self.pending.append(HeldCheckpoint(checkpoint_id, step, key, metrics))
         self._flush()  # while the database is unreachable the row waits with the events
         process.send({"op": "ack", "step": step})  # its bytes are stored: training may go on
+
+    def _job_evaluation(self) -> JobEvaluation | None:
+        spec = JobSpec.model_validate(self.plan.spec).evaluation
+        if spec is None:
+            return None
+        if self.evaluation is None:
+            self.evaluation = JobEvaluation(spec, self.settings, self.work / "out", self._grading_tick)
+            if self.evaluation.unavailable:
+                text = f"Evaluation skipped: {self.evaluation.unavailable}"
+                self.pending.append(EventRecord(text, level="warn"))
+        return self.evaluation
+
+    def _grading_tick(self) -> None:
+        """Between graded items: renew the lease now and then (model graders can be slow)."""
+        if time.monotonic() - self.last_tick >= FLUSH_EVERY_S:
+            self._flush()
+            self.last_tick = time.monotonic()
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """Grades the answers the training process wrote for `step`: `eval_score` (and
+        `base_eval_score`) for the checkpoint's metrics, reported in a metrics event."""
+        evaluation = self._job_evaluation()
+        scores = evaluation.scores(step) if evaluation is not None else {}
+        if "eval_score" in scores and step not in self.evaluated_steps:
+            self.evaluated_steps.add(step)
+            text = f"Step {step}: {describe(scores)}"
+            self.pending.append(EventRecord(text, type="metrics", data={"step": step, **scores}, at=utcnow()))
+        return scores
+
+    def _final_evaluation(
+        self, message: dict[str, Any]
+    ) -> tuple[dict[str, float], tuple[str, str, int, str] | None]:
+        """The final step's scores and the per-item results file `(id, key, size, filename)`."""
+        step = int(message.get("final_step") or 0)
+        scores = self._evaluate(step)
+        evaluation = self.evaluation
+        results = evaluation.write_results(step) if evaluation is not None else None
+        if results is None:
+            return scores, None
+        file_id = new_file_id()
+        key = file_key(file_id)
+        return scores, (file_id, key, self.store.put_file(key, results), results.name)
 
     def _store_checkpoint(self, checkpoint_id: str, path: Path) -> str:
         """Uploads a checkpoint directory: the full trainer state, and the adapter alone beside it
@@ -625,12 +673,14 @@ class JobRun:
     def _on_succeeded(self, message: dict[str, Any], progress: dict[str, Any]) -> RunOutcome:
         artifacts = self._upload_artifacts(message)
         result_file = self._upload_metrics_csv(message.get("metrics_csv"))
+        scores, results_file = self._final_evaluation(message)
         base = self.plan.spec.get("model") or self.plan.model  # a continued job's original base
         name = fine_tuned_model_name(base, self.plan.project_name, self.plan.suffix, self.job_id)
         self._flush()  # the uploads took a while: renew the lease the result write may retry within
         events = [
             EventRecord(
-                f"New fine-tuned model created: {name}", data={"metrics": message.get("metrics") or {}}
+                f"New fine-tuned model created: {name}",
+                data={"metrics": {**(message.get("metrics") or {}), **scores}},
             ),
             EventRecord("The job has successfully completed."),
         ]
@@ -641,6 +691,7 @@ class JobRun:
                 self.ctx.owner,
                 artifacts=artifacts,
                 result_file=result_file,
+                more_result_files=[results_file] if results_file else [],
                 events=events,
                 progress=progress,
                 fine_tuned_model=name,

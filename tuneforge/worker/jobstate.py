@@ -244,13 +244,26 @@ def record_success(
     artifacts: Sequence[StoredArtifact],
     result_file: tuple[str, str, int] | None,
     events: Sequence[EventRecord],
+    more_result_files: Sequence[tuple[str, str, int, str]] = (),
     **values: Any,
 ) -> bool:
-    """The run's outputs (artifacts, the metrics CSV as a results file `(id, storage key, size)`)
-    and running -> succeeded, in one transaction. False when the lease is gone."""
+    """The run's outputs (artifacts, the metrics CSV as a results file `(id, storage key, size)`,
+    then `more_result_files` `(id, storage key, size, filename)`, JSONL) and running -> succeeded,
+    in one transaction. False when the lease is gone."""
     job = session.get(Job, job_id)
     if job is None:
         return False
+    for file_id, key, size, filename in more_result_files:
+        add_file(
+            session,
+            file_id=file_id,
+            project_id=job.project_id,
+            filename=filename,
+            purpose=PURPOSE_RESULTS,
+            size=size,
+            storage_key=key,
+            format="jsonl",
+        )
     if result_file is not None:
         file_id, key, size = result_file
         add_file(
@@ -279,7 +292,7 @@ def record_success(
         owner,
         JobStatus.SUCCEEDED,
         events,
-        result_files=[result_file[0]] if result_file else [],
+        result_files=([result_file[0]] if result_file else []) + [f[0] for f in more_result_files],
         **values,
     )
 

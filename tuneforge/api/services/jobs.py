@@ -20,6 +20,7 @@ from tuneforge.db import after_commit, utcnow
 from tuneforge.estimates import EstimateError, FileStats
 from tuneforge.estimates.ceilings import OverCeiling, check_ceilings
 from tuneforge.estimates.jobs import JobDoesNotFit, job_estimate
+from tuneforge.graders import GraderError, GraderRuntime, ensure_runnable, parse_grader
 from tuneforge.models import file as files
 from tuneforge.models import job as jobs
 from tuneforge.models import lineage
@@ -88,6 +89,12 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
     training = _checked_file(session, project_id, spec.training_file, "training_file", method)
     if spec.validation_file is not None:
         _checked_file(session, project_id, spec.validation_file, "validation_file", method)
+    if spec.evaluation is not None:  # valid (the spec checked it); can this service run it?
+        try:
+            grader = parse_grader(spec.evaluation.grader, "evaluation.grader")
+            ensure_runnable(grader, GraderRuntime.from_settings(settings), "evaluation.grader")
+        except GraderError as exc:
+            raise BadRequest(exc.message, param=exc.param, code="grader_unavailable") from None
 
     check_integrations(spec, settings)
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
