@@ -10,7 +10,8 @@ from typing import Any
 from tuneforge.config import Settings, get_settings
 from tuneforge.estimates import hardware as hw
 from tuneforge.estimates.advisor import Variant, recommend
-from tuneforge.estimates.memory import memory_breakdown
+from tuneforge.estimates.memory import memory_breakdown, per_device
+from tuneforge.estimates.methods import for_method
 from tuneforge.estimates.schema import (
     EstimateError,
     EstimateRequest,
@@ -20,6 +21,7 @@ from tuneforge.estimates.schema import (
     Throughput,
 )
 from tuneforge.estimates.skeleton import adapter_counts, build_slots, import_stack, model_shape, time_budget
+from tuneforge.models.spec import AdapterSpec
 from tuneforge.training import hyperparams as training_hp
 
 #: "auto" with no data size known; with one, the training recipe's own rules
@@ -113,33 +115,57 @@ def _estimate(
     hardware_name, device_bytes, is_gpu = _device(request)
     dtype = request.dtype or ("bf16" if is_gpu else "fp32")
     devices = request.hardware.count if request.hardware else 1
+    asked = request.hardware.strategy if request.hardware else "auto"
+
+    def strategy(variant_adapter: AdapterSpec) -> str:
+        return asked if asked != "auto" else ("fsdp" if variant_adapter.type == "full" else "ddp")
 
     def size(variant: Variant) -> int:
         variant_counts = adapter_counts(config, variant.adapter, param, budget)
-        return memory_breakdown(
+        per_variant = per_device(
+            memory_breakdown(
+                shape,
+                variant.adapter,
+                variant_counts,
+                dtype=dtype,
+                micro_batch=math.ceil(variant.batch_size / devices),
+                seq_len=variant.seq_len,
+                gradient_checkpointing=variant.gradient_checkpointing,
+                is_gpu=is_gpu,
+            ),
             shape,
-            variant.adapter,
-            variant_counts,
+            devices=devices,
+            strategy=strategy(variant.adapter),
             dtype=dtype,
-            micro_batch=variant.batch_size,
-            seq_len=variant.seq_len,
-            gradient_checkpointing=variant.gradient_checkpointing,
-            is_gpu=is_gpu,
+        )
+        return for_method(
+            per_variant, shape, method=request.method, adapter_type=variant.adapter.type, dtype=dtype
         ).total
 
-    memory = memory_breakdown(
+    # batch_size is the global batch (tuneforge.training.distributed): each device takes its share.
+    memory = per_device(
+        memory_breakdown(
+            shape,
+            adapter,
+            counts,
+            dtype=dtype,
+            micro_batch=math.ceil(batch_size / devices),
+            seq_len=seq_len,
+            gradient_checkpointing=request.gradient_checkpointing,
+            is_gpu=is_gpu,
+        ),
         shape,
-        adapter,
-        counts,
+        devices=devices,
+        strategy=strategy(adapter),
         dtype=dtype,
-        micro_batch=batch_size,
-        seq_len=seq_len,
-        gradient_checkpointing=request.gradient_checkpointing,
-        is_gpu=is_gpu,
     )
+    # What the method adds (pairs, a reference model): tuneforge.estimates.methods.
+    memory = for_method(memory, shape, method=request.method, adapter_type=adapter.type, dtype=dtype)
 
     epoch_steps = (
-        training_hp.steps_per_epoch(math.ceil(rows / devices), batch_size, accumulation) if rows else None
+        training_hp.steps_per_epoch(math.ceil(rows / devices), math.ceil(batch_size / devices), accumulation)
+        if rows
+        else None
     )
     steps = hp.max_steps if hp.max_steps is not None else (n_epochs * epoch_steps if epoch_steps else None)
 

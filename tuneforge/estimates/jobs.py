@@ -62,7 +62,11 @@ def job_estimate(spec: JobSpec, stats: FileStats, settings: Settings) -> dict[st
     classes = parse_worker_classes(settings.worker_classes)
     queue = spec.queue or settings.default_queue
     target = queue if queue in classes else max(classes, key=lambda name: classes[name], default=None)
-    hardware = {"gpu": target, "gpu_memory_gb": classes[target]} if target is not None else None
+    hardware: dict[str, Any] | None = (
+        {"gpu": target, "gpu_memory_gb": classes[target]} if target is not None else None
+    )
+    if hardware is not None and spec.hardware is not None:  # per-device memory of a multi-device run
+        hardware |= {"count": spec.hardware.count, "strategy": spec.hardware.strategy}
     try:
         result = estimate(_request(spec, hardware), file_stats=stats, settings=settings)
         if target != "cpu" and result.total_params >= CHECKPOINTING_MIN_PARAMS:

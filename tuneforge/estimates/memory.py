@@ -184,3 +184,27 @@ def memory_breakdown(
         activations=int(activations + workspace),
         notes=notes,
     )
+
+
+def per_device(
+    memory: MemoryBreakdown, shape: ModelShape, *, devices: int, strategy: str, dtype: str
+) -> MemoryBreakdown:
+    """One device's share of a run on `devices` devices. DDP keeps a whole replica (weights,
+    gradients, optimizer state) on each; FSDP (full shard) keeps 1/devices of each, plus the
+    unsharded weights of the layer being computed and of the one prefetched after it."""
+    if devices <= 1 or strategy != "fsdp":
+        if devices > 1:
+            memory.notes.append(f"ddp: a whole replica on each of {devices} devices")
+        return memory
+    gathered = 2 * (shape.total_params // max(shape.num_layers, 1)) * DTYPE_BYTES[dtype]
+    return MemoryBreakdown(
+        weights=-(-memory.weights // devices) + gathered,
+        gradients=-(-memory.gradients // devices),
+        optimizer=-(-memory.optimizer // devices),
+        activations=memory.activations,
+        notes=[
+            *memory.notes,
+            f"fsdp: weights, gradients and optimizer state sharded over {devices} devices; "
+            f"weights include {gathered:,} bytes for two gathered layers",
+        ],
+    )

@@ -30,8 +30,10 @@ class EstimateError(ValueError):
 
 class Hardware(BaseModel):
     """Where the job would run: a known class (`{"gpu": "a100-80gb"}`, `{"gpu": "cpu"}`) or a
-    memory size (`{"gpu_memory_gb": 24, "count": 1}`). Each device holds a whole replica (data
-    parallel, no sharding), so `fits` compares the per-device total with one device's memory."""
+    memory size (`{"gpu_memory_gb": 24, "count": 1}`). `fits` compares the per-device total with
+    one device's memory: a whole replica per device under DDP, a 1/count share of weights,
+    gradients and optimizer state (plus the layer being gathered) under FSDP. The job's
+    `batch_size` is the global batch: each device takes its share of it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -40,6 +42,11 @@ class Hardware(BaseModel):
         None, description="Memory of one device in GB (10^9 bytes); overrides the class's figure."
     )
     count: Annotated[int, Field(ge=1, le=1024)] = Field(1, description="Devices (data parallel).")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="With count > 1: `ddp` keeps a whole replica per device, `fsdp` shards weights, "
+        "gradients and optimizer state over the devices; `auto` is fsdp for full fine-tuning, else ddp.",
+    )
 
 
 class FileStats(BaseModel):
