@@ -54,6 +54,8 @@ def _worker(args: argparse.Namespace) -> int:
         )
     queues = ",".join(names)
     os.environ["TUNEFORGE_WORKER_QUEUES"] = queues
+    if args.devices is not None:  # read by each job's run (tuneforge/worker/launcher.py)
+        os.environ["TUNEFORGE_WORKER_DEVICES"] = str(args.devices)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     argv = ["worker", "--queues", queues, "--concurrency", str(args.concurrency), "--pool", "prefork"]
     argv += ["--loglevel", args.loglevel, "--hostname", f"{queues.replace(',', '+')}@%h-{os.getpid()}"]
@@ -118,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--queues", default=None, help="Comma-separated queues (GPU classes); default gpu.")
     worker.add_argument("--concurrency", type=int, default=1, help="Jobs at once (one per GPU).")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="Devices a job may use (hardware.count); default every visible GPU, or 1 on CPU.",
+    )
     worker.set_defaults(handler=_worker)
     beat = commands.add_parser("beat", help="Run the reconciler's schedule (Celery beat).")
     beat.add_argument("--loglevel", default="INFO")

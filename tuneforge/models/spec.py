@@ -157,6 +157,31 @@ class AdapterSpec(_Strict):
         return self
 
 
+Strategy = Literal["auto", "ddp", "fsdp"]
+MAX_DEVICES = 64
+
+
+class HardwareSpec(_Strict):
+    """How many devices one run of the job uses (data parallel under torch.distributed's launcher).
+    The same `count` and `strategy` as the estimator's `hardware` object."""
+
+    count: Annotated[int, Field(ge=1, le=MAX_DEVICES)] = Field(
+        1,
+        description=f"Devices (processes) the run trains on, 1-{MAX_DEVICES}; only a worker with at "
+        "least as many runs it.",
+    )
+    strategy: Strategy = Field(
+        "auto",
+        description="`ddp` replicates the model on every device; `fsdp` shards weights, gradients and "
+        "optimizer state across them. `auto`: fsdp for adapter.type full, ddp otherwise.",
+    )
+
+    def resolved_strategy(self, adapter_type: str) -> Literal["ddp", "fsdp"]:
+        if self.strategy != "auto":
+            return self.strategy
+        return "fsdp" if adapter_type == "full" else "ddp"
+
+
 class WandbIntegration(_Strict):
     """OpenAI's `wandb` fields. The worker logs with its own credentials (WANDB_API_KEY)."""
 
@@ -309,6 +334,10 @@ class JobSpec(_Strict):
     )
     queue: str | None = Field(
         None, description="Worker queue (GPU class) to run on; default is the service's default queue."
+    )
+    hardware: HardwareSpec | None = Field(
+        None,
+        description="Devices per run and how the model is spread over them (DDP or FSDP); default: one.",
     )
     evaluation: EvaluationSpec | None = Field(
         None,

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tuneforge.models.spec import AdapterType, DpoHyperparameters, Hyperparameters, MethodType
+from tuneforge.training.distributed import per_device_batch
 
 MIN_TARGET_EXAMPLES = 100
 MAX_TARGET_EXAMPLES = 25_000
@@ -182,8 +183,9 @@ def trainer_arguments(hp: EffectiveHyperparameters, *, has_validation: bool) -> 
     """The hyperparameters as SFTConfig/DPOConfig keyword arguments (transformers 5, TRL 1.16 names)."""
     args: dict[str, Any] = {
         "num_train_epochs": hp.n_epochs,
-        "per_device_train_batch_size": hp.batch_size,
-        "per_device_eval_batch_size": hp.batch_size,
+        # batch_size is the global batch: a multi-device run splits it (tuneforge.training.distributed)
+        "per_device_train_batch_size": per_device_batch(hp.batch_size),
+        "per_device_eval_batch_size": per_device_batch(hp.batch_size),
         "learning_rate": hp.learning_rate,
         "max_steps": hp.max_steps if hp.max_steps is not None else -1,
         "max_length": hp.max_seq_length,

@@ -7,9 +7,11 @@ module does not import torch; running it does.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from tuneforge.models.spec import JobSpec
+from tuneforge.training import distributed
 from tuneforge.training.interface import RunObserver, RunPaths, RunResult
 
 if TYPE_CHECKING:
@@ -86,4 +88,9 @@ def run_training(
     Raises `tuneforge.training.data.DataError` (a ValueError) for data that cannot train, with the
     file and line in the message, and ValueError for a spec the recipe cannot run.
     """
+    if distributed.world_size() > 1:  # one rank of a multi-device run (tuneforge.training.distributed)
+        run = distributed.configure(spec)
+        observer = distributed.RankObserver(observer, run)
+        if distributed.rank() != 0:  # rank 0 alone writes the run's outputs and checkpoints
+            paths = dataclasses.replace(paths, out_dir=paths.out_dir.with_name(f"rank-{distributed.rank()}"))
     return run_recipe(spec, paths, observer, gradient_checkpointing=gradient_checkpointing).result

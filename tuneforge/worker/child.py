@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from tuneforge.training import tokcache
+from tuneforge.training import distributed, tokcache
 from tuneforge.training.interface import RunInfo, RunPaths, RunResult, StepMetrics, StopReason
 
 DEFAULT_RUNNER = "tuneforge.training.run:run_training"
@@ -51,8 +51,8 @@ class _Channel:
             self._out.write(line + "\n")
             self._out.flush()
 
-    def read_commands(self) -> None:
-        for line in sys.stdin:
+    def read_commands(self, commands: IO[str] | None = None) -> None:
+        for line in commands or sys.stdin:
             if not line.strip():
                 continue
             command = json.loads(line)
@@ -94,7 +94,9 @@ class ChannelObserver:
         self.channel = channel
 
     def on_start(self, info: RunInfo) -> None:
-        self.channel.send({"type": "start", **dataclasses.asdict(info), **tokcache.summary()})
+        self.channel.send(
+            {"type": "start", **dataclasses.asdict(info), **tokcache.summary(), **distributed.summary()}
+        )
 
     def on_metrics(self, metrics: StepMetrics) -> None:
         self.channel.send({"type": "metrics", **dataclasses.asdict(metrics)})
@@ -126,14 +128,28 @@ def _warm_up(runner: str) -> None:
             importlib.import_module("tuneforge.training.supervised")  # torch, transformers, trl, peft
 
 
+def _connect(argv: list[str]) -> tuple[IO[str], IO[str] | None]:
+    """(messages out, commands in): the message pipe and stdin, or for one rank of a multi-device
+    run (`--socket PATH`, started by torchrun: tuneforge/worker/launcher.py) the worker's socket,
+    both ways."""
+    if argv[1] != "--socket":
+        return os.fdopen(int(argv[1]), "w", buffering=1), None
+    import socket
+
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(argv[2])
+    return conn.makefile("w", buffering=1), conn.makefile("r")
+
+
 def main(argv: list[str]) -> int:
-    message_fd = int(argv[1])
-    out = os.fdopen(message_fd, "w", buffering=1)
+    out, commands = _connect(argv)
     channel = _Channel(out)
-    threading.Thread(target=channel.read_commands, name="supervisor-commands", daemon=True).start()
+    threading.Thread(
+        target=channel.read_commands, args=(commands,), name="supervisor-commands", daemon=True
+    ).start()
     warm_runner = os.environ.get("TUNEFORGE_TRAINING_RUNNER", DEFAULT_RUNNER)
     _warm_up(warm_runner)
-    channel.send({"type": "ready", "pid": os.getpid()})
+    channel.send({"type": "ready", "pid": os.getpid(), "rank": distributed.rank()})
     command = channel.wait_for_run()
     try:
         from tuneforge.models.spec import JobSpec

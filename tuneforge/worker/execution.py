@@ -44,7 +44,7 @@ from tuneforge.models.spec import JobSpec
 from tuneforge.storage import ObjectStore, open_store
 from tuneforge.storage.base import ObjectNotFound
 from tuneforge.storage.keys import CheckpointKeys, artifact_key, file_key
-from tuneforge.worker import fairshare, incidents, jobstate, oom, resilience
+from tuneforge.worker import fairshare, incidents, jobstate, launcher, oom, resilience
 from tuneforge.worker.dispatch import enqueue_job
 from tuneforge.worker.evaluation import JobEvaluation, describe
 from tuneforge.worker.jobstate import EventRecord, RunPlan, StoredArtifact
@@ -234,6 +234,7 @@ class JobRun:
         self.stored_checkpoint: Path | None = None  # the newest checkpoint of this run in the store
         self.run_paths: dict[str, str | None] = {}
         self.tokcache: StoreCache | None = None
+        self.rank_restarts = 0  # multi-device runs restarted after a lost rank (tuneforge/worker/launcher.py)
         self.metrics = RunMetrics(ctx.sessions, plan)  # Prometheus (tuneforge/worker/observability.py)
 
     # --- the run ------------------------------------------------------------------------------
@@ -266,6 +267,9 @@ class JobRun:
                 self.work.parent.rmdir()  # the job's directory, once no attempt uses it
 
     def _execute(self) -> RunOutcome:
+        needed, here = launcher.job_devices(self.plan.spec), launcher.worker_devices(self.settings)
+        if needed > here:
+            return self._hand_back_for_devices(needed, here)
         try:
             paths = self._download_inputs()
         except SourceGone as gone:
@@ -351,6 +355,9 @@ class JobRun:
     def _ready_training_process(self) -> TrainingProcess | None:
         """The warm training process, or a fresh one if it died while it waited; None when none
         starts (`self.process` then holds the one that failed)."""
+        if launcher.job_devices(self.plan.spec) > 1:  # torchrun and its ranks, started per run
+            self.process = launcher.spawn_for(self.plan.spec, _child_log_path(self.settings))
+            return self.process if self._wait_ranks_ready(self.process) else None
         self.process = _take_training_process(self.settings)
         if self.process.wait_ready(READY_TIMEOUT_S):
             return self.process
@@ -374,6 +381,11 @@ class JobRun:
                     process.popen.wait(timeout=10)
                 if self._stopped_with_the_worker(process, None):
                     return self._hand_back(None)
+                if isinstance(process, launcher.DistributedTrainingProcess) and self.stop_sent != "cancel":
+                    restarted = self._restart_ranks(process)
+                    if restarted is not None:
+                        process = restarted
+                        continue
                 code, text = describe_exit(process.exit_code())
                 return self._fail(code, text, process)
             kind = message.get("type")
@@ -392,6 +404,11 @@ class JobRun:
                     process.popen.wait(timeout=30)
                 if self._stopped_with_the_worker(process, message):
                     return self._hand_back(None)
+                if launcher.lost_peer(process, message) and self.stop_sent != "cancel":
+                    restarted = self._restart_ranks(process, str(message.get("message", ""))[:300])
+                    if restarted is not None:
+                        process = restarted
+                        continue
                 code = message.get("code", "training_error")
                 if code == oom.OUT_OF_MEMORY:
                     if resilience.shutdown_requested_at() is not None:
@@ -497,6 +514,88 @@ class JobRun:
         self.first_metrics, self.stop_sent = None, None
         return self.process
 
+    def _wait_ranks_ready(self, process: TrainingProcess) -> bool:
+        """Every rank's imports done; the lease is renewed meanwhile (several ranks import at once)."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not process.wait_ready(FLUSH_EVERY_S):
+            if not process.alive() or time.monotonic() > deadline:
+                return False
+            self._flush()
+        return True
+
+    def _restart_ranks(self, failed: TrainingProcess, why: str | None = None) -> TrainingProcess | None:
+        """A multi-device run lost a rank (killed, or its host process ended) and torchrun ended
+        the rest: the run starts again on as many devices from its newest stored checkpoint (or
+        where this run started), at most `launcher.RANK_RESTARTS` times. Not a failed attempt."""
+        if self.rank_restarts >= launcher.RANK_RESTARTS:
+            return None
+        self.rank_restarts += 1
+        why = why or describe_exit(failed.exit_code())[1]
+        resume = (
+            self.stored_checkpoint if self.stored_checkpoint and self.stored_checkpoint.is_dir() else None
+        )
+        step = (
+            int(resume.name.rsplit("-", 1)[-1])
+            if resume
+            else (self.plan.resume.step if self.plan.resume else 0)
+        )
+        where = f"from its checkpoint at step {step}" if step else "from the start"
+        self.pending.append(
+            EventRecord(
+                f"A training process of the multi-device run ended ({why}): all ranks stopped; "
+                f"restarting on {launcher.job_devices(self.plan.spec)} devices {where}.",
+                level="warn",
+                data={"code": "rank_lost", "resume_step": step, "restart": self.rank_restarts},
+            )
+        )
+        self._flush()
+        failed.stop(grace=2.0)
+        failed.log_path.unlink(missing_ok=True)
+        self.process = launcher.spawn_for(self.plan.spec, _child_log_path(self.settings))
+        if not self._wait_ranks_ready(self.process):
+            return None
+        self.process.send(
+            {
+                "op": "run",
+                "spec": oom.retry_spec(self.plan.spec, self.memory, self.effective_hp)
+                if self.effective_hp
+                else self.plan.spec,
+                "paths": {
+                    **self.run_paths,
+                    "resume_from": str(resume) if resume else self.run_paths.get("resume_from"),
+                },
+                "models": self.settings.models,
+                "models_dir": str(self.settings.models_dir),
+                "runner": os.environ.get("TUNEFORGE_TRAINING_RUNNER") or None,
+                "options": {"gradient_checkpointing": True} if self.memory.gradient_checkpointing else {},
+            }
+        )
+        self.run_sent_at = time.monotonic()
+        self.first_metrics = None
+        if self.stop_sent == "pause":
+            self.process.send({"op": "stop", "reason": "pause"})
+        return self.process
+
+    def _hand_back_for_devices(self, needed: int, here: int) -> RunOutcome:
+        """A job on more devices than this worker has: back to its queue, not a spent attempt,
+        for a worker that has them (after a pause, so a queue without one does not spin)."""
+        log.warning("job %s needs %d devices; this worker has %d: handing it back", self.job_id, needed, here)
+        text = f"This worker has {here} device(s) and the job asks for {needed}: back in its queue."
+        self._write_held(
+            lambda session: jobstate.finish_run(
+                session,
+                self.job_id,
+                self.ctx.owner,
+                JobStatus.QUEUED,
+                [EventRecord(text, level="warn")],
+                attempt=Job.attempt - 1,
+            ),
+            what="handing the job back",
+        )
+        time.sleep(launcher.HAND_BACK_PAUSE_S)
+        enqueue_job(self.job_id, self.plan.queue)
+        return RunOutcome.HANDED_BACK
+
     # --- messages from the training process ----------------------------------------------------
 
     def _on_start(self, message: dict[str, Any]) -> None:
@@ -524,6 +623,7 @@ class JobRun:
         )
         data = {"hyperparameters": hp, **self.params, "setup_seconds": setup}
         data |= {k: message[k] for k in ("tokenization_cache", "tokenization_cache_entries") if k in message}
+        data |= {k: message[k] for k in launcher.START_FIELDS if k in message}  # multi-device runs
         self.effective_hp = hp
         self.pending.append(EventRecord(text + ".", data=data))
         self._flush()

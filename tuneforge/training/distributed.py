@@ -1,0 +1,152 @@
+"""Multi-device runs: one training process per device under torch.distributed's own launcher
+(`python -m torch.distributed.run`, torchrun), which starts the ranks, gives each its RANK,
+WORLD_SIZE and rendezvous, and ends them all when one fails. The process group is the one
+transformers' Trainer (accelerate) initialises from those variables: gloo on CPU, nccl on CUDA.
+
+Every rank runs the same recipe. Data parallel: DDP (a replica per device) for adapter methods,
+FSDP (FSDP2 `fully_shard`, through accelerate's plugin) for full fine-tuning where accelerate
+offers it (CUDA); on CPU accelerate has no FSDP, so such a run is DDP and says so. The job's
+`batch_size` is the global batch: each rank takes `batch_size / world_size` examples per
+micro-batch, so a run on N devices takes the same optimizer steps as a run on one.
+
+Only rank 0 talks to the worker (start, metrics, checkpoints, the result); the Trainer saves
+checkpoints and outputs from rank 0 (FSDP gathers the shards first). A stop (cancel, pause) is
+asked of rank 0 and agreed by all ranks after each step with one all-reduce, so every rank stops
+after the same step. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneforge.training.interface import RunInfo, RunObserver, StepMetrics, StopReason
+
+if TYPE_CHECKING:
+    from tuneforge.models.spec import JobSpec
+
+STOP_CODES: dict[StopReason | None, int] = {None: 0, "pause": 1, "cancel": 2}
+#: What `configure` decided for this rank's run (the start event reports it).
+_run: dict[str, Any] = {}
+#: Seconds between torchrun's checks of its ranks: a rank that dies ends the others this soon.
+MONITOR_INTERVAL_S = 0.2
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def per_device_batch(batch_size: int) -> int:
+    """Each rank's micro-batch for a global `batch_size` (rounded up when it does not divide)."""
+    return -(-batch_size // world_size())
+
+
+def launch_command(nproc: int, module: str, *args: str) -> list[str]:
+    """torchrun's command line for `nproc` ranks of `python -m module args` on this host. A
+    free port is found by the standalone rendezvous (c10d on localhost); no restarts: the
+    worker decides what a lost rank means for the job."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "--max-restarts=0",
+        f"--monitor-interval={MONITOR_INTERVAL_S}",
+        "-m",
+        module,
+        *args,
+    ]
+
+
+def strategy_for(spec: JobSpec) -> str:
+    """ddp or fsdp as the job asks (auto: fsdp for full fine-tuning)."""
+    if spec.hardware is None:
+        return "ddp"
+    return spec.hardware.resolved_strategy(spec.adapter.type)
+
+
+def configure(spec: JobSpec) -> dict[str, Any]:
+    """Run in each rank before the recipe: for FSDP on CUDA, accelerate's FSDP2 plugin through
+    its environment (TrainingArguments' Accelerator reads it). What the run will be, for the
+    start event: world_size and the strategy actually used."""
+    size = world_size()
+    asked = strategy_for(spec)
+    if size <= 1:
+        return {}
+    used = asked
+    if asked == "fsdp":
+        import torch
+
+        if torch.cuda.is_available():
+            os.environ.update(
+                {
+                    "ACCELERATE_USE_FSDP": "true",
+                    "FSDP_VERSION": "2",
+                    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+                    "FSDP_RESHARD_AFTER_FORWARD": "true",
+                    "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
+                }
+            )
+        else:
+            used = "ddp"  # accelerate 1.x shards only on accelerators; CPU ranks replicate
+    _run.update(world_size=size, strategy=used, strategy_asked=asked)
+    return dict(_run)
+
+
+def summary() -> dict[str, Any]:
+    """For the start event: world_size and strategy of a multi-device run; empty otherwise."""
+    return dict(_run)
+
+
+class RankObserver:
+    """The observer every rank hands the recipe: rank 0 forwards to the worker's observer, the
+    others report nothing; `stop_requested` is agreed by all ranks (called once per step by the
+    Trainer callback on every rank, so the all-reduce lines up)."""
+
+    def __init__(self, inner: RunObserver | None, run: dict[str, Any]) -> None:
+        self.inner = inner if rank() == 0 else None
+        self.run = run
+        self._agreed: StopReason | None = None
+
+    def on_start(self, info: RunInfo) -> None:
+        if self.inner is not None:
+            self.inner.on_start(info)
+
+    def on_metrics(self, metrics: StepMetrics) -> None:
+        if self.inner is not None:
+            self.inner.on_metrics(metrics)
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        if self.inner is not None:
+            self.inner.on_checkpoint(step, path, metrics)
+
+    def on_notice(self, message: str, data: dict[str, Any]) -> None:
+        notice = getattr(self.inner, "on_notice", None)
+        if notice is not None:
+            notice(message, data)
+
+    def stop_requested(self) -> StopReason | None:
+        if self._agreed is not None:
+            return self._agreed
+        local = self.inner.stop_requested() if self.inner is not None else None
+        code = STOP_CODES[local]
+        if world_size() > 1:
+            import torch
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                flag = torch.tensor([code], dtype=torch.int64)
+                if dist.get_backend() == "nccl":
+                    flag = flag.cuda()
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                code = int(flag.item())
+        self._agreed = next((reason for reason, value in STOP_CODES.items() if value == code), None)
+        return self._agreed
