@@ -37,7 +37,7 @@ lint: $(STAMP)-dev
 # two cores. `make test PYTEST_JOBS=` runs it in one process.
 PYTEST_JOBS ?= -n 2 --dist loadfile
 
-test: $(STAMP)-dev
+test: $(STAMP)-dev $(STAMP)-gguf
 	$(MAKE) lint
 	$(BIN)/python -m pytest $(PYTEST_JOBS) $(PYTEST_ARGS)
 
@@ -53,3 +53,17 @@ chromium:
 # its estimate), taken by the browser tests on a real stack.
 screenshots: $(STAMP)-dev chromium
 	UI_SCREENSHOT_DIR=docs $(BIN)/python -m pytest tests/ui/test_dashboard.py -q -p no:cacheprovider
+
+# GGUF export (issue 10). llama-cpp-python ships only an sdist whose install compiles llama.cpp
+# (about 10 CPU-minutes the first time; pip then reuses the wheel it cached), so it is its own
+# extra: `make test` installs it, `make gguf` installs it for `make run`. The flags leave out what
+# we do not use (the multimodal library, tools) and CPU-specific code. The converter is taken out
+# of the same sdist into the virtualenv (tuneforge/training/gguf.py says why).
+.PHONY: gguf
+GGUF_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
+$(STAMP)-gguf: $(STAMP)-base
+	CMAKE_ARGS="$(GGUF_CMAKE_ARGS)" $(BIN)/pip install -q -e '.[gguf]'
+	$(BIN)/python -m tuneforge.training.gguf install-converter
+	touch $@
+
+gguf: $(STAMP)-gguf

@@ -286,7 +286,7 @@ class EvaluationSpec(_Strict):
         return grader
 
 
-ExportKind = Literal["merged"]
+ExportKind = Literal["merged", "gguf", "gguf_q8_0"]
 MAX_INTEGRATIONS = 8
 MAX_INTEGRATION_BYTES = 8 << 10
 
@@ -324,7 +324,11 @@ class JobSpec(_Strict):
     )
     method: Method = Field(default_factory=Method)
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
-    export: list[ExportKind] = Field(default_factory=list, description='["merged"] adds a merged model.')
+    export: list[ExportKind] = Field(
+        default_factory=list,
+        description='["merged"] adds a merged model; "gguf" (f16) or "gguf_q8_0" adds the merged model in '
+        "GGUF (llama.cpp, Ollama) with an Ollama Modelfile.",
+    )
     integrations: list[Integration] | None = Field(
         None,
         max_length=MAX_INTEGRATIONS,

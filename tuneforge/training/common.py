@@ -62,6 +62,10 @@ class RecipeConfig:
     export_merged: bool = field(
         default=False, metadata={"help": "Also save the adapter merged into the base."}
     )
+    export_gguf: str | None = field(
+        default=None,
+        metadata={"help": "Also convert the merged model to GGUF with this outtype (f16, q8_0)."},
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code shipped with the model."}
     )
@@ -340,14 +344,15 @@ def _save_outputs(
         result.model_dir = save_full_model(
             model, run.tokenizer, cfg.out_dir / "model", cfg.model_id, card("model")
         )
+        _save_gguf(cfg, result.model_dir, result)
         return
     result.adapter_dir = save_adapter(
         model, run.tokenizer, cfg.out_dir / "adapter", cfg.model_id, card("adapter")
     )
-    if not cfg.export_merged:
+    if not cfg.export_merged and cfg.export_gguf is None:
         return
     if cfg.adapter.type in MERGEABLE:
-        result.merged_dir = save_merged(
+        merged = save_merged(
             result.adapter_dir,
             cfg.model_dir,
             run.tokenizer,
@@ -355,6 +360,21 @@ def _save_outputs(
             card("merged"),
             run.device,
         )
+        result.merged_dir = merged if cfg.export_merged else None
+        _save_gguf(cfg, merged, result)
     else:
         result.warnings["merge_not_supported_for_adapter"] = 1
+        result.report["warnings"] = result.warnings
+
+
+def _save_gguf(cfg: RecipeConfig, model_dir: Path, result: RunResult) -> None:
+    """The merged (or full) model in GGUF with its Ollama Modelfile, when the job asked."""
+    if cfg.export_gguf is None:
+        return
+    from tuneforge.training.gguf import export_gguf
+
+    exported = export_gguf(model_dir, cfg.out_dir / "gguf", cfg.export_gguf, cfg.model_id)
+    result.gguf_dir = exported.directory
+    if exported.warnings:
+        result.warnings.update(exported.warnings)
         result.report["warnings"] = result.warnings

@@ -78,6 +78,7 @@ class RunResult:
     adapter_dir: Path | None = None  # PEFT layout (None for `full`)
     model_dir: Path | None = None  # full weights (`full` only)
     merged_dir: Path | None = None  # when export includes "merged"
+    gguf_dir: Path | None = None  # model.gguf and its Modelfile, when export includes "gguf*"
     tensorboard_dir: Path | None = None  # event files, with the tensorboard integration
     metrics_csv: Path | None = None
     last_checkpoint: Path | None = None

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneforge.models.spec import JobSpec
 from tuneforge.training import distributed
+from tuneforge.training.gguf import gguf_outtype
 from tuneforge.training.interface import RunObserver, RunPaths, RunResult
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ def recipe_config(spec: JobSpec, paths: RunPaths, *, gradient_checkpointing: boo
         "hyperparameters": spec.hyperparameters,
         "seed": spec.seed,
         "export_merged": "merged" in spec.export,
+        "export_gguf": gguf_outtype(spec.export),
         "trust_remote_code": get_settings().trust_remote_code,
         "evaluation": spec.evaluation,
         "gradient_checkpointing": gradient_checkpointing,

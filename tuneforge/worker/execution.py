@@ -844,6 +844,7 @@ class JobRun:
             ("adapter", "adapter_dir"),
             ("model", "model_dir"),
             ("merged", "merged_dir"),
+            ("gguf", "gguf_dir"),
             ("tensorboard", "tensorboard_dir"),
         ):
             source = message.get(field_name)

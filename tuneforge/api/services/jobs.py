@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from tuneforge.api import quotas
 from tuneforge.api.errors import BadRequest
+from tuneforge.api.services.exports import check_exports
 from tuneforge.api.services.integrations import check_integrations
 from tuneforge.config import Settings
 from tuneforge.db import after_commit, utcnow
@@ -97,6 +98,7 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
             raise BadRequest(exc.message, param=exc.param, code="grader_unavailable") from None
 
     check_integrations(spec, settings)
+    check_exports(spec)
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
     spec = spec.model_copy(update={"seed": seed})
     try:
