@@ -286,6 +286,9 @@ class BaseRunner:
                     batch.append(generation)
                     rows += generation.sequences
             self.pending = waiting
+            # A failed fetch was answered to the requests that waited for it; the next one retries.
+            for name in set(self.failed) - {g.adapter_name for g in waiting}:
+                del self.failed[name]
         admitted = []
         for generation in batch:
             try:
