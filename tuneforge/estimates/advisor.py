@@ -13,6 +13,30 @@ GIB = 2**30
 FEW_EXAMPLES = 1_000
 MANY_EXAMPLES = 100_000
 PREFERENCE_FORMATS = frozenset({"preference_openai", "preference"})  # tuneforge.training.formats.DataFormat
+FEEDBACK_FORMATS = frozenset({"kto", "kto_chat"})  # unpaired feedback lines (label true/false)
+#: The advisor's table for the methods beyond DPO: stages and why (docs/estimates.md, "The advisor").
+METHOD_STAGES: dict[str, tuple[list[MethodType], str]] = {
+    "orpo": (
+        ["orpo"],
+        "orpo: one stage on the pairs; its SFT term on the chosen answers replaces the supervised "
+        "stage, and it needs no reference model (no second copy in memory for full fine-tuning)",
+    ),
+    "simpo": (
+        ["supervised", "simpo"],
+        "simpo: supervised on the preferred answers first, then SimPO on the pairs; no reference model, "
+        "a length-normalised reward with a target margin (gamma)",
+    ),
+    "kto": (
+        ["supervised", "kto"],
+        "unpaired feedback (thumbs up/down): supervised on the desirable answers first, then KTO on "
+        "every line; it needs no pairs, and batch_size >= 2 for its KL term",
+    ),
+    "reward_model": (
+        ["reward_model"],
+        "reward_model: a score head trained on the pairs (Bradley-Terry); the artifact scores answers "
+        "for ranking, filtering or RL, it does not generate",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -114,8 +138,15 @@ def recommend(
 ) -> Recommendation:
     reasons: list[str] = []
     preference = method == "dpo" or (data_format is not None and data_format in PREFERENCE_FORMATS)
-    if preference:
-        stages: list[MethodType] = ["supervised", "dpo"]
+    stages: list[MethodType]
+    if method in METHOD_STAGES:  # the preference and reward methods of issue 9, each its own row
+        stages, reason = METHOD_STAGES[method]
+        reasons.append(reason)
+    elif data_format is not None and data_format in FEEDBACK_FORMATS:
+        stages, reason = METHOD_STAGES["kto"]
+        reasons.append(reason)
+    elif preference:
+        stages = ["supervised", "dpo"]
         reasons.append(
             "preference data: train supervised on the preferred answers first, then DPO on the pairs; "
             "DPO moves a policy that already speaks the format"

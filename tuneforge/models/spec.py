@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 Auto = Literal["auto"]
-MethodType = Literal["supervised", "dpo", "pretraining"]
+MethodType = Literal["supervised", "dpo", "pretraining", "orpo", "simpo", "kto", "reward_model"]
+#: Preference methods beyond DPO (tuneforge.training.preference, tuneforge.training.reward).
+PREFERENCE_METHODS = ("orpo", "simpo", "kto", "reward_model")
 AdapterType = Literal["lora", "qlora", "dora", "prefix_tuning", "prompt_tuning", "ia3", "full"]
 #: Bounds that keep a spec's numbers inside what the trainer and the database hold (int32 steps).
 MAX_STEP_COUNT = 2**31 - 1
@@ -81,12 +83,150 @@ class DpoHyperparameters(Hyperparameters):
     )
 
 
+DpoLossType = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
+
+
+class DpoLossHyperparameters(DpoHyperparameters):
+    """DPO's hyperparameters with TRL's loss variant (`method.dpo.hyperparameters`)."""
+
+    loss_type: DpoLossType = Field(
+        "sigmoid", description="TRL's DPO loss: sigmoid (the paper's), ipo, hinge, robust, apo_zero, ..."
+    )
+
+
+class OrpoHyperparameters(Hyperparameters):
+    beta: Annotated[float, Field(gt=0, le=10)] | Auto = Field(
+        "auto", description="ORPO's lambda: weight of the odds-ratio term beside the SFT loss (auto: 0.1)."
+    )
+
+
+class SimpoHyperparameters(Hyperparameters):
+    beta: Annotated[float, Field(gt=0, le=20)] | Auto = Field(
+        "auto", description="SimPO's reward scale on the length-normalised log-probability (auto: 2.0)."
+    )
+    gamma: Annotated[float, Field(ge=0, le=20)] = Field(
+        0.5, description="SimPO's target reward margin (TRL's simpo_gamma)."
+    )
+    cpo_alpha: Annotated[float, Field(ge=0, le=10)] = Field(
+        0.0, description="Weight of a behaviour-cloning (SFT) term on the chosen answers; 0 is pure SimPO."
+    )
+
+
+class KtoHyperparameters(Hyperparameters):
+    beta: Annotated[float, Field(gt=0, le=2)] | Auto = Field(
+        "auto", description="KTO temperature: how far the policy may move from the reference (auto: 0.1)."
+    )
+    desirable_weight: Annotated[float, Field(gt=0, le=100)] = Field(
+        1.0, description="Weight of the losses of desirable (label true) lines."
+    )
+    undesirable_weight: Annotated[float, Field(gt=0, le=100)] = Field(
+        1.0, description="Weight of the losses of undesirable (label false) lines."
+    )
+
+
+class RewardModelHyperparameters(Hyperparameters):
+    center_rewards_coefficient: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="Pulls the rewards' mean towards zero (TRL's center_rewards_coefficient)."
+    )
+
+
+class ReinforcementHyperparameters(Hyperparameters):
+    """OpenAI's reinforcement hyperparameters, plus Tuneforge's GRPO knobs (TRL's GRPOTrainer).
+    `batch_size` counts prompts per step; each prompt is answered `num_generations` times."""
+
+    compute_multiplier: Annotated[float, Field(gt=0, le=10)] | Auto = Field(
+        "auto", description="Scales the sampling done per prompt (auto: 1.0): num_generations when auto."
+    )
+    eval_interval: Annotated[int, Field(ge=1, le=MAX_STEP_COUNT)] | Auto = Field(
+        "auto", description="Steps between graded evaluations of the validation file (auto: each epoch)."
+    )
+    eval_samples: Annotated[int, Field(ge=1, le=64)] | Auto = Field(
+        "auto", description="Answers sampled per validation prompt at an evaluation (auto: num_generations)."
+    )
+    num_generations: Annotated[int, Field(ge=2, le=64)] | Auto = Field(
+        "auto", description="Answers sampled per prompt, compared with each other (GRPO's group; auto: 4)."
+    )
+    max_new_tokens: Annotated[int, Field(ge=1, le=32768)] = Field(
+        64, description="Most tokens in one sampled answer."
+    )
+    temperature: Annotated[float, Field(gt=0, le=5)] = Field(1.0, description="Sampling temperature.")
+    beta: Annotated[float, Field(ge=0, le=2)] | Auto = Field(
+        "auto",
+        description="Weight of the KL penalty towards the starting model; 0 drops the reference "
+        "model (auto: 0.04).",
+    )
+
+
+class ReinforcementMethod(_Strict):
+    """OpenAI's `method.reinforcement`: the grader that scores sampled answers, and its training knobs."""
+
+    grader: dict[str, Any] = Field(
+        ...,
+        description="An OpenAI grader (string_check, text_similarity, multi, python, score_model) that "
+        "reads {{sample.output_text}} and {{item.<field>}} of the training line.",
+    )
+    hyperparameters: ReinforcementHyperparameters = Field(default_factory=ReinforcementHyperparameters)
+
+    @field_validator("grader")
+    @classmethod
+    def _valid_grader(cls, grader: dict[str, Any]) -> dict[str, Any]:
+        return _checked_grader(grader)
+
+
+def _checked_grader(grader: dict[str, Any]) -> dict[str, Any]:
+    """A bad grader is an error at its own field (`evaluation.grader.operation`)."""
+    from tuneforge.graders.schema import GraderError, parse_grader
+
+    try:
+        parse_grader(grader)
+    except GraderError as exc:
+        where = exc.param.split(".")[1:]
+        message = exc.message.removeprefix(f"Invalid value for '{exc.param}': ").removesuffix(".")
+        detail = PydanticCustomError("invalid_grader", "{message}", {"message": message})
+        raise ValidationError.from_exception_data(
+            "grader", [InitErrorDetails(type=detail, loc=tuple(where), input=grader)]
+        ) from None
+    return grader
+
+
 class SupervisedMethod(_Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
 class DpoMethod(_Strict):
-    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+    hyperparameters: DpoLossHyperparameters = Field(default_factory=DpoLossHyperparameters)
+
+
+class OrpoMethod(_Strict):
+    hyperparameters: OrpoHyperparameters = Field(default_factory=OrpoHyperparameters)
+
+
+class SimpoMethod(_Strict):
+    hyperparameters: SimpoHyperparameters = Field(default_factory=SimpoHyperparameters)
+
+
+class KtoMethod(_Strict):
+    hyperparameters: KtoHyperparameters = Field(default_factory=KtoHyperparameters)
+
+
+class RewardModelMethod(_Strict):
+    hyperparameters: RewardModelHyperparameters = Field(default_factory=RewardModelHyperparameters)
 
 
 class PretrainingMethod(_Strict):
@@ -96,10 +236,16 @@ class PretrainingMethod(_Strict):
 class Method(_Strict):
     """OpenAI's `method` object, plus the `pretraining` type (continued pre-training on raw text)."""
 
-    type: MethodType = Field("supervised", description="supervised, dpo or pretraining.")
+    type: MethodType = Field(
+        "supervised", description="supervised, dpo, pretraining, orpo, simpo, kto or reward_model."
+    )
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
     pretraining: PretrainingMethod | None = None
+    orpo: OrpoMethod | None = None
+    simpo: SimpoMethod | None = None
+    kto: KtoMethod | None = None
+    reward_model: RewardModelMethod | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -118,6 +264,14 @@ class Method(_Strict):
             self.dpo = DpoMethod()
         if self.type == "pretraining" and self.pretraining is None:
             self.pretraining = PretrainingMethod()
+        if self.type == "orpo" and self.orpo is None:
+            self.orpo = OrpoMethod()
+        if self.type == "simpo" and self.simpo is None:
+            self.simpo = SimpoMethod()
+        if self.type == "kto" and self.kto is None:
+            self.kto = KtoMethod()
+        if self.type == "reward_model" and self.reward_model is None:
+            self.reward_model = RewardModelMethod()
         return self
 
     @property

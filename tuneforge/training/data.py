@@ -266,7 +266,8 @@ def read_training_file(
     *,
     split: str = "train",
 ) -> TrainingData:
-    """Reads, converts and measures one file for `method` (supervised, dpo or pretraining), or
+    """Reads, converts and measures one file for `method` (supervised, dpo, pretraining, or one
+    of the preference methods orpo, simpo, kto, reward_model), or
     takes what an earlier read of the same file made from the tokenization cache when one is
     configured (tuneforge/training/tokcache.py)."""
     from tuneforge.training import tokcache
@@ -288,6 +289,12 @@ def _read_training_file(
     *,
     split: str = "train",
 ) -> TrainingData:
+    if method == "kto":  # unpaired feedback lines (issue 9): read by the KTO recipe's reader
+        from tuneforge.training.preference import read_feedback_file
+
+        return read_feedback_file(path, tokenizer, max_seq_length, split=split)
+    if method in ("orpo", "simpo", "reward_model"):  # preference pairs, read as DPO reads them
+        method = "dpo"
     fmt, records = read_records(path, method)
     warnings: Counter[str] = Counter()
     stats = DataStats(format=fmt.value)

@@ -22,6 +22,8 @@ class DataFormat(StrEnum):
     PREFERENCE_OPENAI = "preference_openai"  # {"input": {"messages"}, "preferred_output", ...}
     PREFERENCE = "preference"  # {"prompt", "chosen", "rejected"}
     TEXT = "text"  # {"text"}
+    KTO = "kto"  # {"prompt", "completion", "label": bool} (unpaired feedback)
+    KTO_CHAT = "kto_chat"  # OpenAI {"messages": [...], "label": bool}
 
 
 METHOD_FORMATS: dict[str, frozenset[DataFormat]] = {
@@ -30,7 +32,13 @@ METHOD_FORMATS: dict[str, frozenset[DataFormat]] = {
     ),
     "dpo": frozenset({DataFormat.PREFERENCE_OPENAI, DataFormat.PREFERENCE}),
     "pretraining": frozenset({DataFormat.TEXT}),
+    "orpo": frozenset({DataFormat.PREFERENCE_OPENAI, DataFormat.PREFERENCE}),
+    "simpo": frozenset({DataFormat.PREFERENCE_OPENAI, DataFormat.PREFERENCE}),
+    "reward_model": frozenset({DataFormat.PREFERENCE_OPENAI, DataFormat.PREFERENCE}),
+    "kto": frozenset({DataFormat.KTO, DataFormat.KTO_CHAT}),
 }
+#: Formats of unpaired feedback: a line without `label` among them is named as such.
+KTO_FORMATS = {DataFormat.KTO: DataFormat.PROMPT_COMPLETION, DataFormat.KTO_CHAT: DataFormat.CHAT}
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 SHAREGPT_ROLES = {
@@ -114,7 +122,7 @@ def detect_format(record: Any) -> DataFormat:
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
-        return DataFormat.CHAT
+        return DataFormat.KTO_CHAT if "label" in record else DataFormat.CHAT
     if "preferred_output" in record or "non_preferred_output" in record:
         return DataFormat.PREFERENCE_OPENAI
     if "chosen" in record or "rejected" in record:
@@ -124,7 +132,7 @@ def detect_format(record: Any) -> DataFormat:
     if "instruction" in record and "output" in record:
         return DataFormat.ALPACA
     if "prompt" in record and "completion" in record:
-        return DataFormat.PROMPT_COMPLETION
+        return DataFormat.KTO if "label" in record else DataFormat.PROMPT_COMPLETION
     if "text" in record:
         return DataFormat.TEXT
     keys = ", ".join(sorted(record)) or "none"
@@ -191,7 +199,18 @@ def check_record(record: Any, fmt: DataFormat) -> int:
         return chars + _preference_side(record, "chosen") + _preference_side(record, "rejected")
     if fmt is DataFormat.TEXT:
         return len(_str_field(record, "text", allow_empty=False))
+    if fmt in KTO_FORMATS:
+        if not isinstance(record.get("label"), bool):
+            raise ValueError("label must be true (desirable) or false (undesirable)")
+        return check_record(record, KTO_FORMATS[fmt])
     raise AssertionError(fmt)
+
+
+def mixed_formats(line_format: DataFormat, earlier: DataFormat) -> str:
+    """Why a line of `line_format` cannot follow lines of `earlier`; names a missing KTO label."""
+    if KTO_FORMATS.get(earlier) is line_format:
+        return 'label is missing: every line of unpaired feedback (KTO) needs "label": true or false'
+    return f"is {line_format.value} but earlier lines are {earlier.value}"
 
 
 def parse_line(raw: bytes | str, line: int) -> Any:
@@ -270,7 +289,7 @@ class JsonlInspector:
         try:
             fmt = detect_format(record)
             if self.format is not None and fmt is not self.format:
-                raise ValueError(f"is {fmt.value} but earlier lines are {self.format.value}")
+                raise ValueError(mixed_formats(fmt, self.format))
             self.chars += check_record(record, fmt)
         except ValueError as exc:
             raise FormatError(self._line, str(exc)) from None

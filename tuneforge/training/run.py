@@ -51,11 +51,19 @@ def recipe_config(spec: JobSpec, paths: RunPaths, *, gradient_checkpointing: boo
     if method == "dpo":
         from tuneforge.training.dpo import DpoConfig
 
-        return DpoConfig(**common)
+        return DpoConfig(**common, loss_type=getattr(spec.hyperparameters, "loss_type", "sigmoid"))
     if method == "pretraining":
         from tuneforge.training.pretraining import PretrainingConfig
 
         return PretrainingConfig(**common)
+    if method in ("orpo", "simpo", "kto"):
+        from tuneforge.training.preference import PreferenceConfig
+
+        return PreferenceConfig(**common, method=method)
+    if method == "reward_model":
+        from tuneforge.training.reward import RewardConfig
+
+        return RewardConfig(**common)
     raise ValueError(f"method.type {method!r} is not supported")
 
 
@@ -74,6 +82,13 @@ def run_recipe(
         return supervised.train(cfg, observer)
     if isinstance(cfg, dpo.DpoConfig):
         return dpo.train(cfg, observer)
+    if type(cfg).__name__ in ("PreferenceConfig", "RewardConfig"):  # issue 9's methods
+        from tuneforge.training import preference, reward
+
+        if isinstance(cfg, preference.PreferenceConfig):
+            return preference.train(cfg, observer)
+        assert isinstance(cfg, reward.RewardConfig)
+        return reward.train(cfg, observer)
     assert isinstance(cfg, pretraining.PretrainingConfig)
     return pretraining.train(cfg, observer)
 
