@@ -51,7 +51,9 @@ def create_job(
 ) -> str:
     with training_path.open("rb") as handle:
         uploaded = client.files.create(file=(training_path.name, handle), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(
+    # No automatic retry: creating a job is not idempotent, and on a loaded machine a create that
+    # outlasts the client's timeout would be sent twice (two jobs, the test waiting on one).
+    job = client.with_options(max_retries=0, timeout=600).fine_tuning.jobs.create(
         model="tuneforge/tiny-chat",
         training_file=uploaded.id,
         suffix=suffix,
