@@ -152,3 +152,28 @@ def test_full_with_fsdp_on_two_processes(services: Services, qa_path: Path) -> N
     assert start["world_size"] == 2 and start["strategy_asked"] == "fsdp"
     assert start["strategy"] == "ddp"  # CPU: accelerate shards only on accelerators
     assert _losses(rows)[STEPS] < _losses(rows)[1]
+
+
+def test_estimator_shards_full_fine_tuning_and_replicates_adapters() -> None:
+    """Per-device memory on 2 devices: FSDP holds about half the weights, gradients and optimizer
+    state of one device's full run (plus two gathered layers); DDP holds all of it; each device's
+    activations are for its half of the global batch."""
+    from tests.estimates.test_estimates import QWEN2_SMALL, _request
+    from tuneforge.estimates import estimate
+
+    def memory(adapter: str, **hardware: Any) -> Any:
+        request = _request(
+            QWEN2_SMALL,
+            adapter={"type": adapter},
+            hyperparameters={"batch_size": 8},
+            hardware={"gpu_memory_gb": 80, **hardware},
+        )
+        return estimate(request).memory
+
+    one, fsdp, ddp = memory("full"), memory("full", count=2), memory("full", count=2, strategy="ddp")
+    assert ddp.optimizer == one.optimizer and ddp.gradients == one.gradients  # a whole replica
+    assert fsdp.optimizer == -(-one.optimizer // 2) and fsdp.gradients == -(-one.gradients // 2)
+    assert one.weights / 2 < fsdp.weights < one.weights
+    assert fsdp.activations == ddp.activations < one.activations  # micro-batch 4 of the 8
+    lora_two = memory("lora", count=2)  # auto: ddp for adapters
+    assert lora_two.weights == memory("lora").weights

@@ -196,7 +196,9 @@ def per_device(
         if devices > 1:
             memory.notes.append(f"ddp: a whole replica on each of {devices} devices")
         return memory
-    gathered = 2 * (shape.total_params // max(shape.num_layers, 1)) * DTYPE_BYTES[dtype]
+    embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
+    layer = max(shape.total_params - embeddings, 0) // max(shape.num_layers, 1)
+    gathered = 2 * layer * DTYPE_BYTES[dtype]
     return MemoryBreakdown(
         weights=-(-memory.weights // devices) + gathered,
         gradients=-(-memory.gradients // devices),
@@ -205,6 +207,7 @@ def per_device(
         notes=[
             *memory.notes,
             f"fsdp: weights, gradients and optimizer state sharded over {devices} devices; "
-            f"weights include {gathered:,} bytes for two gathered layers",
+            f"weights include {gathered:,} bytes for two gathered decoder layers (embeddings and "
+            "head counted sharded)",
         ],
     )
