@@ -493,7 +493,10 @@ class JobRun:
         self._flush()
         failed.stop(grace=2.0)
         failed.log_path.unlink(missing_ok=True)
-        self.process = TrainingProcess.spawn(_child_log_path(self.settings))
+        if launcher.job_devices(self.plan.spec) > 1:  # a multi-device run retries on as many
+            self.process = launcher.spawn_for(self.plan.spec, _child_log_path(self.settings))
+        else:
+            self.process = TrainingProcess.spawn(_child_log_path(self.settings))
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not self.process.wait_ready(FLUSH_EVERY_S):  # the lease is renewed while it imports
             if not self.process.alive() or time.monotonic() > deadline:
