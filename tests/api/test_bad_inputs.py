@@ -141,9 +141,9 @@ def test_every_bad_input_is_refused_cleanly(
     assert _error(_job(project, chat_file, metadata=metadata), 400)["param"] == "metadata"
     assert _error(_job(project, chat_file, metadata={"k": "v" * 513}), 400)["param"] == "metadata.k"
 
-    # A reinforcement job: not supported.
+    # A reinforcement job without its grader.
     err = _error(_job(project, chat_file, method={"type": "reinforcement"}), 400)
-    assert err["param"] == "method" and "not supported" in err["message"]
+    assert err["param"] == "method.reinforcement.grader" and "grader" in err["message"]
 
     # A bad adapter, an unknown field, a missing field, malformed JSON.
     err = _error(_job(project, chat_file, adapter={"type": "lora", "r": 0}), 400)

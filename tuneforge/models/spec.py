@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 Auto = Literal["auto"]
-MethodType = Literal["supervised", "dpo", "pretraining", "orpo", "simpo", "kto", "reward_model"]
+MethodType = Literal[
+    "supervised", "dpo", "pretraining", "orpo", "simpo", "kto", "reward_model", "reinforcement"
+]
 #: Preference methods beyond DPO (tuneforge.training.preference, tuneforge.training.reward).
 PREFERENCE_METHODS = ("orpo", "simpo", "kto", "reward_model")
 AdapterType = Literal["lora", "qlora", "dora", "prefix_tuning", "prompt_tuning", "ia3", "full"]
@@ -237,7 +239,8 @@ class Method(_Strict):
     """OpenAI's `method` object, plus the `pretraining` type (continued pre-training on raw text)."""
 
     type: MethodType = Field(
-        "supervised", description="supervised, dpo, pretraining, orpo, simpo, kto or reward_model."
+        "supervised",
+        description="supervised, dpo, pretraining, orpo, simpo, kto, reward_model or reinforcement.",
     )
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
@@ -246,15 +249,7 @@ class Method(_Strict):
     simpo: SimpoMethod | None = None
     kto: KtoMethod | None = None
     reward_model: RewardModelMethod | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_reinforcement(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("type") == "reinforcement":
-            raise ValueError(
-                "reinforcement fine-tuning is not supported by Tuneforge; use supervised, dpo or pretraining"
-            )
-        return data
+    reinforcement: ReinforcementMethod | None = None
 
     @model_validator(mode="after")
     def _fill_own_section(self) -> Method:
@@ -272,6 +267,13 @@ class Method(_Strict):
             self.kto = KtoMethod()
         if self.type == "reward_model" and self.reward_model is None:
             self.reward_model = RewardModelMethod()
+        if self.type == "reinforcement" and self.reinforcement is None:
+            detail = PydanticCustomError(
+                "missing", "reinforcement needs a grader: give method.reinforcement.grader"
+            )
+            raise ValidationError.from_exception_data(
+                "Method", [InitErrorDetails(type=detail, loc=("reinforcement", "grader"), input=None)]
+            )
         return self
 
     @property

@@ -289,6 +289,10 @@ def _read_training_file(
     *,
     split: str = "train",
 ) -> TrainingData:
+    if method == "reinforcement":  # prompts for the grader (tuneforge.training.grpo)
+        from tuneforge.training.grpo import read_prompt_file
+
+        return read_prompt_file(path, tokenizer, max_seq_length, split=split)
     if method == "kto":  # unpaired feedback lines (issue 9): read by the KTO recipe's reader
         from tuneforge.training.preference import read_feedback_file
 

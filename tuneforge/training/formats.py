@@ -24,6 +24,7 @@ class DataFormat(StrEnum):
     TEXT = "text"  # {"text"}
     KTO = "kto"  # {"prompt", "completion", "label": bool} (unpaired feedback)
     KTO_CHAT = "kto_chat"  # OpenAI {"messages": [...], "label": bool}
+    REINFORCEMENT = "reinforcement"  # OpenAI RFT: {"messages": [..., user], <item fields>...}
 
 
 METHOD_FORMATS: dict[str, frozenset[DataFormat]] = {
@@ -36,6 +37,7 @@ METHOD_FORMATS: dict[str, frozenset[DataFormat]] = {
     "simpo": frozenset({DataFormat.PREFERENCE_OPENAI, DataFormat.PREFERENCE}),
     "reward_model": frozenset({DataFormat.PREFERENCE_OPENAI, DataFormat.PREFERENCE}),
     "kto": frozenset({DataFormat.KTO, DataFormat.KTO_CHAT}),
+    "reinforcement": frozenset({DataFormat.REINFORCEMENT}),
 }
 #: Formats of unpaired feedback: a line without `label` among them is named as such.
 KTO_FORMATS = {DataFormat.KTO: DataFormat.PROMPT_COMPLETION, DataFormat.KTO_CHAT: DataFormat.CHAT}
@@ -121,6 +123,8 @@ def detect_format(record: Any) -> DataFormat:
     """The format of one parsed line, by its keys. Raises ValueError naming what is off."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record and "label" not in record and _ends_with_user(record["messages"]):
+        return DataFormat.REINFORCEMENT
     if "messages" in record:
         return DataFormat.KTO_CHAT if "label" in record else DataFormat.CHAT
     if "preferred_output" in record or "non_preferred_output" in record:
@@ -141,6 +145,15 @@ def detect_format(record: Any) -> DataFormat:
         "instruction/output, conversations, input/preferred_output/non_preferred_output, "
         "prompt/chosen/rejected or text"
     )
+
+
+def _ends_with_user(messages: Any) -> bool:
+    """A prompt for reinforcement fine-tuning: chat messages whose last one is the user's and that
+    hold no assistant message (a line with one still trains supervised, as it always did)."""
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return False
+    roles = [m.get("role") for m in messages if isinstance(m, dict)]
+    return messages[-1].get("role") == "user" and "assistant" not in roles
 
 
 def check_record(record: Any, fmt: DataFormat) -> int:
@@ -199,6 +212,8 @@ def check_record(record: Any, fmt: DataFormat) -> int:
         return chars + _preference_side(record, "chosen") + _preference_side(record, "rejected")
     if fmt is DataFormat.TEXT:
         return len(_str_field(record, "text", allow_empty=False))
+    if fmt is DataFormat.REINFORCEMENT:  # every other top-level field is the grader's item
+        return _check_messages(record["messages"], "messages", need_assistant=False)
     if fmt in KTO_FORMATS:
         if not isinstance(record.get("label"), bool):
             raise ValueError("label must be true (desirable) or false (undesirable)")
@@ -208,6 +223,10 @@ def check_record(record: Any, fmt: DataFormat) -> int:
 
 def mixed_formats(line_format: DataFormat, earlier: DataFormat) -> str:
     """Why a line of `line_format` cannot follow lines of `earlier`; names a missing KTO label."""
+    if earlier is DataFormat.REINFORCEMENT and line_format is DataFormat.CHAT:
+        return "the last message is not from the user: every line of reinforcement prompts ends with one"
+    if earlier is DataFormat.CHAT and line_format is DataFormat.REINFORCEMENT:
+        return "has no assistant message to learn from (it is a reinforcement prompt)"
     if KTO_FORMATS.get(earlier) is line_format:
         return 'label is missing: every line of unpaired feedback (KTO) needs "label": true or false'
     return f"is {line_format.value} but earlier lines are {earlier.value}"

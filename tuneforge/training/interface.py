@@ -52,6 +52,13 @@ class StepMetrics:
     tokens_per_second: float | None = None
     train_mean_token_accuracy: float | None = None
     valid_mean_token_accuracy: float | None = None
+    # Reinforcement fine-tuning (tuneforge.training.grpo): the step's sampled answers and their grades.
+    reward: float | None = None  # mean grader reward
+    reward_std: float | None = None
+    kl: float | None = None  # mean KL to the reference model (beta > 0)
+    completion_length: float | None = None  # mean tokens per sampled answer
+    grader_failures: float | None = None  # samples the grader failed on (reward 0)
+    eval_reward: float | None = None  # mean reward on the validation prompts
 
 
 class RunObserver(Protocol):

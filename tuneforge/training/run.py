@@ -64,6 +64,14 @@ def recipe_config(spec: JobSpec, paths: RunPaths, *, gradient_checkpointing: boo
         from tuneforge.training.reward import RewardConfig
 
         return RewardConfig(**common)
+    if method == "reinforcement":
+        from tuneforge.graders.run import GraderRuntime
+        from tuneforge.training.grpo import GrpoConfig
+
+        section = spec.method.reinforcement
+        assert section is not None
+        runtime = GraderRuntime.from_settings(get_settings())
+        return GrpoConfig(**common, grader=section.grader, grader_runtime=runtime)
     raise ValueError(f"method.type {method!r} is not supported")
 
 
@@ -89,6 +97,11 @@ def run_recipe(
             return preference.train(cfg, observer)
         assert isinstance(cfg, reward.RewardConfig)
         return reward.train(cfg, observer)
+    if type(cfg).__name__ == "GrpoConfig":  # reinforcement fine-tuning
+        from tuneforge.training import grpo
+
+        assert isinstance(cfg, grpo.GrpoConfig)
+        return grpo.train(cfg, observer)
     assert isinstance(cfg, pretraining.PretrainingConfig)
     return pretraining.train(cfg, observer)
 
