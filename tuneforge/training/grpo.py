@@ -140,6 +140,20 @@ def _not_a_prompt(record: dict[str, Any], line_format: DataFormat) -> str:
     return "the last message is not from the user: every line of reinforcement prompts ends with one"
 
 
+def check_item_references(path: Path, grader: dict[str, Any]) -> None:
+    """Raises DataError naming the first line whose item lacks a field the grader reads."""
+    references = item_references(grader)
+    if not references:
+        return
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            record = parse_line(raw, number) if raw.strip() else None
+            missing = missing_reference(record, references) if isinstance(record, dict) else None
+            if missing is not None:
+                reason = f"the grader reads {{{{{missing}}}}}, which this line does not have"
+                raise DataError(f"{path.name}: line {number}: {reason}")
+
+
 def read_prompt_file(
     path: Path,
     tokenizer: PreTrainedTokenizerBase,

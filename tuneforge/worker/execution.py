@@ -83,6 +83,11 @@ CHECKPOINT_METRICS = (
     "full_valid_mean_token_accuracy",
     "eval_score",
     "base_eval_score",
+    "reward",  # reinforcement fine-tuning (tuneforge.training.grpo)
+    "reward_std",
+    "kl",
+    "completion_length",
+    "eval_reward",
 )
 
 

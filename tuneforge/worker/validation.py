@@ -110,6 +110,11 @@ def _check_files(
                 max_len,
                 split="train" if param == "training_file" else "validation",
             )
+            rft = spec.method.reinforcement if spec.method.type == "reinforcement" else None
+            if rft is not None:  # every line has the fields the grader reads
+                from tuneforge.training.grpo import check_item_references
+
+                check_item_references(path, rft.grader)
         except DataError as error:
             return f"{file_id} ({filename}): {str(error).split(': ', 1)[-1]}", param, {}
         stats = data.stats

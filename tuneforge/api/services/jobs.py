@@ -59,6 +59,14 @@ def _checked_file(session: Session, project_id: str, file_id: str, param: str, m
             param=param,
             code="invalid_file_purpose",
         )
+    if method == "reinforcement" and row.format == "chat":
+        raise BadRequest(
+            f"{label} file {file_id}: line 1 is not a reinforcement prompt (its last message is not the "
+            "user's, or it holds an assistant answer); reinforcement trains on chat lines of system and "
+            "user messages ending with the user's, whose other fields are the grader's item.",
+            param=param,
+            code="invalid_file_format",
+        )
     accepted = sorted(f.value for f in METHOD_FORMATS[method])
     if row.format not in accepted:
         raise BadRequest(
