@@ -9,6 +9,9 @@
   completions (no activations kept). orpo and simpo need no reference model at all.
 - reward_model: the output is a one-logit score head instead of the vocabulary, so the pairs'
   estimate is an upper bound on the head's share.
+- reinforcement (GRPO, tuneforge.training.grpo): every prompt of a step is answered
+  `num_generations` times (auto: 4) and the answers train in one batch, so activations are those
+  of GENERATIONS sequences per example; the KL term's reference is as for dpo (beta auto is > 0).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from tuneforge.estimates.memory import DTYPE_BYTES, MemoryBreakdown
 from tuneforge.estimates.skeleton import ModelShape
 
 PAIRED = frozenset({"dpo", "orpo", "simpo", "reward_model"})
-WITH_REFERENCE = frozenset({"dpo", "kto"})
+WITH_REFERENCE = frozenset({"dpo", "kto", "reinforcement"})
+#: Answers sampled per prompt by a reinforcement run with num_generations "auto".
+GENERATIONS = 4
 
 
 def for_method(
@@ -29,6 +34,12 @@ def for_method(
     if method in PAIRED:
         activations *= 2
         notes.append(f"{method}: chosen and rejected answers in one forward, activations x2")
+    if method == "reinforcement":
+        activations *= GENERATIONS
+        notes.append(
+            f"reinforcement: {GENERATIONS} sampled answers per prompt train in one batch, activations "
+            f"x{GENERATIONS} (plus their generation's KV cache, freed before the backward pass)"
+        )
     if method in WITH_REFERENCE:
         if adapter_type == "full":
             reference = shape.total_params * DTYPE_BYTES[dtype]
