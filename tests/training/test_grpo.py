@@ -126,3 +126,26 @@ def test_the_estimate_counts_the_sampled_answers() -> None:
     assert lora.activations == 50 * GENERATIONS and lora.weights == 100
     full = for_method(supervised, shape, method="reinforcement", adapter_type="full", dtype="fp32")
     assert full.weights == 100 + 25 * 4  # the frozen KL reference
+
+
+def test_rft_continues_from_a_fine_tuned_adapter(tiny_chat_path: Path, tmp_path: Path) -> None:
+    """An ft: model's adapter (RunPaths.source_adapter, as the worker passes it) trains on, against
+    a frozen copy of itself as the KL reference."""
+    from tuneforge.training.interface import RunPaths
+    from tuneforge.training.run import run_recipe
+
+    train_file = write_jsonl(tmp_path / "rft.jsonl", _rft_lines())
+    spec = _spec("dora", max_steps=2, save_every_steps=2)
+    first = train(spec, tiny_chat_path, train_file, tmp_path / "first").result
+    assert first.adapter_dir is not None
+    observer = RecordingObserver()
+    paths = RunPaths(
+        model_dir=tiny_chat_path,
+        train_file=train_file,
+        out_dir=tmp_path / "second",
+        model_id="tuneforge/tiny-chat",
+        source_adapter=first.adapter_dir,
+    )
+    second = run_recipe(spec, paths, observer).result
+    assert second.adapter_dir is not None and second.final_step == 2
+    assert all(m.kl is not None for m in observer.metrics if m.reward is not None)
