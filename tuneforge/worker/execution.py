@@ -362,16 +362,16 @@ class JobRun:
         starts (`self.process` then holds the one that failed)."""
         if launcher.job_devices(self.plan.spec) > 1:  # torchrun and its ranks, started per run
             self.process = launcher.spawn_for(self.plan.spec, _child_log_path(self.settings))
-            return self.process if self._wait_ranks_ready(self.process) else None
+            return self.process if self._wait_ready_renewing(self.process) else None
         self.process = _take_training_process(self.settings)
-        if self.process.wait_ready(READY_TIMEOUT_S):
+        if self._wait_ready_renewing(self.process):
             return self.process
         # A spare that died while it waited (killed, or the code changed under it) must not
         # cost the job: start a fresh one once before giving up.
         log.warning("job %s: the waiting training process is gone; starting a fresh one", self.job_id)
         self.process.stop(grace=1.0)
         self.process = TrainingProcess.spawn(_child_log_path(self.settings))
-        return self.process if self.process.wait_ready(READY_TIMEOUT_S) else None
+        return self.process if self._wait_ready_renewing(self.process) else None
 
     def _supervise(self, process: TrainingProcess) -> RunOutcome:
         next_flush = time.monotonic() + FLUSH_EVERY_S
@@ -522,8 +522,10 @@ class JobRun:
         self.first_metrics, self.stop_sent = None, None
         return self.process
 
-    def _wait_ranks_ready(self, process: TrainingProcess) -> bool:
-        """Every rank's imports done; the lease is renewed meanwhile (several ranks import at once)."""
+    def _wait_ready_renewing(self, process: TrainingProcess) -> bool:
+        """The training process (every rank of it) ready, renewing the lease meanwhile: a spare
+        still warming up on a loaded machine, or several ranks importing at once, can take longer
+        than a lease."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not process.wait_ready(FLUSH_EVERY_S):
             if not process.alive() or time.monotonic() > deadline:
@@ -560,7 +562,7 @@ class JobRun:
         failed.stop(grace=2.0)
         failed.log_path.unlink(missing_ok=True)
         self.process = launcher.spawn_for(self.plan.spec, _child_log_path(self.settings))
-        if not self._wait_ranks_ready(self.process):
+        if not self._wait_ready_renewing(self.process):
             return None
         self.process.send(
             {
