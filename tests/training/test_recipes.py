@@ -166,3 +166,38 @@ def test_pretraining_trains_packed(adapter_type: str, tiny_chat_path: Path, tmp_
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+@pytest.mark.slow
+def test_pretraining_continues_from_a_source_adapter(tiny_chat_path: Path, tmp_path: Path) -> None:
+    """A pretraining job from an `ft:` model trains its parent's adapter, not a fresh one: its first
+    loss starts where the parent's training left off."""
+    from tuneforge.training.interface import RunPaths
+    from tuneforge.training.run import run_recipe
+
+    def spec(steps: int) -> Any:
+        return make_spec(
+            "pretraining",
+            adapter={"type": "lora"},
+            max_steps=steps,
+            batch_size=2,
+            max_seq_length=64,
+            learning_rate=3e-3,
+            lr_scheduler_type="constant",
+        )
+
+    parent = train(spec(8), tiny_chat_path, DATA / "corpus.jsonl", tmp_path / "parent").result
+    parent_losses = train_losses(parent.metrics_csv)  # type: ignore[arg-type]
+    paths = RunPaths(
+        model_dir=tiny_chat_path,
+        train_file=DATA / "corpus.jsonl",
+        out_dir=tmp_path / "child",
+        model_id="tuneforge/tiny-chat",
+        source_adapter=parent.adapter_dir,
+    )
+    child = run_recipe(spec(1), paths).result
+    child_first = train_losses(child.metrics_csv)[0]  # type: ignore[arg-type]
+    assert child_first < parent_losses[0] - 0.5 * (parent_losses[0] - min(parent_losses)), (
+        parent_losses,
+        child_first,
+    )

@@ -19,7 +19,14 @@ from tuneforge.training.common import (
 from tuneforge.training.data import read_training_file
 from tuneforge.training.hyperparams import resolve, trainer_arguments
 from tuneforge.training.interface import RunObserver
-from tuneforge.training.loading import choose_packing, detect_device, load_model, load_tokenizer, peft_config
+from tuneforge.training.loading import (
+    choose_packing,
+    detect_device,
+    load_model,
+    load_tokenizer,
+    take_over_optimizer_state,
+    trainable_model,
+)
 
 
 @dataclass
@@ -46,6 +53,7 @@ def train(cfg: PretrainingConfig, observer: RunObserver | None = None) -> Finish
     )
     device = detect_device()
     model = load_model(cfg.model_dir, device, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
+    model, new_adapter = trainable_model(model, cfg.adapter, cfg.source_adapter)  # a continued job's
 
     # Set up: the number of packed rows decides the steps, so "auto" sees texts, not rows.
     hp = resolve(
@@ -71,8 +79,9 @@ def train(cfg: PretrainingConfig, observer: RunObserver | None = None) -> Finish
         train_data=train_data,
         valid_data=valid_data,
         processing_class=tokenizer,
-        peft_config=peft_config(cfg.adapter, model),
+        peft_config=new_adapter,
     )
+    take_over_optimizer_state(trainer, cfg.source_state, resuming=cfg.resume_from is not None)
     keep_adapter_in_float32_on_cpu(trainer, device)
 
     # Train, save
