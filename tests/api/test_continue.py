@@ -83,6 +83,9 @@ def test_continue_records_lineage_and_bad_sources_are_400(
     assert _refused(project, child["id"], training_file)["param"] == "model"
     assert _refused(project, name, training_file, adapter={"type": "ia3"})["param"] == "adapter.type"
     assert _refused(project, name, training_file, adapter={"type": "full"})["param"] == "adapter.type"
+    # A reward model's adapter has a classification head: no job continues into or from one.
+    reward = _refused(project, name, training_file, method={"type": "reward_model"})
+    assert reward["param"] == "model" and "reward_model" in reward["message"]
     continued = {"continue": {"optimizer_state": True}}
     assert _refused(project, "tuneforge/tiny-chat", training_file, **continued)["param"] == "continue"
     assert _refused(project, name, training_file, **continued)["param"] == "continue.optimizer_state"

@@ -190,6 +190,14 @@ def _continued_spec(
     if source is None:
         raise _unknown_source(spec.model)
     parent = JobSpec.model_validate(source.job.spec)
+    if "reward_model" in (spec.method.type, parent.method.type):
+        # A reward model's adapter carries a classification head, not a language-model one.
+        raise BadRequest(
+            f"Model '{spec.model}' cannot be continued with method {spec.method.type}: a reward_model "
+            "job starts from a base model, and a reward model is continued by no method.",
+            param="model",
+            code="invalid_model",
+        )
     adapter = spec.adapter if "adapter" in spec.model_fields_set else parent.adapter
     if parent.adapter.type != "full":
         if adapter.type != parent.adapter.type:
