@@ -75,16 +75,18 @@ except Exception as exc:
     isolation.append(f"namespaces incomplete ({exc})")
 memory = limits["memory_bytes"]
 cpu = limits["cpu_seconds"]
-for which, value in (
-    (resource.RLIMIT_AS, memory),
-    (resource.RLIMIT_CPU, cpu),
-    (resource.RLIMIT_FSIZE, 0),
-    (resource.RLIMIT_NPROC, 0),
-    (resource.RLIMIT_NOFILE, 32),
-    (resource.RLIMIT_CORE, 0),
+# CPU: SIGXCPU at the soft limit (reported as the time limit), SIGKILL a second later at the hard
+# one; with both equal the kernel sends SIGKILL alone, which reads as an unexplained kill.
+for which, value, hard in (
+    (resource.RLIMIT_AS, memory, memory),
+    (resource.RLIMIT_CPU, cpu, cpu + 1),
+    (resource.RLIMIT_FSIZE, 0, 0),
+    (resource.RLIMIT_NPROC, 0, 0),
+    (resource.RLIMIT_NOFILE, 32, 32),
+    (resource.RLIMIT_CORE, 0, 0),
 ):
     try:
-        resource.setrlimit(which, (value, value))
+        resource.setrlimit(which, (value, hard))
     except (ValueError, OSError):
         isolation.append(f"limit {which} not set")
 BLOCKED = ("socket.", "subprocess.", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.system",
