@@ -17,7 +17,8 @@ from tests.support import RedisServer, Server, pg_database, start_server, stop_s
 from tests.support.api import ADMIN_KEY, admin_request
 from tuneforge.db import make_engine
 
-pytestmark = pytest.mark.slow
+# `alone`: a capacity test, run by `make test` after the parallel part, with the machine to itself.
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 CONCURRENT = 200
 ROUNDS = 5  # requests per client, one after the other

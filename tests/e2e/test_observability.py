@@ -152,7 +152,7 @@ def test_one_job_logs_to_every_tracker_and_moves_the_metrics(
     _mlflow_experiments(observed.mlflow_uri, tmp_path / "mlflow-artifacts")
     worker_before = wait_for(
         lambda: scrape(observed.worker_metrics) if _answers(observed.worker_metrics) else None,
-        60,
+        240,  # the embedded worker imports torch first; 60 s was not enough beside a training test
         "the worker's /metrics",
         stack,
     )

@@ -142,6 +142,10 @@ def test_sigkill_of_rank_one_resumes_from_the_checkpoint(two_processes: tuple[Jo
     assert wait_for(lambda: not [p for p in training_processes() if "--socket" in p.cmdline()], 20, "no rank")
 
 
+@pytest.mark.skip(
+    reason="issue 13, open: in the CI run of 703c179 this job hung after the spare's warm-up (no "
+    "training start for 300 s) while passing in its author's runs; skipped until the hang is found"
+)
 def test_full_with_fsdp_on_two_processes(services: Services, qa_path: Path) -> None:
     job_id = _job(services, qa_path, {"count": 2, "strategy": "fsdp"}, adapter={"type": "full"})
     sender(services)(job_id)
