@@ -16,7 +16,7 @@ import logging
 import re
 import unicodedata
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -283,6 +283,36 @@ async def receive_upload(request: Request, store: ObjectStore, settings: Setting
             del _RUNNING[project_id]
 
 
+def body_reader(
+    request: Request, *, max_body: int, idle_seconds: float, param: str, too_large: str
+) -> Callable[[], Coroutine[Any, Any, bytes | None]]:
+    """The request body's next non-empty chunk on each call (None at its end): a body past
+    `max_body` bytes is a 413 (`too_large`), no data for `idle_seconds` a 408, a client that hangs
+    up a 400, each naming `param`."""
+    body: AsyncIterator[bytes] = request.stream()
+    received = 0
+
+    async def next_body_chunk() -> bytes | None:
+        nonlocal received
+        try:
+            with anyio.fail_after(idle_seconds):
+                async for chunk in body:
+                    if chunk:
+                        received += len(chunk)
+                        if received > max_body:
+                            raise PayloadTooLarge(too_large, param=param)
+                        return chunk
+        except ClientDisconnect:
+            raise BadRequest("The client closed the connection during the upload.", param=param) from None
+        except TimeoutError:
+            raise UploadTimeout(
+                f"The upload sent no data for {idle_seconds:g} seconds.", param=param
+            ) from None
+        return None
+
+    return next_body_chunk
+
+
 async def _receive(request: Request, store: ObjectStore, settings: Settings) -> Upload:
     max_bytes = settings.max_upload_bytes
     max_body = max_bytes + MULTIPART_OVERHEAD
@@ -294,26 +324,13 @@ async def _receive(request: Request, store: ObjectStore, settings: Settings) -> 
             f"The upload ({declared} bytes) is larger than the limit of {max_bytes} bytes.", param="file"
         )
 
-    body: AsyncIterator[bytes] = request.stream()
-    received = 0
-
-    async def next_body_chunk() -> bytes | None:
-        nonlocal received
-        try:
-            with anyio.fail_after(idle):
-                async for chunk in body:
-                    if chunk:
-                        received += len(chunk)
-                        if received > max_body:
-                            raise PayloadTooLarge(
-                                f"The upload is larger than the limit of {max_bytes} bytes.", param="file"
-                            )
-                        return chunk
-        except ClientDisconnect:
-            raise BadRequest("The client closed the connection during the upload.", param="file") from None
-        except TimeoutError:
-            raise UploadTimeout(f"The upload sent no data for {idle:g} seconds.", param="file") from None
-        return None
+    next_body_chunk = body_reader(
+        request,
+        max_body=max_body,
+        idle_seconds=idle,
+        param="file",
+        too_large=f"The upload is larger than the limit of {max_bytes} bytes.",
+    )
 
     def next_chunk() -> bytes | None:
         return anyio.from_thread.run(next_body_chunk)

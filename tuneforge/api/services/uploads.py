@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -27,7 +27,7 @@ import anyio.to_thread
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy.orm import Session
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from tuneforge.api import quotas
 from tuneforge.api.errors import BadRequest, NotFound, PayloadTooLarge
@@ -35,7 +35,7 @@ from tuneforge.api.services.files import (
     MULTIPART_OVERHEAD,
     UPLOAD_THREADS,
     TooManyUploads,
-    UploadTimeout,
+    body_reader,
     clean_filename,
 )
 from tuneforge.config import Settings
@@ -221,27 +221,13 @@ async def _receive_part(
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
         raise PayloadTooLarge(f"A part may hold at most {MAX_PART_BYTES} bytes.", param="data")
-    idle = settings.upload_idle_timeout_seconds
-    body: AsyncIterator[bytes] = request.stream()
-    received = 0
-
-    async def next_body_chunk() -> bytes | None:
-        nonlocal received
-        try:
-            with anyio.fail_after(idle):
-                async for chunk in body:
-                    if chunk:
-                        received += len(chunk)
-                        if received > max_body:
-                            raise PayloadTooLarge(
-                                f"A part may hold at most {MAX_PART_BYTES} bytes.", param="data"
-                            )
-                        return chunk
-        except ClientDisconnect:
-            raise BadRequest("The client closed the connection during the upload.", param="data") from None
-        except TimeoutError:
-            raise UploadTimeout(f"The upload sent no data for {idle:g} seconds.", param="data") from None
-        return None
+    next_body_chunk = body_reader(
+        request,
+        max_body=max_body,
+        idle_seconds=settings.upload_idle_timeout_seconds,
+        param="data",
+        too_large=f"A part may hold at most {MAX_PART_BYTES} bytes.",
+    )
 
     reader = _PartReader(boundary, lambda: anyio.from_thread.run(next_body_chunk))
     part_id = uploads.new_part_id()
