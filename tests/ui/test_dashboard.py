@@ -199,7 +199,11 @@ def test_download_the_adapter(page: Any, dashboard: Dashboard, tmp_path: Path) -
     row = page.locator("#artifacts-table tr[data-artifact='adapter']")
     row.wait_for()
     page.locator("#checkpoints-table tbody tr").first.wait_for()
-    assert int(page.locator("#loss-chart").get_attribute("data-points")) == TRAIN_STEPS
+    # The status comes from the job's own poll, the points from the event stream: the last point
+    # may land a moment after the status reads succeeded.
+    page.wait_for_function(
+        f"() => Number(document.querySelector('#loss-chart').dataset.points) === {TRAIN_STEPS}"
+    )
     shoot(page, "ui-job.png")
 
     with page.expect_download() as waiting:
