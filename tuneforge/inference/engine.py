@@ -104,6 +104,9 @@ class Generation:
     prompt_ids: list[list[int]] = field(default_factory=list)
     completion_tokens: int = 0
     open_rows: int = 0
+    release: Callable[[Generation], None] | None = None
+    """Gives the request's queue slot back (the engine's; idempotent)."""
+    holds_slot: bool = False
 
     @property
     def sequences(self) -> int:
@@ -119,6 +122,13 @@ class Generation:
 
     def fail(self, error: EngineError) -> None:
         self.emit(Event("error", error=error))
+
+    def cancel(self) -> None:
+        """Stops the request (a no-op once it has ended). Its queue slot is free when this returns;
+        its rows leave the batch at the decoding loop's next step."""
+        self.cancelled.set()
+        if self.release is not None:
+            self.release(self)
 
 
 @dataclass
@@ -181,7 +191,7 @@ class BaseRunner:
         *,
         adapters_per_base: int,
         max_batch: int,
-        released: Callable[[int], None],
+        released: Callable[[Generation], None],
     ) -> None:
         self.key = key
         self.locate = locate
@@ -230,10 +240,10 @@ class BaseRunner:
                 except Exception as exc:  # a bug must not kill the loop: fail the batch, go on
                     log.exception("decoding failed on %s", self.key)
                     for generation in batch:
+                        self.released(generation)
                         generation.fail(
                             EngineError(500, f"Generation failed: {type(exc).__name__}", code="server_error")
                         )
-                        self.released(generation.sequences)
             elif not ready:
                 with self.cond:  # only waiting for loads: sleep until one finishes or a request comes
                     if not self.ready:
@@ -270,10 +280,10 @@ class BaseRunner:
                 name = generation.adapter_name
                 error = self.load_error or (self.failed.get(name) if name else None)
                 if generation.cancelled.is_set():
-                    self.released(generation.sequences)
+                    self.released(generation)
                 elif error is not None or now > generation.deadline:
+                    self.released(generation)
                     generation.fail(error or _timeout())
-                    self.released(generation.sequences)
                 elif name is not None and name not in self.loaded:
                     if name not in self.loading:
                         self._start_fetch(generation)
@@ -294,8 +304,8 @@ class BaseRunner:
             try:
                 self._tokenize(generation)
             except EngineError as exc:
+                self.released(generation)
                 generation.fail(exc)
-                self.released(generation.sequences)
             else:
                 admitted.append(generation)
         return admitted
@@ -567,9 +577,12 @@ class BaseRunner:
         return self._close(row, row.finish_reason)
 
     def _close(self, row: _Row, reason: str | None) -> bool:
+        """Ends a row; the last of a request frees its queue slot before its final event, so that a
+        client that has read the answer finds the slot free."""
         generation = row.generation
         generation.open_rows -= 1
         if generation.open_rows == 0:
+            self.released(generation)
             if reason is None and not generation.cancelled.is_set():
                 generation.fail(_timeout())
             elif reason is not None:
@@ -580,7 +593,6 @@ class BaseRunner:
                     "total_tokens": prompt + generation.completion_tokens,
                 }
                 generation.emit(Event("done", usage=usage))
-            self.released(generation.sequences)
         return False
 
 
@@ -611,9 +623,12 @@ class Engine:
         self.in_flight = 0
         self.lock = threading.Lock()
 
-    def _release(self, sequences: int) -> None:
+    def _release(self, generation: Generation) -> None:
+        """Frees a request's queue slot, once: when it ends, fails or is cancelled, whichever comes first."""
         with self.lock:
-            self.in_flight -= sequences
+            if generation.holds_slot:
+                generation.holds_slot = False
+                self.in_flight -= generation.sequences
 
     def _runner(self, route: Route) -> BaseRunner:
         adapter = route.adapter
@@ -670,5 +685,7 @@ class Engine:
                     type="requests",
                 )
             self.in_flight += generation.sequences
+            generation.holds_slot = True
+        generation.release = self._release
         self._runner(route).submit(generation)
         return generation

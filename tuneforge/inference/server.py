@@ -2,7 +2,8 @@
 the API (which adds the routing field `tuneforge`), answering whole objects or SSE chunks.
 
 A client that goes away cancels its sequences: the stream's generator is closed (streaming) or the
-handler sees the disconnect (whole answers), and the decoding loop drops the rows at its next step.
+handler sees the disconnect (whole answers); its queue slot is free at once, and the decoding loop
+drops its rows at its next step.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ async def _stream(generation: Generation, shape: _Shape, first: Event) -> AsyncI
             event = await _next(generation)
         yield DONE
     finally:
-        generation.cancelled.set()  # a no-op once finished; stops the rows of a client that left
+        generation.cancel()  # a no-op once finished; stops the rows of a client that left
 
 
 async def _whole(generation: Generation, shape: _Shape, request: Request) -> Response:
@@ -182,7 +183,7 @@ async def _whole(generation: Generation, shape: _Shape, request: Request) -> Res
                 done, _ = await asyncio.wait({get}, timeout=1.0)
                 if not done and await request.is_disconnected():
                     get.cancel()
-                    generation.cancelled.set()
+                    generation.cancel()
                     return Response(status_code=499)
             event = get.result()
             if event.kind == "error":
@@ -196,7 +197,7 @@ async def _whole(generation: Generation, shape: _Shape, request: Request) -> Res
             if event.finish_reason:
                 reasons[event.index] = event.finish_reason
     finally:
-        generation.cancelled.set()
+        generation.cancel()
 
 
 def create_engine_app(settings: Settings) -> FastAPI:
