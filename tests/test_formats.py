@@ -5,7 +5,14 @@ from typing import Any
 
 import pytest
 
-from tuneforge.training.formats import DataFormat, FormatError, JsonlInspector, inspect_lines
+from tuneforge.training.formats import (
+    DataFormat,
+    FieldStats,
+    FormatError,
+    JsonlInspector,
+    detect_format,
+    inspect_lines,
+)
 
 
 @pytest.mark.parametrize(
@@ -92,3 +99,40 @@ def test_a_nul_quoted_from_the_file_is_escaped_in_the_message() -> None:
     with pytest.raises(FormatError) as refused:
         inspect_lines(['{"a\\u0000b": 1}'])
     assert "\x00" not in str(refused.value) and "a\\u0000b" in refused.value.reason
+
+
+CHAT = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yo."}]}
+PROMPT = {"messages": [{"role": "user", "content": "Hi?"}]}
+
+
+def test_label_is_read_by_kto_alone() -> None:
+    """A chat or prompt/completion line's `label` makes unpaired feedback only for kto: a file
+    whose lines all carry a boolean one is recorded as kto/kto_chat, one whose lines mix it is a
+    chat file all the same (the field statistics name the first line without it)."""
+    labelled = {**CHAT, "label": True}
+    assert inspect_lines([json.dumps(labelled)] * 2).format is DataFormat.KTO_CHAT
+    mixed = inspect_lines([json.dumps(labelled), "", json.dumps(CHAT)])
+    assert mixed.format is DataFormat.CHAT
+    assert (
+        mixed.fields.first_line_lacking("label") == 3 and mixed.fields.first_line_lacking("messages") is None
+    )
+    odd = inspect_lines([json.dumps({"prompt": "a", "completion": "b", "label": "yes"})])
+    assert odd.format is DataFormat.PROMPT_COMPLETION and odd.fields.label_not_boolean == 1
+    assert detect_format(labelled) is DataFormat.KTO_CHAT
+    assert detect_format(labelled, "kto") is DataFormat.KTO_CHAT
+    assert detect_format(labelled, "supervised") is DataFormat.CHAT
+    # A reinforcement prompt's label is one of the grader's item fields.
+    rft = inspect_lines([json.dumps({**PROMPT, "label": "positive"})] * 2)
+    assert rft.format is DataFormat.REINFORCEMENT and rft.fields.first_line_lacking("label") is None
+
+
+def test_field_statistics_name_the_first_line_lacking_a_key() -> None:
+    lines = [{**PROMPT, "a": 1}, {**PROMPT, "a": 1, "b": 2}, {**PROMPT, "b": 2}]
+    fields = inspect_lines([json.dumps(line) for line in lines]).fields
+    assert fields.first_line_lacking("a") == 3 and fields.first_line_lacking("b") == 1
+    assert fields.first_line_lacking("nowhere") == 1  # complete: no line has it
+    many = {**PROMPT, **{f"k{i}": i for i in range(FieldStats.MAX_KEYS + 5)}}
+    capped = inspect_lines([json.dumps(many)]).fields
+    assert not capped.complete and len(capped.keys) == FieldStats.MAX_KEYS
+    assert capped.first_line_lacking("k68") == 0  # not followed: the worker's read decides
+    assert FieldStats.from_dict(json.loads(json.dumps(fields.as_dict()))) == fields

@@ -22,7 +22,8 @@ FEEDBACK = {"prompt": "Hi?", "completion": "Hello.", "label": True}
 
 
 def _upload(project: ProjectCtx, lines: list[Any]) -> str:
-    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    """A JSONL file of `lines` (None: a blank line)."""
+    data = "".join((json.dumps(line) if line is not None else "") + "\n" for line in lines).encode()
     return project.openai.files.create(file=("data.jsonl", data), purpose="fine-tune").id
 
 
@@ -32,15 +33,26 @@ def _create(project: ProjectCtx, file_id: str, method: Any) -> Any:
 
 
 def test_kto_line_without_label_is_a_400_naming_it(project: ProjectCtx) -> None:
+    """`label` is read by kto jobs alone: a file whose lines mix it uploads as chat or
+    prompt/completion data, trains supervised, and a kto job on it is a 400 naming the first line
+    without a boolean label."""
     unlabeled = {"prompt": "Hi?", "completion": "Go."}
-    with pytest.raises(openai.BadRequestError) as refused:
-        _upload(project, [FEEDBACK, unlabeled])
-    assert refused.value.param == "file"
-    assert "line 2" in refused.value.message and "label is missing" in refused.value.message
     chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yo."}]}
-    with pytest.raises(openai.BadRequestError) as refused:
-        _upload(project, [{**chat, "label": False}, chat])
-    assert "line 2" in refused.value.message and "label is missing" in refused.value.message
+    for lines, line, reason in (
+        ([FEEDBACK, unlabeled], 2, "label is missing"),
+        ([{**chat, "label": False}, None, chat], 3, "label is missing"),
+        ([unlabeled, FEEDBACK], 1, "label is missing"),
+        ([FEEDBACK, {**FEEDBACK, "label": "yes"}], 2, "label must be true"),
+    ):
+        file_id = _upload(project, lines)
+        with pytest.raises(openai.BadRequestError) as refused:
+            _create(project, file_id, {"type": "kto"})
+        assert refused.value.param == "training_file", lines
+        assert f"line {line}: {reason}" in refused.value.message, refused.value.message
+        assert _create(project, file_id, {"type": "supervised"}).status == "validating_files"
+    labelled = _upload(project, [{**chat, "label": True}, {**chat, "label": False}])
+    for method in ("supervised", "kto"):
+        assert _create(project, labelled, {"type": method}).status == "validating_files"
 
 
 def test_preference_method_jobs_are_accepted_on_their_formats(project: ProjectCtx) -> None:

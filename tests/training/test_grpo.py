@@ -13,9 +13,10 @@ import pytest
 
 from tests.training.conftest import RecordingObserver, read_metrics, train, write_jsonl
 from tuneforge.graders import GraderRuntime
+from tuneforge.graders.references import item_references
 from tuneforge.models.spec import JobSpec
 from tuneforge.training.data import DataError
-from tuneforge.training.grpo import GraderFailed, GraderReward, item_references, read_prompt_file
+from tuneforge.training.grpo import GraderFailed, GraderReward, read_prompt_file
 
 GRADER = {
     "type": "string_check",
@@ -81,7 +82,7 @@ def test_data_checks_name_the_line(tiny_chat_path: Path, tmp_path: Path) -> None
     lines = _rft_lines()
     lines[2] = {"messages": lines[2]["messages"], "other": 1}
     path = write_jsonl(tmp_path / "missing.jsonl", lines)
-    with pytest.raises(DataError, match=r"line 3: the grader reads \{\{item.letter\}\}"):
+    with pytest.raises(DataError, match=r"line 3: the grader reads \{\{item.letter\}\} \(reference\)"):
         read_prompt_file(path, tokenizer, 64, grader=GRADER)
     answered = [
         {"messages": [*line["messages"], {"role": "assistant", "content": "e"}]} for line in _rft_lines()
@@ -89,7 +90,8 @@ def test_data_checks_name_the_line(tiny_chat_path: Path, tmp_path: Path) -> None
     path = write_jsonl(tmp_path / "answered.jsonl", answered)
     with pytest.raises(DataError, match=r"line 1: .*not from the user"):
         read_prompt_file(path, tokenizer, 64, grader=GRADER)
-    assert item_references({"type": "multi", "graders": {"a": GRADER}}) == ["item.letter"]
+    multi = item_references({"type": "multi", "graders": {"a": GRADER}})
+    assert [(r.segments, r.param) for r in multi] == [(("letter",), "graders.a.reference")]
 
 
 def test_grader_failures_count_and_a_step_of_failures_fails() -> None:

@@ -4,6 +4,7 @@ model ranks the held-out chosen answer above the rejected one on most pairs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from tests.training.conftest import make_spec, train, write_jsonl
 from tests.training.test_learning import _mean_margin
 from tuneforge.training.data import read_training_file
-from tuneforge.training.formats import FormatError, inspect_lines
+from tuneforge.training.formats import inspect_lines
 
 THINGS = [
     "apples", "rivers", "stars", "clocks", "horses", "bridges", "candles", "forests",
@@ -119,14 +120,27 @@ def test_reward_model_ranks_held_out_pairs(
     assert right >= 7, f"{right} of {len(pairs)} held-out pairs ranked chosen above rejected"
 
 
-def test_kto_line_without_label_is_named() -> None:
-    good = '{"prompt": "Hi", "completion": "Hello.", "label": true}'
-    with pytest.raises(FormatError) as caught:
-        inspect_lines([good, '{"prompt": "Hi", "completion": "Go."}'])
-    assert caught.value.line == 2 and "label is missing" in caught.value.reason
-    with pytest.raises(FormatError, match="label must be true"):
-        inspect_lines(['{"prompt": "Hi", "completion": "Hello.", "label": "yes"}'])
-    assert inspect_lines([good]).format.value == "kto"
+def test_kto_line_without_label_is_named(tmp_path: Path) -> None:
+    """Only a kto job reads `label`: its reader names the first line without a boolean one, and a
+    supervised job reads the same lines as prompt/completion data with an extra key."""
+    from tuneforge.training.data import DataError, read_records
+
+    good = {"prompt": "Hi", "completion": "Hello.", "label": True}
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [good, {"prompt": "Hi", "completion": "Go."}])
+    with pytest.raises(DataError, match="line 2: label is missing"):
+        read_records(mixed, "kto")
+    assert read_records(mixed, "supervised")[0].value == "prompt_completion"
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{**good, "label": "yes"}])
+    with pytest.raises(DataError, match="line 1: label must be true"):
+        read_records(odd, "kto")
+    unlabelled = write_jsonl(tmp_path / "unlabelled.jsonl", [{"prompt": "Hi", "completion": "Go."}])
+    with pytest.raises(DataError, match="line 1: label is missing"):
+        read_records(unlabelled, "kto")
+    assert inspect_lines([json.dumps(good)]).format.value == "kto"
+    assert (
+        read_records(write_jsonl(tmp_path / "good.jsonl", [good]), "supervised")[0].value
+        == "prompt_completion"
+    )
 
 
 def test_dpo_loss_type_reaches_the_recipe(tmp_path: Path) -> None:

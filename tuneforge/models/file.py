@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, bindparam, delete, select
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, bindparam, delete, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tuneforge.db import Base, UtcDateTime, utcnow
@@ -30,6 +31,9 @@ class File(Base):
     examples: Mapped[int | None] = mapped_column(Integer)
     approx_tokens: Mapped[int | None] = mapped_column(BigInteger)
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # Which top-level keys its lines have (tuneforge.training.formats.FieldStats); None for files
+    # uploaded before it was recorded.
+    field_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 def new_file_id() -> str:
@@ -49,6 +53,7 @@ def add_file(
     examples: int | None = None,
     approx_tokens: int | None = None,
     expires_at: datetime | None = None,
+    field_stats: dict[str, Any] | None = None,
 ) -> File:
     """Records a file whose bytes are already in the store."""
     row = File(
@@ -63,6 +68,7 @@ def add_file(
         examples=examples,
         approx_tokens=approx_tokens,
         expires_at=expires_at,
+        field_stats=field_stats,
     )
     session.add(row)
     session.flush()

@@ -23,12 +23,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneforge.training.formats import (
+    KTO_FORMATS,
+    LABEL_MISSING,
     METHOD_FORMATS,
     SHAREGPT_ROLES,
     DataFormat,
     FormatError,
     check_record,
     detect_format,
+    mixed_formats,
     parse_line,
 )
 
@@ -95,9 +98,11 @@ def read_records(path: Path, method: str) -> tuple[DataFormat, list[dict[str, An
                     continue
                 record = parse_line(raw, number)
                 try:
-                    line_format = detect_format(record)
+                    line_format = detect_format(record, method)
+                    if method == "kto" and line_format in KTO_FORMATS.values():
+                        raise ValueError(LABEL_MISSING)
                     if fmt is not None and line_format is not fmt:
-                        raise ValueError(f"is {line_format.value} but earlier lines are {fmt.value}")
+                        raise ValueError(mixed_formats(line_format, fmt))
                     check_record(record, line_format)
                 except ValueError as exc:
                     raise FormatError(number, str(exc)) from None

@@ -39,8 +39,11 @@ METHOD_FORMATS: dict[str, frozenset[DataFormat]] = {
     "kto": frozenset({DataFormat.KTO, DataFormat.KTO_CHAT}),
     "reinforcement": frozenset({DataFormat.REINFORCEMENT}),
 }
-#: Formats of unpaired feedback: a line without `label` among them is named as such.
+#: Formats of unpaired feedback, each with the format its lines have without `label`. Only a kto
+#: job reads `label`: for every other method it is one more key of a chat or prompt/completion line.
 KTO_FORMATS = {DataFormat.KTO: DataFormat.PROMPT_COMPLETION, DataFormat.KTO_CHAT: DataFormat.CHAT}
+LABEL_MISSING = 'label is missing: every line of unpaired feedback (KTO) needs "label": true or false'
+LABEL_NOT_BOOLEAN = "label must be true (desirable) or false (undesirable)"
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 SHAREGPT_ROLES = {
@@ -119,12 +122,27 @@ def _preference_side(record: dict[str, Any], name: str) -> int:
     raise ValueError(f"{name} must be a string or a list of messages")
 
 
-def detect_format(record: Any) -> DataFormat:
-    """The format of one parsed line, by its keys. Raises ValueError naming what is off."""
+def detect_format(record: Any, method: str | None = None) -> DataFormat:
+    """The format of one parsed line, by its keys, as `method` reads it: a chat or prompt/completion
+    line with `label` is unpaired feedback (kto, kto_chat) for a kto job or when no method is
+    given, and plain chat or prompt/completion data (`label` an extra key) for every other method.
+    Raises ValueError naming what is off."""
+    fmt = _detect(record)
+    if method is not None and method != "kto":
+        return KTO_FORMATS.get(fmt, fmt)
+    return fmt
+
+
+def plain_format(fmt: DataFormat) -> DataFormat:
+    """The format a line of `fmt` has for every method but kto (`label` read as an extra key)."""
+    return KTO_FORMATS.get(fmt, fmt)
+
+
+def _detect(record: Any) -> DataFormat:
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    if "messages" in record and "label" not in record and _ends_with_user(record["messages"]):
-        return DataFormat.REINFORCEMENT
+    if "messages" in record and _ends_with_user(record["messages"]):
+        return DataFormat.REINFORCEMENT  # a `label` here is one of the grader's item fields
     if "messages" in record:
         return DataFormat.KTO_CHAT if "label" in record else DataFormat.CHAT
     if "preferred_output" in record or "non_preferred_output" in record:
@@ -216,7 +234,7 @@ def check_record(record: Any, fmt: DataFormat) -> int:
         return _check_messages(record["messages"], "messages", need_assistant=False)
     if fmt in KTO_FORMATS:
         if not isinstance(record.get("label"), bool):
-            raise ValueError("label must be true (desirable) or false (undesirable)")
+            raise ValueError(LABEL_NOT_BOOLEAN)
         return check_record(record, KTO_FORMATS[fmt])
     raise AssertionError(fmt)
 
@@ -228,7 +246,7 @@ def mixed_formats(line_format: DataFormat, earlier: DataFormat) -> str:
     if earlier is DataFormat.CHAT and line_format is DataFormat.REINFORCEMENT:
         return "has no assistant message to learn from (it is a reinforcement prompt)"
     if KTO_FORMATS.get(earlier) is line_format:
-        return 'label is missing: every line of unpaired feedback (KTO) needs "label": true or false'
+        return LABEL_MISSING
     return f"is {line_format.value} but earlier lines are {earlier.value}"
 
 
@@ -252,10 +270,78 @@ def parse_line(raw: bytes | str, line: int) -> Any:
 
 
 @dataclass
+class FieldStats:
+    """Which top-level keys the lines of a file have, recorded at upload (the file row's `fields`)
+    so that job creation can name the first line lacking one that the method needs (a grader's
+    `{{item.<key>}}`, KTO's `label`) without reading the file again.
+
+    `keys` maps a key to `[lines that have it, first line that lacks it or None]`. At most
+    `MAX_KEYS` keys of up to `MAX_KEY_CHARS` characters are followed; when a line holds another,
+    `complete` is false and a key absent from `keys` may still be in some line (the worker's read
+    of the file then decides). Line numbers are 1-based, blank lines counted.
+    """
+
+    MAX_KEYS = 64
+    MAX_KEY_CHARS = 256
+
+    lines: int = 0
+    first_line: int | None = None
+    keys: dict[str, list[int | None]] = field(default_factory=dict)
+    complete: bool = True
+    label_not_boolean: int | None = None  # the first line whose label is not true or false
+
+    def observe(self, record: dict[str, Any], line: int) -> None:
+        if self.first_line is None:
+            self.first_line = line
+        for key in record:
+            entry = self.keys.get(key)
+            if entry is None:
+                if len(self.keys) >= self.MAX_KEYS or len(key) > self.MAX_KEY_CHARS or "\x00" in key:
+                    self.complete = False
+                    continue
+                entry = self.keys[key] = [0, self.first_line if self.lines else None]
+            entry[0] = (entry[0] or 0) + 1
+        for key, entry in self.keys.items():
+            if entry[1] is None and key not in record:
+                entry[1] = line
+        if "label" in record and not isinstance(record["label"], bool) and self.label_not_boolean is None:
+            self.label_not_boolean = line
+        self.lines += 1
+
+    def first_line_lacking(self, key: str) -> int | None:
+        """The first line without `key` (0 when none can be named: not followed), or None when
+        every line has it."""
+        entry = self.keys.get(key)
+        if entry is None:
+            return (self.first_line or 1) if self.complete else 0
+        return entry[1]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "lines": self.lines,
+            "first_line": self.first_line,
+            "keys": self.keys,
+            "complete": self.complete,
+            "label_not_boolean": self.label_not_boolean,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FieldStats:
+        return cls(
+            lines=int(data.get("lines", 0)),
+            first_line=data.get("first_line"),
+            keys={str(k): list(v) for k, v in dict(data.get("keys", {})).items()},
+            complete=bool(data.get("complete", False)),
+            label_not_boolean=data.get("label_not_boolean"),
+        )
+
+
+@dataclass
 class FileStats:
     format: DataFormat
     examples: int
     approx_tokens: int
+    fields: FieldStats = field(default_factory=FieldStats)
 
 
 @dataclass
@@ -269,7 +355,8 @@ class JsonlInspector:
     """
 
     max_line_bytes: int | None = None
-    format: DataFormat | None = None
+    format: DataFormat | None = None  # of the lines read so far, `label` an extra key
+    fields: FieldStats = field(default_factory=FieldStats)
     examples: int = 0
     chars: int = 0
     _line: int = 0
@@ -298,7 +385,17 @@ class JsonlInspector:
             self._pending.clear()
         if self.format is None:
             raise FormatError(max(self._line, 1), "the file holds no examples")
-        return FileStats(self.format, self.examples, max(1, self.chars // CHARS_PER_TOKEN))
+        return FileStats(
+            self.file_format(), self.examples, max(1, self.chars // CHARS_PER_TOKEN), self.fields
+        )
+
+    def file_format(self) -> DataFormat:
+        """The lines' format; unpaired feedback (kto, kto_chat) when every line has a boolean
+        `label` (any method but kto reads them as chat or prompt/completion lines all the same)."""
+        assert self.format is not None
+        labelled = self.fields.first_line_lacking("label") is None and self.fields.label_not_boolean is None
+        feedback = {plain: kto for kto, plain in KTO_FORMATS.items()}
+        return feedback[self.format] if labelled and self.format in feedback else self.format
 
     def _take(self, raw: bytes) -> None:
         self._line += 1
@@ -306,13 +403,15 @@ class JsonlInspector:
             return
         record = parse_line(raw, self._line)
         try:
-            fmt = detect_format(record)
+            # Unknown method: `label` is checked per method at job creation from `fields`.
+            fmt = detect_format(record, method="supervised")
             if self.format is not None and fmt is not self.format:
                 raise ValueError(mixed_formats(fmt, self.format))
             self.chars += check_record(record, fmt)
         except ValueError as exc:
             raise FormatError(self._line, str(exc)) from None
         self.format = fmt
+        self.fields.observe(record, self._line)
         self.examples += 1
 
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from tuneforge.graders.references import ItemReference, item_references
 from tuneforge.graders.run import ERROR_FLAGS, GraderRuntime, run_grader
 from tuneforge.graders.schema import parse_grader
-from tuneforge.graders.templates import PLACEHOLDER, Namespaces, TemplateError
+from tuneforge.graders.templates import Namespaces, TemplateError
 from tuneforge.models.spec import ReinforcementHyperparameters
 from tuneforge.training.common import (
     Finished,
@@ -86,40 +87,23 @@ class GrpoConfig(RecipeConfig):
 # Data
 
 
-def item_references(grader: dict[str, Any]) -> list[str]:
-    """The `{{item.<path>}}` references anywhere in a grader's templates, in order, each once."""
-    found: list[str] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, str):
-            for match in PLACEHOLDER.finditer(value):
-                path = match.group(1)
-                if path.startswith("item.") and path not in found:
-                    found.append(path)
-        elif isinstance(value, dict):
-            for inner in value.values():
-                walk(inner)
-        elif isinstance(value, list):
-            for inner in value:
-                walk(inner)
-
-    walk(grader)
-    return found
-
-
 def line_item(record: dict[str, Any]) -> dict[str, Any]:
     """What the grader reads as `item`: every top-level field but the prompt's messages."""
     return {key: value for key, value in record.items() if key != "messages"}
 
 
-def missing_reference(record: dict[str, Any], references: list[str]) -> str | None:
+def missing_reference(record: dict[str, Any], references: list[ItemReference]) -> ItemReference | None:
     """The first of `references` that this line's item cannot fill, or None."""
-    namespaces = Namespaces("", line_item(record))
-    for path in references:
+    item = line_item(record)
+    for reference in references:
+        if len(reference.segments) == 1:
+            if reference.key not in item:
+                return reference
+            continue
         try:
-            namespaces.lookup(path)
+            Namespaces("", item).lookup(".".join(("item", *reference.segments)))
         except TemplateError:
-            return path
+            return reference
     return None
 
 
@@ -134,8 +118,6 @@ def _not_a_prompt(record: dict[str, Any], line_format: DataFormat) -> str:
     if not isinstance(messages, list):
         return f"is {line_format.value}; reinforcement needs chat lines whose last message is the user's"
     if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "user":
-        if "label" in record:
-            return "has a label; a reinforcement prompt's fields other than messages are the grader's item"
         return "holds an assistant message; a reinforcement prompt is system and user messages only"
     return "the last message is not from the user: every line of reinforcement prompts ends with one"
 
@@ -150,7 +132,7 @@ def check_item_references(path: Path, grader: dict[str, Any]) -> None:
             record = parse_line(raw, number) if raw.strip() else None
             missing = missing_reference(record, references) if isinstance(record, dict) else None
             if missing is not None:
-                reason = f"the grader reads {{{{{missing}}}}}, which this line does not have"
+                reason = f"the grader reads {missing.text} ({missing.param}), which this line does not have"
                 raise DataError(f"{path.name}: line {number}: {reason}")
 
 
@@ -175,13 +157,14 @@ def read_prompt_file(
                     continue
                 record = parse_line(raw, number)
                 try:
-                    line_format = detect_format(record)
+                    line_format = detect_format(record, "reinforcement")
                     if line_format is not DataFormat.REINFORCEMENT:
                         raise ValueError(_not_a_prompt(record, line_format))
                     check_record(record, line_format)
                     missing = missing_reference(record, references)
                     if missing is not None:
-                        raise ValueError(f"the grader reads {{{{{missing}}}}}, which this line does not have")
+                        reason = f"the grader reads {missing.text} ({missing.param})"
+                        raise ValueError(f"{reason}, which this line does not have")
                 except ValueError as exc:
                     raise FormatError(number, str(exc)) from None
                 prompt = [

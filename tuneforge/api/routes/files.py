@@ -65,6 +65,7 @@ async def upload_file(
             format=upload.stats.format.value,
             examples=upload.stats.examples,
             approx_tokens=upload.stats.approx_tokens,
+            field_stats=upload.stats.fields.as_dict(),
             expires_at=upload.expires_at,
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -22,12 +23,21 @@ from tuneforge.estimates import EstimateError, FileStats
 from tuneforge.estimates.ceilings import OverCeiling, check_ceilings
 from tuneforge.estimates.jobs import JobDoesNotFit, job_estimate
 from tuneforge.graders import GraderError, GraderRuntime, ensure_runnable, parse_grader
+from tuneforge.graders.references import item_references
 from tuneforge.models import file as files
 from tuneforge.models import job as jobs
 from tuneforge.models import lineage
 from tuneforge.models.spec import JobSpec
 from tuneforge.training.base_models import UnknownModel, find_base_model
-from tuneforge.training.formats import METHOD_FORMATS
+from tuneforge.training.formats import (
+    KTO_FORMATS,
+    LABEL_MISSING,
+    LABEL_NOT_BOOLEAN,
+    METHOD_FORMATS,
+    DataFormat,
+    FieldStats,
+    plain_format,
+)
 from tuneforge.worker.dispatch import UnknownQueue, check_queue
 
 log = logging.getLogger(__name__)
@@ -48,8 +58,12 @@ def _enqueue_after_commit(session: Session, job_id: str, queue: str) -> None:
     after_commit(session, send)
 
 
-def _checked_file(session: Session, project_id: str, file_id: str, param: str, method: str) -> files.File:
+def _checked_file(session: Session, project_id: str, file_id: str, param: str, spec: JobSpec) -> files.File:
+    """The file row, when it is in the project, of purpose fine-tune, in a format the job's method
+    reads and (as far as its recorded `field_stats` tell) with every line holding the fields the
+    method needs; a 400 naming the first line that lacks one otherwise."""
     label = "Training" if param == "training_file" else "Validation"
+    method = spec.method.type
     row = files.get_file(session, project_id, file_id)
     if row is None:
         raise BadRequest(f"{label} file {file_id} not found.", param=param, code="file_not_found")
@@ -59,23 +73,67 @@ def _checked_file(session: Session, project_id: str, file_id: str, param: str, m
             param=param,
             code="invalid_file_purpose",
         )
-    if method == "reinforcement" and row.format == "chat":
+    fields = FieldStats.from_dict(row.field_stats) if row.field_stats else None
+    first_line = (fields.first_line if fields else None) or 1
+    fmt = _format_for(row.format, method)
+    if method == "reinforcement" and fmt == DataFormat.CHAT:
         raise BadRequest(
-            f"{label} file {file_id}: line 1 is not a reinforcement prompt (its last message is not the "
-            "user's, or it holds an assistant answer); reinforcement trains on chat lines of system and "
-            "user messages ending with the user's, whose other fields are the grader's item.",
+            f"{label} file {file_id}: line {first_line} is not a reinforcement prompt (its last message "
+            "is not the user's, or it holds an assistant answer); reinforcement trains on chat lines of "
+            "system and user messages ending with the user's, whose other fields are the grader's item.",
             param=param,
             code="invalid_file_format",
         )
+    if method == "kto" and fmt in KTO_FORMATS.values() and fields is not None:
+        _check_labels(fields, f"{label} file {file_id}", param)
     accepted = sorted(f.value for f in METHOD_FORMATS[method])
-    if row.format not in accepted:
+    if fmt not in accepted:
         raise BadRequest(
-            f"{label} file {file_id} is in {row.format or 'no known'} format, which the {method} method "
+            f"{label} file {file_id} is in {fmt or 'no known'} format, which the {method} method "
             f"cannot use; it accepts {', '.join(accepted)}.",
             param=param,
             code="invalid_file_format",
         )
+    if method == "reinforcement" and spec.method.reinforcement is not None and fields is not None:
+        _check_item_fields(fields, spec.method.reinforcement.grader, f"{label.lower()} file {file_id}")
     return row
+
+
+def _format_for(stored: str | None, method: str) -> str | None:
+    """A file's format as `method` reads it: `label` is an extra key for every method but kto."""
+    try:
+        return plain_format(DataFormat(stored)).value if stored and method != "kto" else stored
+    except ValueError:
+        return stored
+
+
+def _check_labels(fields: FieldStats, what: str, param: str) -> None:
+    """A kto job's file whose lines are chat or prompt/completion lines: the first line without a
+    boolean `label` is named."""
+    missing = fields.first_line_lacking("label") or None
+    lines = [
+        (line, reason)
+        for line, reason in ((missing, LABEL_MISSING), (fields.label_not_boolean, LABEL_NOT_BOOLEAN))
+        if line
+    ]
+    if lines:
+        line, reason = min(lines)
+        raise BadRequest(f"{what}: line {line}: {reason}.", param=param, code="invalid_file_format")
+
+
+def _check_item_fields(fields: FieldStats, grader: dict[str, Any], what: str) -> None:
+    """Every field the grader reads from the item is in every line (a nested path's first key:
+    what lies below it is checked by the worker's read of the file)."""
+    for reference in item_references(grader):
+        line = fields.first_line_lacking(reference.key) if reference.key != "messages" else fields.first_line
+        if line:
+            raise BadRequest(
+                f"The grader reads {reference.text}, but line {line} of {what} has no field "
+                f"'{reference.key}'; every line of a reinforcement file needs the item fields its grader "
+                "reads (the fields beside messages).",
+                param=f"method.reinforcement.grader.{reference.param}".rstrip("."),
+                code="invalid_file_format",
+            )
 
 
 def create_job(session: Session, settings: Settings, project_id: str, spec: JobSpec) -> jobs.Job:
@@ -95,9 +153,9 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
             code="model_not_available",
         ) from None
     method = spec.method.type
-    training = _checked_file(session, project_id, spec.training_file, "training_file", method)
+    training = _checked_file(session, project_id, spec.training_file, "training_file", spec)
     if spec.validation_file is not None:
-        _checked_file(session, project_id, spec.validation_file, "validation_file", method)
+        _checked_file(session, project_id, spec.validation_file, "validation_file", spec)
     if spec.evaluation is not None:  # valid (the spec checked it); can this service run it?
         try:
             grader = parse_grader(spec.evaluation.grader, "evaluation.grader")
@@ -151,7 +209,8 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
         events.append(_lineage_event(given_model, spec, source))
     events.append(
         jobs.EventRecord(
-            f"Validating training file {training.id}: {training.examples} examples in {training.format} "
+            f"Validating training file {training.id}: {training.examples} examples in "
+            f"{_format_for(training.format, method)} "
             f"format, about {training.approx_tokens} tokens; queue '{queue}'."
         )
     )

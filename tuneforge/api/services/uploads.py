@@ -352,6 +352,7 @@ def record_file(
         format=assembled.stats.format.value,
         examples=assembled.stats.examples,
         approx_tokens=assembled.stats.approx_tokens,
+        field_stats=assembled.stats.fields.as_dict(),
     )
     return row
 

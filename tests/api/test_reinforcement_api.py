@@ -1,0 +1,94 @@
+"""Reinforcement jobs through the SDK are refused at creation, with a 400, when their files
+cannot feed the grader: a field the grader reads that some line lacks (named by the grader field
+that reads it, and the first line without it), and a file whose lines are not prompts ending with
+the user's message (named by its first line)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+
+from tests.api.conftest import ProjectCtx
+
+MODEL = "tuneforge/tiny-chat"
+CHECK = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "eq",
+}
+
+
+def _prompt(n: int, **item: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": f"What is {n} + {n}?"}], **item}
+
+
+def _upload(project: ProjectCtx, lines: list[Any]) -> str:
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    return project.openai.files.create(file=("rft.jsonl", data), purpose="fine-tune").id
+
+
+def _create(project: ProjectCtx, training: str, grader: Any, validation: str | None = None) -> Any:
+    method = {"type": "reinforcement", "reinforcement": {"grader": grader}}
+    extra = {"validation_file": validation} if validation else {}
+    return project.openai.fine_tuning.jobs.create(model=MODEL, training_file=training, method=method, **extra)  # type: ignore[arg-type]
+
+
+def _refused(project: ProjectCtx, training: str, grader: Any, validation: str | None = None) -> Any:
+    with pytest.raises(openai.BadRequestError) as refused:
+        _create(project, training, grader, validation)
+    return refused.value
+
+
+def test_a_field_the_grader_reads_missing_from_a_line_is_a_400(project: ProjectCtx) -> None:
+    good = _upload(project, [_prompt(n, answer=str(2 * n), label="sum") for n in range(1, 4)])
+    job = _create(project, good, CHECK)  # a `label` beside messages is an item field like any other
+    assert job.status == "validating_files"
+
+    gap = _upload(project, [_prompt(1, answer="2"), _prompt(2, answer="4"), _prompt(3, other=1)])
+    err = _refused(project, gap, CHECK)
+    assert err.param == "method.reinforcement.grader.reference"
+    assert "{{item.answer}}" in err.message and "line 3" in err.message and gap in err.message
+    assert "'answer'" in err.message
+    err = _refused(project, good, CHECK, validation=gap)  # the validation file feeds the grader too
+    assert err.param == "method.reinforcement.grader.reference" and "validation file" in err.message
+
+    judge = {
+        "type": "score_model",
+        "name": "judge",
+        "model": MODEL,
+        "input": [{"role": "user", "content": "{{item.question}}: {{sample.output_text}}"}],
+    }
+    multi = {
+        "type": "multi",
+        "name": "both",
+        "calculate_output": "exact + judge",
+        "graders": {"exact": CHECK, "judge": judge},
+    }
+    err = _refused(project, good, multi)
+    assert err.param == "method.reinforcement.grader.graders.judge.input[0].content"
+    assert "{{item.question}}" in err.message and "line 1" in err.message
+
+    python = {
+        "type": "python",
+        "name": "py",
+        "source": 'def grade(sample, item):\n    return float(sample["output_text"] == item["expected"])\n',
+    }
+    err = _refused(project, good, python)
+    assert err.param == "method.reinforcement.grader.source" and "item['expected']" in err.message
+
+
+def test_a_line_that_is_not_a_prompt_is_a_400_naming_it(project: ProjectCtx) -> None:
+    answered = [
+        {"messages": [*_prompt(n)["messages"], {"role": "assistant", "content": "4"}], "answer": "4"}
+        for n in range(3)
+    ]
+    err = _refused(project, _upload(project, answered), CHECK)
+    assert err.param == "training_file" and "line 1" in err.message and "reinforcement prompt" in err.message
+    with pytest.raises(openai.BadRequestError) as refused:  # a prompt after answered lines: at upload
+        _upload(project, [*answered, _prompt(1, answer="2")])
+    assert refused.value.param == "file" and "line 4" in refused.value.message
