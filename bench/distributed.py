@@ -136,7 +136,7 @@ def _rank_main(args: argparse.Namespace) -> int:
 
 
 def _run(nproc: int, args: argparse.Namespace, data: Path, model_dir: Path, work: Path) -> dict[str, Any]:
-    from tuneforge.training.distributed import launch_command
+    from tuneforge.training.distributed import launch_command, launch_env
 
     result = work / f"result-{nproc}.json"
     result.unlink(missing_ok=True)
@@ -144,7 +144,7 @@ def _run(nproc: int, args: argparse.Namespace, data: Path, model_dir: Path, work
     command += ["--data", str(data), "--model-dir", str(model_dir), "--adapter", args.adapter]
     command += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
     threads = max(1, (args.threads or args.nproc) // nproc)  # the same cores for both sides
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, **launch_env(), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     if not args.cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
     subprocess.run(

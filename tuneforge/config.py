@@ -143,6 +143,14 @@ class Settings(BaseSettings):
         description="Let a CPU worker run a job as hardware.count gloo processes (up to worker_devices): "
         "for tests and benchmarks of multi-device training without GPUs.",
     )
+    distributed_ready_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds every rank of a multi-device run has, from torchrun's start, to join the "
+        "rendezvous, import the training stack and report ready to its worker (measured: under a "
+        "minute for 2 CPU ranks on a loaded 2-core machine). A run whose ranks are not all ready "
+        "is stopped and started again like one that lost a rank, then fails naming what was missing.",
+    )
     worker_shutdown_grace_seconds: float = Field(
         25.0,
         gt=0,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,9 @@ STOP_CODES: dict[StopReason | None, int] = {None: 0, "pause": 1, "cancel": 2}
 _run: dict[str, Any] = {}
 #: Seconds between torchrun's checks of its ranks: a rank that dies ends the others this soon.
 MONITOR_INTERVAL_S = 0.2
+#: Where a single-host run's rendezvous, store and gloo sockets live.
+LOOPBACK = "127.0.0.1"
+LOOPBACK_INTERFACE = "lo"
 
 
 def world_size() -> int:
@@ -48,21 +52,38 @@ def per_device_batch(batch_size: int) -> int:
 
 
 def launch_command(nproc: int, module: str, *args: str) -> list[str]:
-    """torchrun's command line for `nproc` ranks of `python -m module args` on this host. A
-    free port is found by the standalone rendezvous (c10d on localhost); no restarts: the
-    worker decides what a lost rank means for the job."""
+    """torchrun's command line for `nproc` ranks of `python -m module args` on this host; no
+    restarts: the worker decides what a lost rank means for the job.
+
+    The rendezvous, its store and the ranks' MASTER_ADDR are pinned to loopback. torchrun's
+    `--standalone` puts only the rendezvous on localhost: the store the ranks join is served on
+    the address named by `--local-addr`, by default `socket.getfqdn()` (torch.distributed.elastic:
+    rendezvous/api.py and dynamic_rendezvous.py), and on a host whose name does not resolve, or
+    resolves to an address that does not answer, torchrun retries that name for ever before
+    starting any rank. A multi-node run would name the host's reachable address instead
+    (docs/scaling.md)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        "--nnodes=1",
         f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={LOOPBACK}:0",  # port 0: the rendezvous store picks a free one
+        f"--rdzv-id={uuid.uuid4().hex}",
+        f"--local-addr={LOOPBACK}",
         "--max-restarts=0",
         f"--monitor-interval={MONITOR_INTERVAL_S}",
         "-m",
         module,
         *args,
     ]
+
+
+def launch_env() -> dict[str, str]:
+    """Environment for torchrun on one host: gloo's sockets on the loopback interface (unless
+    the operator chose one), since gloo otherwise binds to whatever the host name resolves to."""
+    return {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME") or LOOPBACK_INTERFACE}
 
 
 def strategy_for(spec: JobSpec) -> str:

@@ -240,6 +240,7 @@ class JobRun:
         self.run_paths: dict[str, str | None] = {}
         self.tokcache: StoreCache | None = None
         self.rank_restarts = 0  # multi-device runs restarted after a lost rank (tuneforge/worker/launcher.py)
+        self.ranks_not_ready: str | None = None  # why the last multi-device start failed
         self.metrics = RunMetrics(ctx.sessions, plan)  # Prometheus (tuneforge/worker/observability.py)
 
     # --- the run ------------------------------------------------------------------------------
@@ -285,6 +286,8 @@ class JobRun:
         except OverCeiling as over:
             return self._fail(over.code, over.message)
         process = self._ready_training_process()
+        if process is None and self.ranks_not_ready is not None:
+            return self._fail("training_error", self.ranks_not_ready, self.process)
         if process is None:
             assert self.process is not None
             code, message = describe_exit(self.process.exit_code())
@@ -361,8 +364,7 @@ class JobRun:
         """The warm training process, or a fresh one if it died while it waited; None when none
         starts (`self.process` then holds the one that failed)."""
         if launcher.job_devices(self.plan.spec) > 1:  # torchrun and its ranks, started per run
-            self.process = launcher.spawn_for(self.plan.spec, _child_log_path(self.settings))
-            return self.process if self._wait_ready_renewing(self.process) else None
+            return self._ranks_ready(launcher.spawn_for(self.plan.spec, _child_log_path(self.settings)))
         self.process = _take_training_process(self.settings)
         if self._wait_ready_renewing(self.process):
             return self.process
@@ -391,6 +393,8 @@ class JobRun:
                     if restarted is not None:
                         process = restarted
                         continue
+                    if self.ranks_not_ready is not None:
+                        return self._fail("training_error", self.ranks_not_ready, self.process)
                 code, text = describe_exit(process.exit_code())
                 return self._fail(code, text, process)
             kind = message.get("type")
@@ -414,6 +418,8 @@ class JobRun:
                     if restarted is not None:
                         process = restarted
                         continue
+                    if self.ranks_not_ready is not None:
+                        return self._fail("training_error", self.ranks_not_ready, self.process)
                 code = message.get("code", "training_error")
                 if code == oom.OUT_OF_MEMORY:
                     if resilience.shutdown_requested_at() is not None:
@@ -522,11 +528,11 @@ class JobRun:
         self.first_metrics, self.stop_sent = None, None
         return self.process
 
-    def _wait_ready_renewing(self, process: TrainingProcess) -> bool:
+    def _wait_ready_renewing(self, process: TrainingProcess, timeout: float = READY_TIMEOUT_S) -> bool:
         """The training process (every rank of it) ready, renewing the lease meanwhile: a spare
         still warming up on a loaded machine, or several ranks importing at once, can take longer
         than a lease."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + timeout
         while not process.wait_ready(FLUSH_EVERY_S):
             if not process.alive() or time.monotonic() > deadline:
                 return False
@@ -561,9 +567,9 @@ class JobRun:
         self._flush()
         failed.stop(grace=2.0)
         failed.log_path.unlink(missing_ok=True)
-        self.process = launcher.spawn_for(self.plan.spec, _child_log_path(self.settings))
-        if not self._wait_ready_renewing(self.process):
+        if self._ranks_ready(launcher.spawn_for(self.plan.spec, _child_log_path(self.settings))) is None:
             return None
+        assert self.process is not None
         self.process.send(
             {
                 "op": "run",
@@ -585,6 +591,45 @@ class JobRun:
         if self.stop_sent == "pause":
             self.process.send({"op": "stop", "reason": "pause"})
         return self.process
+
+    def _ranks_ready(self, process: launcher.DistributedTrainingProcess) -> TrainingProcess | None:
+        """Every rank of a multi-device run ready within `distributed_ready_timeout_seconds`. Ranks
+        that are not (torchrun's rendezvous stuck, a rank that never connects or never finishes
+        its imports, torchrun gone) stop the run, which starts again as after a lost rank, within
+        `launcher.RANK_RESTARTS`; past them None, with `ranks_not_ready` saying what was missing."""
+        timeout = self.settings.distributed_ready_timeout_seconds
+        while True:
+            self.process = process
+            if self._wait_ready_renewing(process, timeout):
+                return process
+            missing = process.missing()
+            if process.alive():
+                why = f"not every rank was ready within {timeout:g} s: {missing}"
+            else:
+                ended = describe_exit(process.exit_code())[1]
+                why = f"torchrun ended ({ended}) before every rank was ready: {missing}"
+            if self.rank_restarts >= launcher.RANK_RESTARTS:
+                self.ranks_not_ready = f"the multi-device run did not start: {why}"
+                return None
+            self.rank_restarts += 1
+            self.pending.append(
+                EventRecord(
+                    f"The multi-device run did not start ({why}): all ranks stopped; starting them "
+                    f"again on {process.world_size} devices.",
+                    level="warn",
+                    data={"code": "ranks_not_ready", "restart": self.rank_restarts},
+                )
+            )
+            self._flush()
+            log.warning(
+                "job %s: multi-device run not ready: %s\n%s",
+                self.job_id,
+                why,
+                "\n".join(process.last_log_lines(40)),
+            )
+            process.stop(grace=2.0)
+            process.log_path.unlink(missing_ok=True)
+            process = launcher.spawn_for(self.plan.spec, _child_log_path(self.settings))
 
     def _hand_back_for_devices(self, needed: int, here: int) -> RunOutcome:
         """A job on more devices than this worker has: back to its queue, not a spent attempt,

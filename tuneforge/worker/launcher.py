@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tuneforge.config import Settings
-from tuneforge.training.distributed import launch_command
+from tuneforge.training.distributed import launch_command, launch_env
 from tuneforge.worker.supervisor import TrainingProcess
 
 
@@ -62,7 +62,12 @@ class DistributedTrainingProcess(TrainingProcess):
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {}), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+                env={
+                    **os.environ,
+                    **launch_env(),
+                    **(env or {}),
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                },
                 close_fds=True,
                 start_new_session=True,  # its own process group: `stop` ends torchrun and every rank
             )
@@ -110,6 +115,20 @@ class DistributedTrainingProcess(TrainingProcess):
             self._server.close()
         with contextlib.suppress(OSError, ValueError):
             self._relay.close()
+
+    def missing(self) -> str:
+        """What keeps the run from being ready: the ranks that have not connected back to the
+        worker or reported ready (a rank that never connected has no known number)."""
+        with self._lock:
+            ready, connected = sorted(self._ranks), len(self._conns)
+        if not connected:
+            state = "torchrun started no rank" if self.alive() else "torchrun ended before starting any rank"
+            return f"none of the {self.world_size} ranks connected ({state}: its rendezvous is the suspect)"
+        waiting = self.world_size - len(ready)
+        return (
+            f"{waiting} of {self.world_size} ranks not ready (ready: {ready or 'none'}; "
+            f"connected to the worker: {connected} of {self.world_size})"
+        )
 
     def send(self, command: dict[str, Any]) -> None:
         data = json.dumps(command) + "\n"
