@@ -92,3 +92,23 @@ def test_a_line_that_is_not_a_prompt_is_a_400_naming_it(project: ProjectCtx) -> 
     with pytest.raises(openai.BadRequestError) as refused:  # a prompt after answered lines: at upload
         _upload(project, [*answered, _prompt(1, answer="2")])
     assert refused.value.param == "file" and "line 4" in refused.value.message
+
+
+def test_the_estimator_and_advisor_have_a_reinforcement_row(project: ProjectCtx) -> None:
+    """POST /v1/fine_tuning/estimates (through the SDK's raw post): a reinforcement method, or a
+    file of RFT prompts, gets the advisor's GRPO row, and the memory counts the sampled answers."""
+    prompts = _upload(project, [_prompt(n, answer=str(2 * n)) for n in range(4)])
+
+    def estimate(**body: Any) -> dict[str, Any]:
+        answer = project.openai.post("/fine_tuning/estimates", body={"model": MODEL, **body}, cast_to=object)
+        assert isinstance(answer, dict)
+        return answer
+
+    supervised = estimate(training_file=prompts)
+    rft = estimate(
+        training_file=prompts, method={"type": "reinforcement", "reinforcement": {"grader": CHECK}}
+    )
+    for answer in (supervised, rft):  # the prompts file alone picks the row
+        assert answer["recommendation"]["stages"] == ["reinforcement"]
+        assert any(r.startswith("reinforcement (GRPO)") for r in answer["recommendation"]["reasons"])
+    assert rft["memory"]["activations"] > supervised["memory"]["activations"]

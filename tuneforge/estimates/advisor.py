@@ -13,7 +13,6 @@ GIB = 2**30
 FEW_EXAMPLES = 1_000
 MANY_EXAMPLES = 100_000
 PREFERENCE_FORMATS = frozenset({"preference_openai", "preference"})  # tuneforge.training.formats.DataFormat
-FEEDBACK_FORMATS = frozenset({"kto", "kto_chat"})  # unpaired feedback lines (label true/false)
 #: The advisor's table for the methods beyond DPO: stages and why (docs/estimates.md, "The advisor").
 METHOD_STAGES: dict[str, tuple[list[MethodType], str]] = {
     "orpo": (
@@ -36,7 +35,17 @@ METHOD_STAGES: dict[str, tuple[list[MethodType], str]] = {
         "reward_model: a score head trained on the pairs (Bradley-Terry); the artifact scores answers "
         "for ranking, filtering or RL, it does not generate",
     ),
+    "reinforcement": (
+        ["reinforcement"],
+        "reinforcement (GRPO): one stage on the prompts; each is answered num_generations times and "
+        "the grader's scores move the model towards the better answers of each group, so it learns "
+        "only where some answers already score above others: start from a model (an ft: one after a "
+        "supervised stage on demonstrations) that gets the task right some of the time; memory holds "
+        "the sampled answers' activations and, for full fine-tuning, a frozen reference copy",
+    ),
 }
+#: Files whose format only one method reads: the advisor takes that method's row.
+FORMAT_METHODS: dict[str, str] = {"kto": "kto", "kto_chat": "kto", "reinforcement": "reinforcement"}
 
 
 @dataclass(frozen=True)
@@ -139,11 +148,11 @@ def recommend(
     reasons: list[str] = []
     preference = method == "dpo" or (data_format is not None and data_format in PREFERENCE_FORMATS)
     stages: list[MethodType]
-    if method in METHOD_STAGES:  # the preference and reward methods of issue 9, each its own row
+    if method in METHOD_STAGES:  # the preference, reward and reinforcement methods of issue 9
         stages, reason = METHOD_STAGES[method]
         reasons.append(reason)
-    elif data_format is not None and data_format in FEEDBACK_FORMATS:
-        stages, reason = METHOD_STAGES["kto"]
+    elif data_format is not None and data_format in FORMAT_METHODS:
+        stages, reason = METHOD_STAGES[FORMAT_METHODS[data_format]]
         reasons.append(reason)
     elif preference:
         stages = ["supervised", "dpo"]

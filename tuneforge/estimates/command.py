@@ -32,7 +32,7 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--num-virtual-tokens", type=int, default=None, help="Prefix/prompt tuning tokens.")
     p.add_argument("--quant-type", choices=["nf4", "fp4"], default=None, help="QLoRA 4-bit type.")
     p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization.")
-    p.add_argument("--method", default="supervised", help="supervised, dpo or pretraining.")
+    p.add_argument("--method", default="supervised", help="A method.type (supervised, dpo, ...).")
     p.add_argument("--n-tokens", type=int, default=None, help="Tokens in one epoch.")
     p.add_argument("--n-examples", type=int, default=None, help="Examples in one epoch.")
     p.add_argument("--n-epochs", type=int, default=None)

@@ -67,7 +67,11 @@ class EstimateRequest(BaseModel):
         description="A Hugging Face config.json as a dict; for models whose weights are not here.",
     )
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
-    method: MethodType = Field("supervised", description="supervised, dpo or pretraining.")
+    method: MethodType = Field(
+        "supervised",
+        description="A method.type: supervised, dpo, pretraining, reinforcement, orpo, simpo, kto "
+        "or reward_model.",
+    )
     training_file: str | None = Field(None, description="An uploaded file; its recorded counts are used.")
     n_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = Field(
         None, description="Tokens in one epoch (at most 10^14)."
