@@ -92,15 +92,15 @@ def _serve_metrics(**_: Any) -> None:
     port = _metrics_port(settings)
     if port is None:
         return
-    # An empty directory for this worker's processes, named in the environment before anything
-    # imports tuneforge.metrics (its metrics pick their value class when created).
+    # An empty directory for this worker's processes (Celery has imported the task modules, and
+    # with them tuneforge.metrics, already: use_multiprocess_directory creates the metrics anew).
+    from tuneforge.metrics import serve_worker_metrics, use_multiprocess_directory
+
     directory = settings.work_dir / "metrics" / f"worker-{os.getpid()}"
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    from tuneforge.metrics import serve_worker_metrics
-
-    serve_worker_metrics(settings.worker_metrics_host, port)
+    use_multiprocess_directory(directory)
+    serve_worker_metrics(settings.worker_metrics_host, port, directory)
 
 
 @worker_process_shutdown.connect

@@ -1,9 +1,6 @@
 """What one run of a job records in the worker's Prometheus metrics (tuneforge/metrics.py):
 steps and tokens trained, its tokens/s while it runs, the time from the job's creation to its
 first trained step (first runs only), lease renewals, and the run's duration by outcome.
-
-tuneforge.metrics is imported only when something is recorded: its import must follow the
-worker's multiprocess set-up (tuneforge/worker/celery_app.py), never precede it.
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from tuneforge import metrics
 from tuneforge.db import session_scope, utcnow
 from tuneforge.models.job import Job
 from tuneforge.worker.jobstate import RunPlan
@@ -34,8 +32,6 @@ class RunMetrics:
 
     def step(self, message: dict[str, Any]) -> None:
         """A metrics message of the training process (one per logged step)."""
-        from tuneforge import metrics
-
         step = int(message["step"])
         tokens = int(message.get("tokens_seen") or 0)
         if self.last_step is None and self.first_run:
@@ -48,8 +44,6 @@ class RunMetrics:
         )
 
     def _first_step(self) -> None:
-        from tuneforge import metrics
-
         try:
             with session_scope(self.sessions) as session:
                 job = session.get(Job, self.job_id)
@@ -61,11 +55,7 @@ class RunMetrics:
             metrics.record_first_step((utcnow() - created_at).total_seconds())
 
     def renewed(self, ok: bool) -> None:
-        from tuneforge import metrics
-
         metrics.record_lease_renewal(ok)
 
     def finished(self, outcome: str) -> None:
-        from tuneforge import metrics
-
         metrics.record_run_finished(self.queue, outcome, time.monotonic() - self.started)
