@@ -1,6 +1,7 @@
-"""The engine itself, on tiny-chat with real PEFT adapters (random LoRA weights, so that each
-adapter answers differently): a batch that mixes adapters and the base gives each row what it gets
-alone, the LRU cache evicts, a full queue refuses, a cancelled request leaves the batch."""
+"""The engine itself, on tiny-chat with real PEFT adapters (random weights, so that each adapter
+answers differently): a batch that mixes adapters and the base gives each row what it gets alone,
+the LRU cache evicts, a full queue refuses, a cancelled request leaves the batch, and IA3, prompt
+tuning and prefix tuning adapters answer what PEFT's forward computes."""
 
 from __future__ import annotations
 
@@ -28,31 +29,58 @@ WAIT = 600
 def store(tmp_path_factory: pytest.TempPathFactory, tiny_chat_path: Path) -> Iterator[FilesystemStore]:
     """Three LoRA adapters of tiny-chat with random (non-zero) weights, stored as the worker stores
     them: `.tar.gz` archives with the adapter's files at the root."""
-    from peft import LoraConfig, get_peft_model
+    from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("inference-store")
     store = FilesystemStore(root / "objects")
-    for k in range(3):
-        torch.manual_seed(100 + k)
-        model = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(tiny_chat_path),
-            LoraConfig(r=8, lora_alpha=64, target_modules="all-linear", init_lora_weights=False),
-        )
-        out = root / f"adapter{k}"
+    configs: dict[str, PeftConfig] = {
+        f"job{k}": LoraConfig(r=8, lora_alpha=64, target_modules="all-linear", init_lora_weights=False)
+        for k in range(3)
+    }
+    configs.update(
+        {
+            # The training recipes' configs (tuneforge/training/loading.py), with random weights.
+            "ia3": IA3Config(
+                task_type="CAUSAL_LM",
+                target_modules=["k_proj", "v_proj", "down_proj"],
+                feedforward_modules=["down_proj"],
+                init_ia3_weights=False,
+            ),
+            "prompt_tuning": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
+            "prompt_tuning2": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+            "prefix_tuning": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6),
+        }
+    )
+    for seed, (job, config) in enumerate(configs.items()):
+        torch.manual_seed(100 + seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_path), config)
+        if job == "ia3":  # random scales far enough from 1 to change the answers
+            for name, parameter in model.named_parameters():
+                if "ia3_l" in name:
+                    parameter.data = torch.rand_like(parameter) * 3
+        out = root / job
         model.save_pretrained(str(out))
-        archive = root / f"adapter{k}.tar.gz"
+        archive = root / f"{job}.tar.gz"
         with tarfile.open(archive, "w:gz") as tar:
             for path in sorted(out.iterdir()):
                 tar.add(path, arcname=path.name)
-        store.put_file(f"jobs/job{k}/artifacts/adapter.tar.gz", archive)
+        store.put_file(f"jobs/{job}/artifacts/adapter.tar.gz", archive)
     yield store
 
 
-def _route(k: int | None) -> Route:
+def _route(k: int | str | None) -> Route:
+    """The base (None), LoRA adapter k, or the adapter of another method (its family's name)."""
     if k is None:
         return Route(base_model=BASE)
-    return Route(base_model=BASE, adapter=AdapterRef(storage_key=f"jobs/job{k}/artifacts/adapter.tar.gz"))
+    if isinstance(k, int):
+        return Route(base_model=BASE, adapter=AdapterRef(storage_key=_key(k)))
+    family = k.removesuffix("2")  # prompt_tuning2: a second prompt-tuning adapter
+    return Route(base_model=BASE, adapter=AdapterRef(storage_key=_key(k), family=family))
+
+
+def _key(k: int | str) -> str:
+    return f"jobs/{'job' if isinstance(k, int) else ''}{k}/artifacts/adapter.tar.gz"
 
 
 def _engine(store: FilesystemStore, tiny_chat_path: Path, tmp: Path, **limits: int) -> Engine:
@@ -78,27 +106,34 @@ async def _collect(generation: Generation) -> tuple[list[str], dict[str, int]]:
         texts[event.index] += event.text
 
 
-def _submit(engine: Engine, k: int | None, question: str, **sampling: object) -> Generation:
+def _submit(engine: Engine, k: int | str | None, question: str, **sampling: object) -> Generation:
     params: dict[str, object] = {"max_tokens": 6, "temperature": 0.0, **sampling}
     messages = [{"role": "user", "content": question}]
     return engine.submit(_route(k), Sampling(**params), n=1, messages=messages)  # type: ignore[arg-type]
 
 
-def _generate(store: FilesystemStore, tiny_chat_path: Path, tmp: Path, k: int, question: str) -> str:
-    """What transformers' own greedy `generate` answers with adapter k."""
+def _generate(store: FilesystemStore, tiny_chat_path: Path, tmp: Path, k: int | str, question: str) -> str:
+    """Adapter k's greedy answer computed as training computes it: PEFT's forward over the whole
+    sequence at each step, no KV cache. (PEFT 0.21's `generate` misplaces prompt-learning virtual
+    tokens with transformers 5, whose forward takes `cache` where PEFT passes `past_key_values`.)"""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory = AdapterFetcher(store, tmp / "reference").fetch(f"jobs/job{k}/artifacts/adapter.tar.gz")
+    directory = AdapterFetcher(store, tmp / "reference").fetch(_key(k))
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_path)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_chat_path), directory).eval()
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
     )
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    prompt_length = ids.shape[1]
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=6, do_sample=False)
-    return str(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+        for _ in range(6):
+            token = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax()
+            if int(token) == tokenizer.eos_token_id:
+                break
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    return str(tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True))
 
 
 def test_a_mixed_batch_answers_each_row_as_it_is_answered_alone(
@@ -155,3 +190,38 @@ def test_lru_cache_queue_limit_seed_and_cancel(
         assert engine.in_flight == 0
 
     asyncio.run(scenario())
+
+
+def test_ia3_prompt_and_prefix_tuning_adapters_answer_as_peft_computes(
+    store: FilesystemStore, tiny_chat_path: Path, tmp_path: Path
+) -> None:
+    """Each method on a runner of its own (its batches one adapter each), all asked at once beside
+    LoRA and the base: each answer is what PEFT's forward makes of it greedily, and differs from
+    the base's."""
+    engine = _engine(store, tiny_chat_path, tmp_path)
+    others = ["ia3", "prompt_tuning", "prompt_tuning2", "prefix_tuning"]
+    asks = [(k, q) for k in (None, 0, *others) for q in QUESTIONS]
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        together = await asyncio.gather(*(_collect(_submit(engine, k, q)) for k, q in asks))
+        sampled = [
+            await _collect(_submit(engine, "prefix_tuning", QUESTIONS[0], temperature=1.0, seed=3))
+            for _ in range(2)
+        ]
+        return [texts[0] for texts, _ in together], [texts[0] for texts, _ in sampled]
+
+    answers, sampled = asyncio.run(scenario())
+    assert sampled[0] == sampled[1]
+    assert sorted(engine.runners) == [
+        f"base:{BASE}",
+        f"base:{BASE}:ia3",
+        f"base:{BASE}:prefix_tuning",
+        f"base:{BASE}:prompt_tuning",
+    ]
+    base = answers[: len(QUESTIONS)]
+    for i, (k, question) in enumerate(asks):
+        if k in others:
+            assert answers[i] == _generate(store, tiny_chat_path, tmp_path, k, question), (k, question)
+    by_adapter = [tuple(answers[i : i + len(QUESTIONS)]) for i in range(0, len(answers), len(QUESTIONS))]
+    assert len(set(by_adapter)) == len(by_adapter), by_adapter
+    assert all(tuple(base) != answered for answered in by_adapter[1:])

@@ -11,6 +11,13 @@ goes first.
 Batches are static: the loop takes every waiting sequence whose adapter is ready (up to
 `max_batch`), prefills them together (left-padded), then decodes one token per row per step;
 finished, cancelled and timed-out rows leave the batch (and the KV cache) as they end.
+
+IA3, prompt tuning and prefix tuning adapters can share neither PEFT's mixed LoRA batch nor a
+model that has LoRA layers in it (PEFT keeps one adapter method per model), so each of these
+methods gets a runner of its own per base (its own copy of the base weights, loaded on first use),
+whose batches hold one adapter each. Prompt-learning adapters add their virtual tokens as PEFT's
+`generate` does: prompt tuning's embeddings before the (left-padded) prompt, prefix tuning's keys
+and values as the start of the KV cache; either way the prompt's positions start after them.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneforge.inference.adapters import AdapterFetcher, cache_name
-from tuneforge.inference.protocol import Route
+from tuneforge.inference.protocol import AdapterFamily, Route
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +42,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+PEFT_TYPES: dict[str, str] = {
+    "lora": "LORA",
+    "ia3": "IA3",
+    "prompt_tuning": "PROMPT_TUNING",
+    "prefix_tuning": "PREFIX_TUNING",
+}
+"""The `peft_type` an adapter of each family has in its adapter_config.json."""
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
 
 
 class EngineError(Exception):
@@ -192,8 +207,10 @@ class BaseRunner:
         adapters_per_base: int,
         max_batch: int,
         released: Callable[[Generation], None],
+        family: AdapterFamily = "lora",
     ) -> None:
         self.key = key
+        self.family = family
         self.locate = locate
         self.fetcher = fetcher
         self.adapters_per_base = adapters_per_base
@@ -288,7 +305,10 @@ class BaseRunner:
                     if name not in self.loading:
                         self._start_fetch(generation)
                     waiting.append(generation)
-                elif batch and rows + generation.sequences > self.max_batch:
+                elif batch and (
+                    rows + generation.sequences > self.max_batch
+                    or (self.family != "lora" and name != batch[0].adapter_name)
+                ):
                     waiting.append(generation)
                 else:
                     if name is not None:
@@ -325,11 +345,11 @@ class BaseRunner:
             import json
 
             peft_type = json.loads(config.read_text()).get("peft_type") if config.exists() else None
-            if peft_type != "LORA":
+            if peft_type != PEFT_TYPES[self.family]:
                 raise EngineError(
                     400,
-                    f"This model's adapter ({peft_type or 'unknown type'}) cannot be served; LoRA, DoRA "
-                    "and QLoRA adapters and full fine-tunes can.",
+                    f"This model's adapter ({peft_type or 'unknown type'}) cannot be served; LoRA, DoRA, "
+                    "QLoRA, IA3, prompt tuning and prefix tuning adapters and full fine-tunes can.",
                     code="model_not_supported",
                     param="model",
                 )
@@ -406,7 +426,7 @@ class BaseRunner:
             texts = [str(text)]
         else:
             texts = list(generation.prompts or [])
-        limit = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        limit = self._context_limit() - self._virtual_tokens(name)
         generation.prompt_ids = []
         for text in texts:
             ids = list(tokenizer(text, add_special_tokens=generation.messages is None)["input_ids"])
@@ -423,14 +443,23 @@ class BaseRunner:
                 )
             generation.prompt_ids.append(ids)
 
+    def _context_limit(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+    def _virtual_tokens(self, name: str | None) -> int:
+        """The virtual tokens a prompt-learning adapter puts before the prompt (0 for the others)."""
+        if name is None or self.family not in PROMPT_LEARNING:
+            return 0
+        return int(self.model.peft_config[name].num_virtual_tokens)
+
     # --- decoding ---
     def _rows(self, batch: list[Generation]) -> list[_Row]:
         import torch
 
-        limit = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         rows = []
         for generation in batch:
             name = generation.adapter_name
+            limit = self._context_limit() - self._virtual_tokens(name)
             tokenizing = self.loaded[name] if name is not None else self.base_tokenizing
             assert tokenizing is not None
             sampling = generation.sampling
@@ -469,12 +498,34 @@ class BaseRunner:
             ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
             mask[i, width - len(row.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        mixed = isinstance(self.model, PeftModel)
         cache = DynamicCache()
-        extra: dict[str, Any] = {"adapter_names": [r.adapter for r in rows]} if mixed else {}
-        logits = self.model(
-            input_ids=ids,
+        model: Any = self.model
+        inputs: dict[str, Any] = {"input_ids": ids}
+        extra: dict[str, Any] = {}
+        mixed = self.family == "lora" and isinstance(self.model, PeftModel)
+        if mixed:
+            extra["adapter_names"] = [r.adapter for r in rows]
+        elif self.family != "lora":
+            self.model.set_adapter(rows[0].adapter)  # a batch of these holds one adapter
+        virtual = self._virtual_tokens(rows[0].adapter if self.family in PROMPT_LEARNING else None)
+        if virtual:
+            # PEFT's forward would add the virtual tokens at every step; added here once, as its
+            # generate does, then the plain base model runs.
+            model = self.model.base_model
+            mask = torch.cat(
+                [torch.ones((len(rows), virtual), dtype=mask.dtype, device=self.device), mask], 1
+            )
+            if self.family == "prefix_tuning":
+                cache = self.model.get_prompt(batch_size=len(rows), max_cache_len=-1)
+            else:
+                embeds = self.model.word_embeddings(ids)
+                prompts = self.model.get_prompt(batch_size=len(rows)).to(embeds.dtype)
+                inputs = {"inputs_embeds": torch.cat([prompts, embeds], dim=1)}
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.family == "prefix_tuning":
+            positions = positions[:, virtual:]  # the prefix is in the cache already
+        logits = model(
+            **inputs,
             attention_mask=mask,
             position_ids=positions,
             cache=cache,
@@ -496,7 +547,7 @@ class BaseRunner:
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
             if mixed:
                 extra["adapter_names"] = [r.adapter for r in rows]
-            logits = self.model(
+            logits = model(
                 input_ids=tokens[:, None],
                 attention_mask=mask,
                 position_ids=next_position[:, None],
@@ -601,7 +652,8 @@ def _timeout() -> EngineError:
 
 
 class Engine:
-    """Every base model's runner, started on first use, and the queue limit over all of them."""
+    """Every base model's runner (one for its LoRA adapters and the base itself, one for each other
+    adapter method in use), started on first use, and the queue limit over all of them."""
 
     def __init__(
         self,
@@ -632,6 +684,7 @@ class Engine:
 
     def _runner(self, route: Route) -> BaseRunner:
         adapter = route.adapter
+        family: AdapterFamily = "lora"
         if adapter is not None and adapter.kind == "model":
             key = f"model:{adapter.storage_key}"
             storage_key = adapter.storage_key
@@ -639,7 +692,9 @@ class Engine:
             def locate() -> Path:
                 return self.fetcher.fetch(storage_key)
         else:
-            key = f"base:{route.base_model}"
+            if adapter is not None:
+                family = adapter.family
+            key = f"base:{route.base_model}" + ("" if family == "lora" else f":{family}")
             base = route.base_model
 
             def locate() -> Path:
@@ -655,6 +710,7 @@ class Engine:
                     adapters_per_base=self.adapters_per_base,
                     max_batch=self.max_batch,
                     released=self._release,
+                    family=family,
                 )
             return runner
 

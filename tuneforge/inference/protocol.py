@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+AdapterFamily = Literal["lora", "ia3", "prompt_tuning", "prefix_tuning"]
+
 FIELD = "tuneforge"
 """The key of the routing object in the forwarded body (removed before the body is read as OpenAI's)."""
 
@@ -15,6 +17,11 @@ class AdapterRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     storage_key: str = Field(description="The adapter's `.tar.gz` in the object store.")
     kind: str = Field("adapter", description="`adapter` (PEFT, onto the base) or `model` (full weights).")
+    family: AdapterFamily = Field(
+        "lora",
+        description="The PEFT method: LoRA (DoRA and QLoRA too) adapters share mixed-adapter batches; "
+        "the others run on a copy of the base of their own, one adapter per batch.",
+    )
 
 
 class Route(BaseModel):

@@ -24,7 +24,14 @@ from tuneforge.api.deps import ProjectDep
 from tuneforge.api.errors import BadRequest, NotFound, ServiceUnavailable, TuneforgeError
 from tuneforge.api.responses import NOT_FOUND, _error, _Open
 from tuneforge.config import Settings
-from tuneforge.inference.protocol import FIELD, AdapterRef, ChatCompletionRequest, CompletionRequest, Route
+from tuneforge.inference.protocol import (
+    FIELD,
+    AdapterFamily,
+    AdapterRef,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Route,
+)
 from tuneforge.models import checkpoint as checkpoints
 from tuneforge.models import job as jobs
 from tuneforge.training.base_models import list_base_models
@@ -32,7 +39,15 @@ from tuneforge.training.base_models import list_base_models
 router = APIRouter(prefix="/v1", tags=["inference"])
 
 CHECKPOINT_MARK = ":ckpt-step-"
-SERVABLE_ADAPTERS = frozenset({"lora", "dora", "qlora", "full"})
+FAMILIES: dict[str, AdapterFamily] = {
+    "lora": "lora",
+    "dora": "lora",
+    "qlora": "lora",
+    "ia3": "ia3",
+    "prompt_tuning": "prompt_tuning",
+    "prefix_tuning": "prefix_tuning",
+}
+"""Each servable adapter type's family in the engine (`full` is served as a model of its own)."""
 
 
 class Usage(_Open):
@@ -101,10 +116,9 @@ def resolve_route(session: Session, settings: Settings, project_id: str, model: 
     if job is None or (mark and not step.isdigit()):
         raise NotFound(f"The model '{model}' does not exist.", param="model", code="model_not_found")
     adapter_type = str((job.spec.get("adapter") or {}).get("type") or "lora")
-    if adapter_type not in SERVABLE_ADAPTERS:
+    if adapter_type != "full" and adapter_type not in FAMILIES:
         raise BadRequest(
-            f"The model '{model}' is a {adapter_type} adapter; LoRA, DoRA, QLoRA and full fine-tunes "
-            "can be served.",
+            f"The model '{model}' is a {adapter_type} adapter, which cannot be served.",
             param="model",
             code="model_not_supported",
         )
@@ -126,7 +140,8 @@ def resolve_route(session: Session, settings: Settings, project_id: str, model: 
             )
         storage_key = artifact.storage_key
     base = getattr(job, "base_model", None) or job.model
-    return Route(base_model=base, adapter=AdapterRef(storage_key=storage_key, kind=kind))
+    family = FAMILIES.get(adapter_type, "lora")
+    return Route(base_model=base, adapter=AdapterRef(storage_key=storage_key, kind=kind, family=family))
 
 
 def _resolve(factory: sessionmaker[Session], settings: Settings, project_id: str, model: str) -> Route:
@@ -225,6 +240,14 @@ async def _complete(
     payload = body.model_dump(exclude_none=True)
     if settings.inference_url:
         from tuneforge.api.services.vllm import prepare_vllm
+
+        if route.adapter is not None and route.adapter.family != "lora":
+            raise BadRequest(
+                f"The model '{body.model}' is a {route.adapter.family} adapter; the vLLM backend "
+                "serves LoRA adapters only.",
+                param="model",
+                code="model_not_supported",
+            )
 
         payload = await prepare_vllm(_client(request), state.store, settings, route, payload)
     else:
