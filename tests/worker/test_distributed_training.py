@@ -7,10 +7,18 @@ the worker restarts both ranks from that checkpoint, and the job ends as a singl
 the same global batch does: its loss curve stays within LOSS_TOLERANCE of the single-process one
 at every step (the two runs draw their batches differently: DistributedSampler vs one sampler).
 A `full` job with strategy fsdp succeeds too (on CPU accelerate has no FSDP: it runs replicated
-and its start event says so)."""
+and its start event says so).
+
+The worker runs in a UTS namespace of its own whose host name resolves to nothing: torchrun's
+`--standalone` served the ranks' store on `socket.getfqdn()` and, on a CI VM whose name did not
+resolve usefully, retried that name for ever before starting any rank (issue 13). A job that times
+out shows the training log (torchrun's and every rank's output) beside the worker's."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,17 +29,23 @@ import pytest
 
 from tuneforge.models.job import Job, JobEvent
 
-from .helpers import checkpoints, events, get_job, seed_job, sender, status
-from .procs import Services, running_services, training_processes, wait_for
+from .helpers import checkpoints, events, seed_job, sender
+from .procs import REPO, Services, running_services, training_processes, wait_for
+from .real_training import REAL_TRAINING_ENV, finished, send_to_queue, starts, training_logs
 
 pytestmark = pytest.mark.slow
 
-REAL_RUNNER = "tuneforge.training.run:run_training"
 JOB_TIMEOUT_S = 300
 #: Largest difference allowed between the 2-process and the 1-process training loss at a step,
 #: relative to the 1-process loss (measured: under 0.10 on these runs).
 LOSS_TOLERANCE = 0.25
 STEPS = 6
+#: The worker's host name: one that no resolver knows.
+UNRESOLVABLE_HOST = "tuneforge-host-that-does-not-resolve"
+#: The queue of a second worker whose rank 1 never starts (tests/worker/stuck_rank).
+STUCK_RANK_QUEUE = "gpu-stuck-rank"
+#: That worker's bound on its ranks getting ready: past rank 0's start on a loaded machine.
+STUCK_READY_TIMEOUT_S = 45
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +57,40 @@ def services(
     tiny_chat_path: Path,
 ) -> Iterator[Services]:
     env = {
-        "TUNEFORGE_TRAINING_RUNNER": REAL_RUNNER,
-        "TUNEFORGE_LEASE_SECONDS": "30",
+        **REAL_TRAINING_ENV,
         "TUNEFORGE_WORKER_CPU_PROCESSES": "true",
         "TUNEFORGE_WORKER_DEVICES": "2",
     }
     with running_services(tmp_path_factory.mktemp("ddp"), pg_url, redis_url, models_dir, env) as svc:
-        svc.worker()
+        _worker_on_an_unresolvable_host(svc)
+        stuck = Path(__file__).parent / "stuck_rank"
+        svc.worker(
+            queues=STUCK_RANK_QUEUE,
+            extra_env={
+                "PYTHONPATH": f"{stuck}{os.pathsep}{svc.env['PYTHONPATH']}",
+                "TUNEFORGE_DISTRIBUTED_READY_TIMEOUT_SECONDS": str(STUCK_READY_TIMEOUT_S),
+            },
+        )
         yield svc
+
+
+def _worker_on_an_unresolvable_host(services: Services) -> None:
+    """`tuneforge worker` in its own UTS namespace (unshare(1); as root, or in a user namespace of
+    its own otherwise) named UNRESOLVABLE_HOST; stopped with the module's other processes."""
+    as_root = os.geteuid() == 0
+    namespaces = ["unshare", "--uts"] if as_root else ["unshare", "--user", "--map-root-user", "--uts"]
+    script = f'hostname {UNRESOLVABLE_HOST} && exec "$0" -m tuneforge.cli worker --queues gpu --concurrency 1'
+    log = (services.tmp / "worker-0.log").open("ab")
+    process = subprocess.Popen(
+        [*namespaces, "sh", "-c", script, sys.executable],
+        env={**os.environ, **services.env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    services.processes.append(process)
 
 
 def _job(services: Services, data: Path, hardware: dict[str, Any] | None, **extra: Any) -> str:
@@ -62,13 +102,7 @@ def _job(services: Services, data: Path, hardware: dict[str, Any] | None, **extr
 
 
 def _finished(services: Services, job_id: str) -> Job:
-    assert wait_for(
-        lambda: status(services, job_id) in ("succeeded", "failed", "cancelled"),
-        JOB_TIMEOUT_S,
-        job_id,
-        services,
-    )
-    return get_job(services, job_id)
+    return finished(services, job_id, JOB_TIMEOUT_S)
 
 
 def _losses(rows: list[JobEvent]) -> dict[int, float]:
@@ -77,10 +111,6 @@ def _losses(rows: list[JobEvent]) -> dict[int, float]:
         for e in rows
         if e.type == "metrics" and e.data and e.data.get("train_loss") is not None
     }
-
-
-def _starts(rows: list[JobEvent]) -> list[dict[str, Any]]:
-    return [e.data for e in rows if e.message.startswith("Training started") and e.data]
 
 
 def _rank(proc: psutil.Process) -> int | None:
@@ -104,7 +134,9 @@ def two_processes(
 ) -> tuple[Job, list[JobEvent]]:
     job_id = _job(services, qa_path, {"count": 2, "strategy": "ddp"})
     sender(services)(job_id)
-    assert wait_for(lambda: bool(checkpoints(services, job_id)), JOB_TIMEOUT_S, job_id, services)
+    assert wait_for(
+        lambda: bool(checkpoints(services, job_id)), JOB_TIMEOUT_S, job_id, training_logs(services)
+    )
     rank_one = [p for p in training_processes() if "--socket" in p.cmdline() and _rank(p) == 1]
     assert len(rank_one) == 1, rank_one
     rank_one[0].kill()
@@ -120,9 +152,9 @@ def test_two_gloo_processes_learn_like_one(
     (job, rows), (one, one_rows) = two_processes, single
     assert one.status == "succeeded", one.error
     assert job.status == "succeeded", (job.error, [e.message for e in rows])
-    starts = _starts(rows)
-    assert all(s["world_size"] == 2 and s["strategy"] == "ddp" for s in starts), starts
-    assert starts[0]["hyperparameters"]["batch_size"] == 4  # the global batch, 2 per process
+    begun = starts(rows)
+    assert all(s["world_size"] == 2 and s["strategy"] == "ddp" for s in begun), begun
+    assert begun[0]["hyperparameters"]["batch_size"] == 4  # the global batch, 2 per process
     curve, reference = _losses(rows), _losses(one_rows)
     assert sorted(curve) == sorted(reference) == list(range(1, STEPS + 1))
     for step, loss in reference.items():
@@ -142,17 +174,13 @@ def test_sigkill_of_rank_one_resumes_from_the_checkpoint(two_processes: tuple[Jo
     assert wait_for(lambda: not [p for p in training_processes() if "--socket" in p.cmdline()], 20, "no rank")
 
 
-@pytest.mark.skip(
-    reason="issue 13, open: in the CI run of 703c179 this job hung after the spare's warm-up (no "
-    "training start for 300 s) while passing in its author's runs; skipped until the hang is found"
-)
 def test_full_with_fsdp_on_two_processes(services: Services, qa_path: Path) -> None:
     job_id = _job(services, qa_path, {"count": 2, "strategy": "fsdp"}, adapter={"type": "full"})
     sender(services)(job_id)
     job = _finished(services, job_id)
     rows = events(services, job_id)
     assert job.status == "succeeded", (job.error, [e.message for e in rows])
-    (start,) = _starts(rows)
+    (start,) = starts(rows)
     assert start["world_size"] == 2 and start["strategy_asked"] == "fsdp"
     assert start["strategy"] == "ddp"  # CPU: accelerate shards only on accelerators
     assert _losses(rows)[STEPS] < _losses(rows)[1]
@@ -181,3 +209,22 @@ def test_estimator_shards_full_fine_tuning_and_replicates_adapters() -> None:
     assert fsdp.activations == ddp.activations < one.activations  # micro-batch 4 of the 8
     lora_two = memory("lora", count=2)  # auto: ddp for adapters
     assert lora_two.weights == memory("lora").weights
+
+
+def test_ranks_that_never_get_ready_restart_then_fail_naming_the_missing_rank(
+    services: Services, qa_path: Path
+) -> None:
+    """On the second worker rank 1 hangs before connecting: each start ends after the bound with
+    a `ranks_not_ready` warning naming it, twice (the lost-rank restarts), then the job fails."""
+    job_id = _job(services, qa_path, {"count": 2, "strategy": "ddp"})
+    send_to_queue(services, job_id, STUCK_RANK_QUEUE)
+    job = _finished(services, job_id)
+    rows = events(services, job_id)
+    assert job.status == "failed" and job.error is not None, [e.message for e in rows]
+    restarts = [e for e in rows if e.data and e.data.get("code") == "ranks_not_ready"]
+    assert [e.level for e in restarts] == ["warn", "warn"], [e.message for e in rows]
+    missing = f"not every rank was ready within {STUCK_READY_TIMEOUT_S} s: 1 of 2 ranks not ready (ready: [0]"
+    assert all(missing in e.message for e in restarts), [e.message for e in restarts]
+    assert job.error["message"].startswith(f"the multi-device run did not start: {missing}"), job.error
+    assert job.attempt == 1
+    assert wait_for(lambda: not [p for p in training_processes() if "--socket" in p.cmdline()], 20, "no rank")
