@@ -15,12 +15,18 @@ RUN apt-get update \
 
 WORKDIR /app
 # Dependencies first, so code changes do not reinstall torch; the tracking extra is for workers'
-# wandb, mlflow and tensorboard integrations.
+# wandb, mlflow and tensorboard integrations, the gguf extra for GGUF exports (llama-cpp-python
+# compiles llama.cpp here, with the Makefile's GGUF_CMAKE_ARGS; tests/deploy checks they agree).
+ARG GGUF_CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF"
 COPY pyproject.toml README.md ./
 RUN mkdir tuneforge && touch tuneforge/__init__.py \
     && pip install torch==2.13.0 \
-    && pip install ".[tracking]" \
+    && CMAKE_ARGS="$GGUF_CMAKE_ARGS" pip install ".[tracking,gguf]" \
     && pip uninstall -y tuneforge
+# llama.cpp's converter, out of the sdist of the llama-cpp-python just installed, into
+# /usr/local/share/tuneforge/llama.cpp (the script needs only the standard library).
+COPY tuneforge/training/gguf.py /tmp/gguf.py
+RUN python /tmp/gguf.py install-converter && rm /tmp/gguf.py
 COPY tuneforge ./tuneforge
 COPY migrations ./migrations
 COPY alembic.ini ./

@@ -151,3 +151,16 @@ def test_prometheus_scrapes_the_api_and_the_worker(compose: dict[str, Any]) -> N
         "tuneforge-beat": [f"beat:{beat.beat_metrics_port}"],
     }
     assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in config["scrape_configs"])
+
+
+def test_dockerfile_installs_the_gguf_extra_as_the_makefile_does(dockerfile: list[tuple[str, str]]) -> None:
+    """The image can export GGUF: the gguf extra compiled with the Makefile's CMAKE_ARGS, and
+    llama.cpp's converter installed."""
+    makefile = (ROOT / "Makefile").read_text()
+    flags = re.search(r"^GGUF_CMAKE_ARGS \?= (.+)$", makefile, re.MULTILINE)
+    assert flags is not None
+    arg = next(rest for kw, rest in dockerfile if kw == "ARG" and rest.startswith("GGUF_CMAKE_ARGS="))
+    assert shlex.split(arg.removeprefix("GGUF_CMAKE_ARGS=")) == [flags.group(1).strip()]
+    runs = [rest for kw, rest in dockerfile if kw == "RUN"]
+    assert any('CMAKE_ARGS="$GGUF_CMAKE_ARGS"' in r and ".[tracking,gguf]" in r for r in runs), runs
+    assert any("install-converter" in r for r in runs), runs
