@@ -243,3 +243,29 @@ def test_a_live_stream_follows_a_job_until_its_final_status(
     listed = [e.id for e in project.openai.fine_tuning.jobs.list_events(job.id, limit=100).data][::-1]
     assert [e["id"] for e in streamed["events"]] == listed
     assert [e["message"] for e in streamed["events"]][-4:] == ["step 1", "step 2", "step 3", "Job cancelled."]
+
+
+def test_endpoints_and_deliveries_page_with_after_and_limit(
+    project: ProjectCtx, receiver: Receiver, allow_local: None
+) -> None:
+    """The jobs routes' paging (tuneforge/api/paging.py): newest first, `has_more`, `after` an id of
+    the list; an id that is not one is a 400 naming `after`."""
+    made = [
+        project.openai.webhooks.create(
+            name=f"p{i}", url=receiver.url(f"/page-{i}"), event_types=[SUCCEEDED]
+        ).id
+        for i in range(3)
+    ]
+    base = "/v1/webhook_endpoints"
+    first = project.client.get(base, params={"limit": 2}, headers=project.headers).json()
+    assert [e["id"] for e in first["data"]] == made[::-1][:2] and first["has_more"] is True
+    rest = project.client.get(
+        base, params={"limit": 2, "after": first["last_id"]}, headers=project.headers
+    ).json()
+    assert [e["id"] for e in rest["data"]] == made[:1] and rest["has_more"] is False
+
+    for url in (f"{base}?after=we_nope", f"{base}/{made[0]}/deliveries?after=nope"):
+        error = _error(project.client.get(url, headers=project.headers))
+        assert error["param"] == "after" and "nope" in error["message"], (url, error)
+    page = project.client.get(f"{base}/{made[0]}/deliveries", headers=project.headers).json()
+    assert (page["data"], page["has_more"]) == ([], False)

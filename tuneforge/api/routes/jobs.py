@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from tuneforge.api.deps import JobDep, JobId, ProjectDep, SessionDep, SettingsDep, StoreDep
 from tuneforge.api.errors import BadRequest, NotFound
 from tuneforge.api.live_events import JobEventBus, job_event_stream
+from tuneforge.api.paging import After, cursor_row
 from tuneforge.api.responses import (
     NOT_FOUND,
     ArtifactList,
@@ -42,7 +43,6 @@ _METADATA_PARAM = re.compile(r"^metadata\[(.+)\]$")
 
 Limit20 = Annotated[int, Query(ge=1, le=1000, description="Page size.")]
 Limit10 = Annotated[int, Query(ge=1, le=1000, description="Page size.")]
-After = Annotated[str | None, Query(description="An id: the page starts after it.")]
 Redirect = Annotated[
     bool, Query(description="On S3, answer 307 to a presigned URL instead of streaming the bytes.")
 ]
@@ -63,11 +63,9 @@ def list_jobs(
         for name, value in request.query_params.multi_items()
         if (m := _METADATA_PARAM.match(name))
     }
-    cursor = None
-    if after is not None:
-        cursor = jobs.get_job(session, caller.project_id, after)
-        if cursor is None:
-            raise BadRequest(f"No such fine-tuning job: {after}", param="after")
+    cursor = cursor_row(
+        after, lambda id_: jobs.get_job(session, caller.project_id, id_), "No such fine-tuning job"
+    )
     rows = jobs.list_jobs(session, caller.project_id, limit=limit + 1, after=cursor, metadata=metadata)
     return JSONResponse(list_page(rows, limit, job_object, ids=False))
 
@@ -179,11 +177,9 @@ def list_events(
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
-    cursor = None
-    if after is not None:
-        cursor = jobs.get_event(session, job.id, after)
-        if cursor is None:
-            raise BadRequest(f"No such event of job {job.id}: {after}", param="after")
+    cursor = cursor_row(
+        after, lambda id_: jobs.get_event(session, job.id, id_), f"No such event of job {job.id}"
+    )
     rows = jobs.list_events(session, job.id, limit=limit + 1, after=cursor)
     return JSONResponse(list_page(rows, limit, event_object, ids=False))
 
@@ -196,11 +192,11 @@ def list_events(
 def list_checkpoints(
     job: JobDep, session: SessionDep, after: After = None, limit: Limit10 = 10
 ) -> JSONResponse:
-    cursor = None
-    if after is not None:
-        cursor = checkpoints.get_checkpoint(session, job.id, after)
-        if cursor is None:
-            raise BadRequest(f"No such checkpoint of job {job.id}: {after}", param="after")
+    cursor = cursor_row(
+        after,
+        lambda id_: checkpoints.get_checkpoint(session, job.id, id_),
+        f"No such checkpoint of job {job.id}",
+    )
     rows = checkpoints.list_checkpoints(session, job.id, limit=limit + 1, after=cursor)
     return JSONResponse(list_page(rows, limit, lambda c: checkpoint_object(c, job)))
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tuneforge.api.deps import ProjectDep, SessionDep, SettingsDep
 from tuneforge.api.errors import BadRequest, NotFound
+from tuneforge.api.paging import After, cursor_row
 from tuneforge.api.responses import NOT_FOUND, ok
 from tuneforge.api.schemas import list_page, unix
 from tuneforge.config import Settings
@@ -29,7 +30,6 @@ event_types_router = APIRouter(prefix="/v1/webhook_event_types", tags=["webhooks
 
 EndpointId = Annotated[str, Path(description="A webhook endpoint id (we_...).")]
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]
-After = Annotated[str | None, Query(description="An id: the page starts after it.")]
 
 EVENT_TYPES_HELP = f"Event types that trigger deliveries: {', '.join(webhook.JOB_EVENT_TYPES)}."
 
@@ -221,11 +221,9 @@ def create_endpoint(
 def list_endpoints(
     caller: ProjectDep, session: SessionDep, after: After = None, limit: Limit = 20
 ) -> JSONResponse:
-    cursor = None
-    if after is not None:
-        cursor = webhook.get_endpoint(session, caller.project_id, after)
-        if cursor is None:
-            raise BadRequest(f"No such webhook endpoint: {after}", param="after")
+    cursor = cursor_row(
+        after, lambda id_: webhook.get_endpoint(session, caller.project_id, id_), "No such webhook endpoint"
+    )
     rows = webhook.list_endpoints(session, caller.project_id, limit=limit + 1, after=cursor)
     return JSONResponse(list_page(rows, limit, endpoint_object))
 
@@ -348,11 +346,11 @@ def list_deliveries(
     limit: Limit = 20,
 ) -> JSONResponse:
     endpoint = _endpoint(session, caller, webhook_endpoint_id)
-    cursor = None
-    if after is not None:
-        cursor = webhook.get_delivery(session, endpoint.id, after)
-        if cursor is None:
-            raise BadRequest(f"No such delivery of endpoint {endpoint.id}: {after}", param="after")
+    cursor = cursor_row(
+        after,
+        lambda id_: webhook.get_delivery(session, endpoint.id, id_),
+        f"No such delivery of endpoint {endpoint.id}",
+    )
     rows = webhook.list_deliveries(session, endpoint.id, limit=limit + 1, after=cursor)
     return JSONResponse(list_page(rows, limit, delivery_object))
 
