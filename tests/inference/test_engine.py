@@ -225,3 +225,44 @@ def test_ia3_prompt_and_prefix_tuning_adapters_answer_as_peft_computes(
     by_adapter = [tuple(answers[i : i + len(QUESTIONS)]) for i in range(0, len(answers), len(QUESTIONS))]
     assert len(set(by_adapter)) == len(by_adapter), by_adapter
     assert all(tuple(base) != answered for answered in by_adapter[1:])
+
+
+def test_the_adapter_cache_stays_within_its_limit(
+    store: FilesystemStore, tiny_chat_path: Path, tmp_path: Path
+) -> None:
+    """Cycling through more adapters than the cache holds, one at a time and all at once, leaves
+    one adapter's weights in the model and one unpacked copy on disk (no growth), and evicted
+    adapters still answer as they did (fetched again from the store)."""
+    engine = _engine(store, tiny_chat_path, tmp_path, adapters_per_base=1)
+    cache = tmp_path / "cache"
+
+    def footprint() -> tuple[int, int, int, int]:
+        runner = engine.runners[f"base:{BASE}"]
+        model = runner.model
+        unpacked = [p for p in cache.iterdir() if not p.name.startswith(".")]
+        return (
+            len(runner.loaded),
+            len(model.peft_config),
+            sum(p.numel() for p in model.parameters()),
+            len(unpacked),
+        )
+
+    async def scenario() -> None:
+        first: dict[int, str] = {}
+        sizes = set()
+        for k in (0, 1, 2, 0, 1, 2):
+            texts, _ = await _collect(_submit(engine, k, QUESTIONS[0]))
+            assert first.setdefault(k, texts[0]) == texts[0]
+            loaded, configs, parameters, unpacked = footprint()
+            assert (loaded, configs, unpacked) == (1, 1, 1)
+            sizes.add(parameters)
+        assert len(sizes) == 1, sizes
+        together = await asyncio.gather(*(_collect(_submit(engine, k, QUESTIONS[0])) for k in (0, 1, 2)))
+        assert [texts[0] for texts, _ in together] == [first[k] for k in (0, 1, 2)]
+        # All three were needed at once; once they are answered the cache shrinks back (at the
+        # latest before the next batch, which this request is).
+        await _collect(_submit(engine, 1, QUESTIONS[0]))
+        loaded, configs, parameters, unpacked = footprint()
+        assert (loaded, configs, unpacked) == (1, 1, 1) and parameters in sizes
+
+    asyncio.run(scenario())

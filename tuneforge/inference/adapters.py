@@ -46,3 +46,11 @@ class AdapterFetcher:
                 shutil.rmtree(target, ignore_errors=True)
                 unpacked.rename(target)
             return target
+
+    def discard(self, storage_key: str) -> None:
+        """Deletes the unpacked copy of `storage_key` (a later `fetch` downloads it again)."""
+        name = cache_name(storage_key)
+        with self._guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            shutil.rmtree(self.root / name, ignore_errors=True)

@@ -220,6 +220,7 @@ class BaseRunner:
         self.pending: collections.deque[Generation] = collections.deque()
         self.ready: list[tuple[str, Path, Tokenizing]] = []  # fetched, waiting to be inserted
         self.loading: set[str] = set()
+        self.storage_keys: dict[str, str] = {}  # adapter name -> its archive in the store
         self.failed: dict[str, EngineError] = {}
         self.loaded: collections.OrderedDict[str, Tokenizing] = collections.OrderedDict()
         self.model: Any = None
@@ -261,6 +262,7 @@ class BaseRunner:
                         generation.fail(
                             EngineError(500, f"Generation failed: {type(exc).__name__}", code="server_error")
                         )
+                self._evict()
             elif not ready:
                 with self.cond:  # only waiting for loads: sleep until one finishes or a request comes
                     if not self.ready:
@@ -336,6 +338,7 @@ class BaseRunner:
         assert name is not None
         self.loading.add(name)
         key = generation.route.adapter.storage_key
+        self.storage_keys[name] = key
         threading.Thread(target=self._fetch, args=(name, key), name=f"fetch-{name}", daemon=True).start()
 
     def _fetch(self, name: str, storage_key: str) -> None:
@@ -399,13 +402,25 @@ class BaseRunner:
         with self.cond:
             self.loading.discard(name)
             self.loaded[name] = tokenizing
+        self._evict()
+
+    def _evict(self) -> None:
+        """Unloads the least recently used adapters beyond `adapters_per_base` that no waiting
+        request needs, and deletes their unpacked files (the store keeps the archive). Runs on the
+        loop between batches: after an insertion, and after a batch, since adapters that were all
+        needed at once may outnumber the limit until their requests are done."""
+        with self.cond:
             needed = {g.adapter_name for g in self.pending}
+            evicted = []
             for old in list(self.loaded):
                 if len(self.loaded) <= self.adapters_per_base:
                     break
-                if old != name and old not in needed:
+                if old not in needed:
                     self.model.delete_adapter(old)
                     del self.loaded[old]
+                    evicted.append(self.storage_keys.pop(old))
+        for storage_key in evicted:
+            self.fetcher.discard(storage_key)
 
     def _tokenize(self, generation: Generation) -> None:
         name = generation.adapter_name
