@@ -9,24 +9,19 @@ Timings are reported (the start event's setup_seconds), never asserted."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import update
 
-from tuneforge.db import session_scope
 from tuneforge.models.job import Job, JobEvent
-from tuneforge.worker.celery_app import RUN_JOB_TASK, make_celery
 
-from .helpers import events, get_job, seed_job, sender, status
-from .procs import Services, running_services, wait_for
+from .helpers import events, seed_job, sender
+from .procs import Services, running_services
+from .real_training import REAL_TRAINING_ENV, finished, send_to_queue, starts
 
 pytestmark = pytest.mark.slow
 
-REAL_RUNNER = "tuneforge.training.run:run_training"
 ALL_OOM_QUEUE = "gpu-oom"
 JOB_TIMEOUT_S = 240
 
@@ -39,8 +34,9 @@ def services(
     models_dir: Path,
     tiny_chat_path: Path,
 ) -> Iterator[Services]:
-    env = {"TUNEFORGE_TRAINING_RUNNER": REAL_RUNNER, "TUNEFORGE_LEASE_SECONDS": "30"}
-    with running_services(tmp_path_factory.mktemp("oom"), pg_url, redis_url, models_dir, env) as svc:
+    with running_services(
+        tmp_path_factory.mktemp("oom"), pg_url, redis_url, models_dir, REAL_TRAINING_ENV
+    ) as svc:
         svc.worker(extra_env={"TUNEFORGE_TEST_OOM_ABOVE_MICRO_BATCH": "1"})
         svc.worker(queues=ALL_OOM_QUEUE, extra_env={"TUNEFORGE_TEST_OOM_ABOVE_MICRO_BATCH": "0"})
         yield svc
@@ -53,29 +49,8 @@ def _job(services: Services, data: Path, batch_size: int) -> str:
     )
 
 
-def _send(services: Services, job_id: str, queue: str) -> None:
-    saved = dict(os.environ)
-    os.environ.update(services.env)
-    try:
-        app = make_celery(services.settings())
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
-
-
 def _finished(services: Services, job_id: str) -> Job:
-    assert wait_for(
-        lambda: status(services, job_id) in ("succeeded", "failed", "cancelled"),
-        JOB_TIMEOUT_S,
-        job_id,
-        services,
-    )
-    return get_job(services, job_id)
-
-
-def _starts(rows: list[JobEvent]) -> list[dict[str, Any]]:
-    return [e.data for e in rows if e.message.startswith("Training started") and e.data]
+    return finished(services, job_id, JOB_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +73,7 @@ def test_an_injected_oom_succeeds_after_one_halving(halved: tuple[Job, list[JobE
     )
     data = retries[0].data or {}
     assert data["micro_batch_size"] == 1 and data["gradient_checkpointing"] is False
-    first, second = _starts(rows)
+    first, second = starts(rows)
     assert (
         first["hyperparameters"]["batch_size"],
         first["hyperparameters"]["gradient_accumulation_steps"],
@@ -119,10 +94,10 @@ def test_a_later_job_on_the_same_file_hits_the_tokenization_cache(
     sender(services)(job_id)
     job = _finished(services, job_id)
     assert job.status == "succeeded", job.error
-    (start,) = _starts(events(services, job_id))
+    (start,) = starts(events(services, job_id))
     assert start["tokenization_cache"] == "hit", start
     assert set(start["tokenization_cache_entries"].values()) == {"hit"}
-    miss = _starts(halved[1])[0].get("setup_seconds")
+    miss = starts(halved[1])[0].get("setup_seconds")
     print(f"setup_seconds: first job (miss) {miss}, later job (hit) {start['setup_seconds']}")
 
 
@@ -130,9 +105,7 @@ def test_an_oom_at_every_micro_batch_fails_with_advice(services: Services, qa_pa
     """batch_size 1 cannot be halved: the ladder's one rung is gradient checkpointing (the
     halving rung is the first test's)."""
     job_id = _job(services, qa_path, batch_size=1)
-    with session_scope(services.sessions) as session:
-        session.execute(update(Job).where(Job.id == job_id).values(queue=ALL_OOM_QUEUE))
-    _send(services, job_id, ALL_OOM_QUEUE)
+    send_to_queue(services, job_id, ALL_OOM_QUEUE)
     job = _finished(services, job_id)
     rows = events(services, job_id)
     assert job.status == "failed" and job.error is not None, [e.message for e in rows]
