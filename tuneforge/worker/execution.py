@@ -364,6 +364,7 @@ class JobRun:
         """The warm training process, or a fresh one if it died while it waited; None when none
         starts (`self.process` then holds the one that failed)."""
         if launcher.job_devices(self.plan.spec) > 1:  # torchrun and its ranks, started per run
+            release_training_process()  # this pool process's one job has no use for its spare
             return self._ranks_ready(launcher.spawn_for(self.plan.spec, _child_log_path(self.settings)))
         self.process = _take_training_process(self.settings)
         if self._wait_ready_renewing(self.process):
