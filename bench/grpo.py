@@ -2,11 +2,13 @@
 string_check grader as the reward) against a plain TRL GRPOTrainer script on the same data and
 settings (tiny-chat, LoRA r=16 alpha=32 all-linear, 4 prompts x 4 answers per step, 16 new tokens,
 beta 0.04, lr 1e-5, seed 1234), with a plain Python reward doing the same check. The two alternate
-`--repeat` times in this one process (one intra-op thread, as the tests run); each figure is the
-steps of a run over the seconds from the first step's start to the last step's end (model loading
-and saving excluded), and the ratio is Tuneforge's median over the plain script's.
+`--repeat` times in this one process (one intra-op thread, as the tests run), each pair in the
+other order than the one before, after an untimed `--warmup`-step run of each (the process's
+first training run pays one-time costs: lazy imports, kernel set-up); each figure is the steps of
+a run over the seconds from the first step's start to the last step's end (model loading and
+saving excluded), and the ratio is Tuneforge's median over the plain script's.
 
-    .venv/bin/python bench/grpo.py [--steps 20] [--repeat 3]
+    .venv/bin/python bench/grpo.py [--steps 12] [--repeat 8] [--warmup 2] [--plain-without-checkpointing]
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Clock:
         self.start: float | None = None
         self.end = 0.0
         self.steps = 0
+        self.lengths: list[float] = []  # each step's mean completion length (TRL's log)
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -64,6 +67,10 @@ class Clock:
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 clock.end, clock.steps = time.perf_counter(), state.global_step
 
+            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+                if logs and "completions/mean_length" in logs:
+                    clock.lengths.append(float(logs["completions/mean_length"]))
+
         return Timing()
 
     @property
@@ -71,8 +78,12 @@ class Clock:
         assert self.start is not None
         return self.steps / (self.end - self.start)
 
+    @property
+    def mean_length(self) -> float:
+        return statistics.fmean(self.lengths) if self.lengths else float("nan")
 
-def run_tuneforge(model_dir: Path, data: Path, out: Path, steps: int) -> float:
+
+def run_tuneforge(model_dir: Path, data: Path, out: Path, steps: int) -> Clock:
     import transformers
 
     from tuneforge.models.spec import JobSpec
@@ -111,11 +122,12 @@ def run_tuneforge(model_dir: Path, data: Path, out: Path, steps: int) -> float:
         )
     finally:
         transformers.Trainer.__init__ = original  # type: ignore[method-assign]
-    return clock.steps_per_second
+    return clock
 
 
-def run_plain(model_dir: Path, data: Path, out: Path, steps: int) -> float:
-    """What a user would write with TRL alone."""
+def run_plain(model_dir: Path, data: Path, out: Path, steps: int, checkpointing: bool = True) -> Clock:
+    """What a user would write with TRL alone (with TRL's default gradient checkpointing, which the
+    recipe turns off for a model whose activations fit; `checkpointing=False` matches it)."""
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -142,6 +154,7 @@ def run_plain(model_dir: Path, data: Path, out: Path, steps: int) -> float:
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
+        gradient_checkpointing=checkpointing,
     )
     clock = Clock()
     trainer = GRPOTrainer(
@@ -154,15 +167,21 @@ def run_plain(model_dir: Path, data: Path, out: Path, steps: int) -> float:
         callbacks=[clock.callback()],
     )
     trainer.train()
-    return clock.steps_per_second
+    return clock
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--repeat", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="Steps of the untimed first run of each.")
+    parser.add_argument(
+        "--plain-without-checkpointing",
+        action="store_true",
+        help="The plain script without gradient checkpointing (TRL's default is on), as the recipe runs.",
+    )
     options = parser.parse_args()
 
     import torch
@@ -170,26 +189,43 @@ def main() -> None:
     from tuneforge.training.tiny_chat import build_tiny_chat
 
     torch.set_num_threads(1)
+    checkpointing = not options.plain_without_checkpointing
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = build_tiny_chat(work / "models")
         data = write_data(work / "rft.jsonl")
-        ours: list[float] = []
-        plain: list[float] = []
+        ours: list[Clock] = []
+        plain: list[Clock] = []
+        if options.warmup:
+            run_tuneforge(model_dir, data, work / "ours-warmup", options.warmup)
+            run_plain(model_dir, data, work / "plain-warmup", options.warmup, checkpointing)
         for i in range(options.repeat):
-            ours.append(run_tuneforge(model_dir, data, work / f"ours-{i}", options.steps))
-            plain.append(run_plain(model_dir, data, work / f"plain-{i}", options.steps))
+            if i % 2:
+                plain.append(run_plain(model_dir, data, work / f"plain-{i}", options.steps, checkpointing))
+                ours.append(run_tuneforge(model_dir, data, work / f"ours-{i}", options.steps))
+            else:
+                ours.append(run_tuneforge(model_dir, data, work / f"ours-{i}", options.steps))
+                plain.append(run_plain(model_dir, data, work / f"plain-{i}", options.steps, checkpointing))
             print(
-                f"run {i + 1}: tuneforge {ours[-1]:.2f} steps/s, plain TRL {plain[-1]:.2f} steps/s",
+                f"run {i + 1}: tuneforge {ours[-1].steps_per_second:.2f} steps/s "
+                f"(answers of {ours[-1].mean_length:.1f} tokens), plain TRL "
+                f"{plain[-1].steps_per_second:.2f} steps/s ({plain[-1].mean_length:.1f} tokens)",
                 flush=True,
             )
-    ratio = statistics.median(ours) / statistics.median(plain)
+    ours_speed = [c.steps_per_second for c in ours]
+    plain_speed = [c.steps_per_second for c in plain]
+    ratio = statistics.median(ours_speed) / statistics.median(plain_speed)
     print(
         json.dumps(
             {
-                "tuneforge_steps_per_s": round(statistics.median(ours), 3),
-                "plain_trl_steps_per_s": round(statistics.median(plain), 3),
+                "tuneforge_steps_per_s": round(statistics.median(ours_speed), 3),
+                "plain_trl_steps_per_s": round(statistics.median(plain_speed), 3),
                 "ratio": round(ratio, 3),
+                "pairwise": [round(a / b, 3) for a, b in zip(ours_speed, plain_speed, strict=True)],
+                "mean_answer_tokens": {
+                    "tuneforge": round(statistics.fmean(c.mean_length for c in ours), 2),
+                    "plain_trl": round(statistics.fmean(c.mean_length for c in plain), 2),
+                },
             }
         )
     )

@@ -289,6 +289,9 @@ def grpo_arguments(
         "temperature": grpo["temperature"],
         "beta": hp.beta,
         "log_completions": False,
+        # A GRPO batch has no input_ids for the Trainer to count (it warned on every step); TRL
+        # logs the step's prompt and completion tokens itself (`num_tokens`).
+        "include_num_input_tokens_seen": "no",
     }
     if has_validation and args.get("metric_for_best_model") == "eval_loss":
         args |= {"metric_for_best_model": "eval_reward", "greater_is_better": True}
@@ -319,8 +322,8 @@ def train(cfg: GrpoConfig, observer: RunObserver | None = None) -> Finished:
     # Set up
     hp, grpo = _resolve(hp_in, cfg.adapter.type, train_data.stats.examples, valid_data is not None)
     args = GRPOConfig(
-        **runtime_arguments(cfg, device, model),
-        **grpo_arguments(hp, grpo, has_validation=valid_data is not None),
+        **runtime_arguments(cfg, device, model)
+        | grpo_arguments(hp, grpo, has_validation=valid_data is not None)
     )
     trainer = GRPOTrainer(
         model=model,
