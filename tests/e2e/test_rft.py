@@ -2,8 +2,9 @@
 process): a job with a string_check grader succeeds with per-step reward, reward_std, kl and answer
 length in its events and results CSV, eval_reward on the validation file every eval_interval steps,
 and the reward in its checkpoints' metrics. A chat file (not prompts) is a 400 naming line 1; a file
-whose line lacks a field the grader reads fails validation naming that line. (That tiny-chat learns
-the task is tests/training/test_grpo.py's, in-process.)"""
+whose line lacks a field the grader reads is a 400 at the grader's field naming that line (files
+uploaded before uploads recorded their fields fail the worker's validation instead, as
+tests/training/test_grpo.py checks). (That tiny-chat learns the task is test_grpo.py's, in-process.)"""
 
 from __future__ import annotations
 
@@ -70,11 +71,11 @@ def test_an_rft_job_reports_rewards(embedded: Stack) -> None:
         _create(client, _upload(client, chat))
     assert refused.value.param == "training_file" and "line 1" in refused.value.message
 
-    lacking = _create(client, _upload(client, [prompts[0], {"messages": prompts[1]["messages"]}]))
+    with pytest.raises(openai.BadRequestError) as refused:
+        _create(client, _upload(client, [prompts[0], {"messages": prompts[1]["messages"]}]))
+    assert refused.value.param == "method.reinforcement.grader.reference"
+    assert "line 2" in refused.value.message and "item.letter" in refused.value.message
     job = _create(client, training, validation_file=training)
-    failed = wait_job(client, lacking.id, timeout=300)
-    assert failed.status == "failed" and failed.error is not None
-    assert "line 2" in (failed.error.message or "") and "item.letter" in (failed.error.message or "")
 
     done = wait_job(client, job.id, timeout=600)
     assert done.status == "succeeded", (done.error, embedded.logs())
