@@ -266,3 +266,37 @@ def test_the_adapter_cache_stays_within_its_limit(
         assert (loaded, configs, unpacked) == (1, 1, 1) and parameters in sizes
 
     asyncio.run(scenario())
+
+
+def test_a_short_request_joins_a_running_batch_instead_of_waiting_for_it(
+    store: FilesystemStore, tiny_chat_path: Path, tmp_path: Path
+) -> None:
+    """Continuous batching: a six-token request for another adapter, sent while a 1000-token
+    request decodes, is answered (as it is answered alone) while the long one still runs, and the
+    long one's text goes on as it does alone. (The base's answer to QUESTIONS[1] repeats itself
+    with no end token: it runs to its length.)"""
+    engine = _engine(store, tiny_chat_path, tmp_path)
+    long_tokens = 1000
+
+    async def scenario() -> None:
+        short_alone, _ = await _collect(_submit(engine, 0, QUESTIONS[0]))  # loads the base and adapter 0
+        long_alone, usage = await _collect(_submit(engine, None, QUESTIONS[1], max_tokens=60))
+        assert usage["completion_tokens"] == 60
+        runner = engine.runners[f"base:{BASE}"]
+
+        long = _submit(engine, None, QUESTIONS[1], max_tokens=long_tokens)
+        text = (await asyncio.wait_for(long.queue.get(), WAIT)).text  # it is decoding
+        with runner.cond:  # the loop stops at its next step boundary, where requests join
+            assert long.completion_tokens < long_tokens // 2, "the loop ran ahead: inconclusive"
+            short = _submit(engine, 0, QUESTIONS[0])
+        texts, _ = await _collect(short)
+        assert texts == short_alone
+        assert long.open_rows > 0 and long.completion_tokens < long_tokens
+        while len(text) < len(long_alone[0]):
+            event: Event = await asyncio.wait_for(long.queue.get(), WAIT)
+            assert event.kind == "delta"
+            text += event.text
+        assert text.startswith(long_alone[0])
+        long.cancel()
+
+    asyncio.run(scenario())

@@ -4,19 +4,22 @@ for the plain base).
 
 A request's adapter is fetched and read (download, unpack, tokenizer) by a loader thread while the
 base's loop keeps serving the adapters it has; the loop then inserts it into the model between two
-batches, so a new adapter holds up the others for no longer than that insertion. Each base keeps
-at most `adapters_per_base` adapters; the least recently used one that no waiting request needs
-goes first.
+decoding steps, so a new adapter holds up the others for no longer than that insertion. Each base
+keeps at most `adapters_per_base` adapters; the least recently used one that no waiting or running
+request needs goes first.
 
-Batches are static: the loop takes every waiting sequence whose adapter is ready (up to
+Batching is continuous: the loop takes every waiting sequence whose adapter is ready (up to
 `max_batch`), prefills them together (left-padded), then decodes one token per row per step;
-finished, cancelled and timed-out rows leave the batch (and the KV cache) as they end.
+between two steps, requests that arrived meanwhile are prefilled and join the batch (their KV
+cache and mask left-padded to its length); finished, cancelled and timed-out rows leave the batch
+(and the KV cache) as they end. A short request thus waits for one step, not for the batch's
+longest row.
 
 IA3, prompt tuning and prefix tuning adapters can share neither PEFT's mixed LoRA batch nor a
 model that has LoRA layers in it (PEFT keeps one adapter method per model), so each of these
 methods gets a runner of its own per base (its own copy of the base weights, loaded on first use),
-whose batches hold one adapter each. Prompt-learning adapters add their virtual tokens as PEFT's
-`generate` does: prompt tuning's embeddings before the (left-padded) prompt, prefix tuning's keys
+whose batches hold one adapter each. Prompt-learning adapters add their virtual tokens once, as
+training computes them: prompt tuning's embeddings before the (left-padded) prompt, prefix tuning's keys
 and values as the start of the KV cache; either way the prompt's positions start after them.
 """
 
@@ -170,6 +173,20 @@ class _Row:
     finish_reason: str | None = None
 
 
+@dataclass
+class _Batch:
+    """A running batch: its rows, KV cache, attention mask, each row's next position, the last
+    step's logits, and the module that runs it (with `adapter_names` when `mixed`)."""
+
+    rows: list[_Row]
+    cache: Any
+    mask: torch.Tensor
+    next_position: torch.Tensor
+    logits: torch.Tensor
+    model: Any
+    mixed: bool
+
+
 def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: Any) -> frozenset[int]:
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
@@ -221,6 +238,8 @@ class BaseRunner:
         self.ready: list[tuple[str, Path, Tokenizing]] = []  # fetched, waiting to be inserted
         self.loading: set[str] = set()
         self.storage_keys: dict[str, str] = {}  # adapter name -> its archive in the store
+        self.running: set[str] = set()  # the adapters of the running batch's rows
+        self.active: list[Generation] = []  # the running batch's requests, joiners included
         self.failed: dict[str, EngineError] = {}
         self.loaded: collections.OrderedDict[str, Tokenizing] = collections.OrderedDict()
         self.model: Any = None
@@ -257,11 +276,15 @@ class BaseRunner:
                     self._decode(batch)
                 except Exception as exc:  # a bug must not kill the loop: fail the batch, go on
                     log.exception("decoding failed on %s", self.key)
-                    for generation in batch:
-                        self.released(generation)
-                        generation.fail(
-                            EngineError(500, f"Generation failed: {type(exc).__name__}", code="server_error")
-                        )
+                    for generation in self.active:
+                        if generation.open_rows > 0 or generation.holds_slot:
+                            self.released(generation)
+                            generation.fail(
+                                EngineError(
+                                    500, f"Generation failed: {type(exc).__name__}", code="server_error"
+                                )
+                            )
+                self.active = []
                 self._evict()
             elif not ready:
                 with self.cond:  # only waiting for loads: sleep until one finishes or a request comes
@@ -287,12 +310,15 @@ class BaseRunner:
         self.model = model
         self.base_tokenizing = Tokenizing(tokenizer, _eos_ids(tokenizer, model))
 
-    def _admit(self) -> list[Generation]:
-        """Takes the waiting requests whose weights are ready, up to `max_batch` sequences; starts
-        fetching the adapters of the others; answers those that cannot be served."""
+    def _admit(self, room: int | None = None, adapter: str | None = None) -> list[Generation]:
+        """Takes the waiting requests whose weights are ready, up to `max_batch` sequences (or,
+        joining a running batch, `room` of them, and only for its `adapter` where batches hold
+        one); starts fetching the adapters of the others; answers those that cannot be served."""
         batch: list[Generation] = []
         rows = 0
         now = time.monotonic()
+        joining = room is not None
+        room = self.max_batch if room is None else room
         with self.cond:
             waiting: collections.deque[Generation] = collections.deque()
             for generation in self.pending:
@@ -307,9 +333,9 @@ class BaseRunner:
                     if name not in self.loading:
                         self._start_fetch(generation)
                     waiting.append(generation)
-                elif batch and (
-                    rows + generation.sequences > self.max_batch
-                    or (self.family != "lora" and name != batch[0].adapter_name)
+                elif (batch or joining) and (
+                    rows + generation.sequences > room
+                    or (self.family != "lora" and name != (adapter if joining else batch[0].adapter_name))
                 ):
                     waiting.append(generation)
                 else:
@@ -410,7 +436,7 @@ class BaseRunner:
         loop between batches: after an insertion, and after a batch, since adapters that were all
         needed at once may outnumber the limit until their requests are done."""
         with self.cond:
-            needed = {g.adapter_name for g in self.pending}
+            needed = {g.adapter_name for g in self.pending} | self.running
             evicted = []
             for old in list(self.loaded):
                 if len(self.loaded) <= self.adapters_per_base:
@@ -501,9 +527,44 @@ class BaseRunner:
 
     def _decode(self, batch: list[Generation]) -> None:
         import torch
+
+        state = self._prefill(batch)
+        try:
+            while True:
+                self._join(state)
+                rows = state.rows
+                tokens = self._sample(rows, state.logits.float())
+                keep = [i for i, row in enumerate(rows) if self._advance(row, tokens[i])]
+                if not keep:
+                    return
+                if len(keep) < len(rows):
+                    index = torch.tensor(keep, device=self.device)
+                    state.cache.batch_select_indices(index)
+                    state.rows = rows = [rows[i] for i in keep]
+                    tokens, state.mask = tokens[index], state.mask[index]
+                    state.next_position = state.next_position[index]
+                ones = torch.ones((len(rows), 1), dtype=state.mask.dtype, device=self.device)
+                state.mask = torch.cat([state.mask, ones], dim=1)
+                extra = {"adapter_names": [r.adapter for r in rows]} if state.mixed else {}
+                state.logits = state.model(
+                    input_ids=tokens[:, None],
+                    attention_mask=state.mask,
+                    position_ids=state.next_position[:, None],
+                    cache=state.cache,
+                    use_cache=True,
+                    **extra,
+                ).logits[:, -1, :]
+                state.next_position = state.next_position + 1
+        finally:
+            self.running = set()
+
+    def _prefill(self, batch: list[Generation]) -> _Batch:
+        """The batch's prompts through the model: its KV cache and each row's next-token logits."""
+        import torch
         from peft import PeftModel
         from transformers import DynamicCache
 
+        self.active.extend(batch)
         rows = self._rows(batch)
         pad = self.base_tokenizing.tokenizer.pad_token_id if self.base_tokenizing else 0
         width = max(len(r.prompt_ids) for r in rows)
@@ -548,29 +609,62 @@ class BaseRunner:
             logits_to_keep=1,
             **extra,
         ).logits[:, -1, :]
-        next_position = positions[:, -1] + 1
-        while True:
-            tokens = self._sample(rows, logits.float())
-            keep = [i for i, row in enumerate(rows) if self._advance(row, tokens[i])]
-            if not keep:
+        self.running |= {r.adapter for r in rows}
+        return _Batch(rows, cache, mask, positions[:, -1] + 1, logits, model, mixed)
+
+    def _join(self, state: _Batch) -> None:
+        """Continuous batching: between two steps, waiting requests that fit join the running
+        batch (prefilled on their own, then their KV cache and mask left-padded to the batch's
+        length), so a short request does not wait for the longest row of the batch before it.
+        New LoRA adapters are inserted here too once the model holds adapters (inserting one
+        leaves the others' rows as they are). Requests wait for the batch's end instead where that
+        is needed: while an adapter waits that can only be inserted between batches, while
+        requests for another adapter wait on a one-adapter-per-batch runner (no starvation), and
+        for caches other than plain dynamic layers (sliding windows)."""
+        import torch
+        from peft import PeftModel
+        from transformers.cache_utils import DynamicLayer
+
+        room = self.max_batch - len(state.rows)
+        if room <= 0 or not all(type(layer) is DynamicLayer for layer in state.cache.layers):
+            return
+        with self.cond:
+            if not self.pending:
                 return
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                rows = [rows[i] for i in keep]
-                tokens, mask, next_position = tokens[index], mask[index], next_position[index]
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
-            if mixed:
-                extra["adapter_names"] = [r.adapter for r in rows]
-            logits = model(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=next_position[:, None],
-                cache=cache,
-                use_cache=True,
-                **extra,
-            ).logits[:, -1, :]
-            next_position = next_position + 1
+            insertable = self.family == "lora" and isinstance(self.model, PeftModel)
+            if self.ready and not insertable:
+                return
+            ready, self.ready = self.ready, []
+            adapter = state.rows[0].adapter
+            if self.family != "lora" and any(g.adapter_name != adapter for g in self.pending):
+                return
+        for name, directory, tokenizing in ready:
+            self._insert(name, directory, tokenizing)
+        joiners = self._admit(room=room, adapter=adapter)
+        if not joiners:
+            return
+        new = self._prefill(joiners)
+        width = max(state.mask.shape[1], new.mask.shape[1])
+        for part in (state, new):
+            missing = width - part.mask.shape[1]
+            if missing:
+                zeros = torch.zeros((part.mask.shape[0], missing), dtype=part.mask.dtype, device=self.device)
+                part.mask = torch.cat([zeros, part.mask], dim=1)
+                for layer in part.cache.layers:
+                    assert layer.keys is not None and layer.values is not None
+                    shape = (*layer.keys.shape[:2], missing, layer.keys.shape[-1])
+                    layer.keys = torch.cat([layer.keys.new_zeros(shape), layer.keys], dim=-2)
+                    shape = (*layer.values.shape[:2], missing, layer.values.shape[-1])
+                    layer.values = torch.cat([layer.values.new_zeros(shape), layer.values], dim=-2)
+        for mine, theirs in zip(state.cache.layers, new.cache.layers, strict=True):
+            assert mine.keys is not None and mine.values is not None
+            assert theirs.keys is not None and theirs.values is not None
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        state.rows = state.rows + new.rows
+        state.mask = torch.cat([state.mask, new.mask])
+        state.next_position = torch.cat([state.next_position, new.next_position])
+        state.logits = torch.cat([state.logits, new.logits])
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         import torch
