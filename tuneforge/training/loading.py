@@ -121,22 +121,29 @@ def load_model(
     adapter: AdapterSpec | None = None,
     *,
     trust_remote_code: bool = False,
+    score_head_pad_token_id: int | None = None,
 ) -> PreTrainedModel:
     """The base model, in the device's dtype; 4-bit (bitsandbytes) for QLoRA and prepared for
-    k-bit training. `adapter=None` loads the plain full-precision base (merges, references)."""
-    from transformers import AutoModelForCausalLM
+    k-bit training. `adapter=None` loads the plain full-precision base (merges, references). With
+    `score_head_pad_token_id`, the base as a one-label sequence classifier whose new score head
+    reads the last token before that padding (reward models)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {
         "dtype": device.dtype,
         "attn_implementation": device.attn_implementation,
         "trust_remote_code": trust_remote_code,
     }
+    auto: Any = AutoModelForCausalLM
+    if score_head_pad_token_id is not None:
+        auto = AutoModelForSequenceClassification
+        kwargs |= {"num_labels": 1, "pad_token_id": score_head_pad_token_id}
     quant = quantization_config(adapter, device) if adapter is not None else None
     if quant is not None:
         kwargs["quantization_config"] = quant
         if device.cuda:
             kwargs["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model = auto.from_pretrained(model_dir, **kwargs)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 

@@ -28,7 +28,7 @@ from tuneforge.training.common import (
 from tuneforge.training.data import read_training_file
 from tuneforge.training.hyperparams import trainer_arguments
 from tuneforge.training.interface import RunObserver
-from tuneforge.training.loading import Device, load_tokenizer, peft_config, quantization_config
+from tuneforge.training.loading import load_model, load_tokenizer, peft_config
 from tuneforge.training.preference import effective_hyperparameters
 
 #: Adapter types a classifier head trains with (the prompt-learning ones have no SEQ_CLS path here).
@@ -42,30 +42,6 @@ class RewardConfig(RecipeConfig):
     hyperparameters: Hyperparameters = field(
         default_factory=RewardModelHyperparameters, metadata={"help": "Reward-model hyperparameters."}
     )
-
-
-def load_reward_model(cfg: RecipeConfig, device: Device, pad_token_id: int) -> Any:
-    """The base as a one-label sequence classifier (the head is new), 4-bit for QLoRA."""
-    from transformers import AutoModelForSequenceClassification
-
-    kwargs: dict[str, Any] = {
-        "num_labels": 1,
-        "pad_token_id": pad_token_id,
-        "dtype": device.dtype,
-        "attn_implementation": device.attn_implementation,
-        "trust_remote_code": cfg.trust_remote_code,
-    }
-    quant = quantization_config(cfg.adapter, device)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-        if device.cuda:
-            kwargs["device_map"] = {"": 0}
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.model_dir, **kwargs)
-    if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model
 
 
 def train(cfg: RewardConfig, observer: RunObserver | None = None) -> Finished:
@@ -94,7 +70,13 @@ def train(cfg: RewardConfig, observer: RunObserver | None = None) -> Finished:
         else None
     )
     device = detect_device()
-    model = load_reward_model(cfg, device, tokenizer.pad_token_id)
+    model = load_model(
+        cfg.model_dir,
+        device,
+        cfg.adapter,
+        trust_remote_code=cfg.trust_remote_code,
+        score_head_pad_token_id=tokenizer.pad_token_id,
+    )
     adapter = peft_config(cfg.adapter, model)
     if adapter is not None:  # SEQ_CLS: PEFT trains and saves the new score head beside the adapter
         adapter.task_type = TaskType.SEQ_CLS
