@@ -82,6 +82,20 @@ def test_a_field_the_grader_reads_missing_from_a_line_is_a_400(project: ProjectC
     assert err.param == "method.reinforcement.grader.source" and "item['expected']" in err.message
 
 
+def test_a_file_sent_in_parts_records_its_fields_too(project: ProjectCtx) -> None:
+    """The Uploads API's file (`upload_file_chunked`, a line split across parts) is checked at
+    creation as a one-request upload is."""
+    lines = [_prompt(n, answer=str(2 * n)) for n in range(1, 40)] + [_prompt(40)]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    upload = project.openai.uploads.upload_file_chunked(
+        file=data, filename="rft.jsonl", bytes=len(data), mime_type="application/jsonl", purpose="fine-tune",
+        part_size=len(data) // 3 + 1,
+    )  # fmt: skip
+    assert upload.file is not None
+    err = _refused(project, upload.file.id, CHECK)
+    assert err.param == "method.reinforcement.grader.reference" and "line 40" in err.message
+
+
 def test_a_line_that_is_not_a_prompt_is_a_400_naming_it(project: ProjectCtx) -> None:
     answered = [
         {"messages": [*_prompt(n)["messages"], {"role": "assistant", "content": "4"}], "answer": "4"}
