@@ -244,6 +244,12 @@ class Settings(BaseSettings):
     inference_adapters_per_base: int = Field(
         8, ge=1, description="Adapters the engine keeps loaded per base model (least recently used go)."
     )
+    inference_full_models: int = Field(
+        2,
+        ge=1,
+        description="Fully fine-tuned models the engine keeps loaded (each a whole model in memory); "
+        "past that the least recently used idle one is unloaded.",
+    )
     inference_max_batch: int = Field(
         32, ge=1, description="Sequences the engine decodes together in one batch (over adapters)."
     )

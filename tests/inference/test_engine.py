@@ -300,3 +300,60 @@ def test_a_short_request_joins_a_running_batch_instead_of_waiting_for_it(
         long.cancel()
 
     asyncio.run(scenario())
+
+
+def test_fully_fine_tuned_models_beyond_the_limit_are_unloaded(
+    store: FilesystemStore, tiny_chat_path: Path, tmp_path: Path
+) -> None:
+    """Each full fine-tune is a whole model in memory: past `full_models` the least recently used
+    idle one is unloaded (its loop ends), and asked again it is loaded again and answers as before."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for k in range(2):
+        torch.manual_seed(200 + k)
+        model = AutoModelForCausalLM.from_pretrained(tiny_chat_path)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+        out = tmp_path / f"full{k}"
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(tiny_chat_path).save_pretrained(out)
+        archive = tmp_path / f"full{k}.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            for path in sorted(out.iterdir()):
+                tar.add(path, arcname=path.name)
+        store.put_file(f"jobs/full{k}/artifacts/model.tar.gz", archive)
+    engine = Engine(
+        lambda model_id: tiny_chat_path,
+        AdapterFetcher(store, tmp_path / "cache"),
+        adapters_per_base=4,
+        max_batch=32,
+        max_queued=64,
+        timeout_seconds=WAIT,
+        full_models=1,
+    )
+
+    def ask(k: int) -> Generation:
+        route = Route(
+            base_model=BASE,
+            adapter=AdapterRef(storage_key=f"jobs/full{k}/artifacts/model.tar.gz", kind="model"),
+        )
+        sampling = Sampling(max_tokens=6, temperature=0.0)
+        return engine.submit(route, sampling, n=1, messages=[{"role": "user", "content": QUESTIONS[0]}])
+
+    async def scenario() -> None:
+        first, _ = await _collect(ask(0))
+        first_runner = engine.runners["model:jobs/full0/artifacts/model.tar.gz"]
+        second, _ = await _collect(ask(1))  # full0 was idle: unloaded when full1 was asked for
+        assert [key for key in engine.runners if key.startswith("model:")] == [
+            "model:jobs/full1/artifacts/model.tar.gz"
+        ]
+        first_runner.thread.join(WAIT)
+        assert not first_runner.thread.is_alive() and first_runner.model is None
+        again, _ = await _collect(ask(0))
+        assert again == first and second != first
+        assert [key for key in engine.runners if key.startswith("model:")] == [
+            "model:jobs/full0/artifacts/model.tar.gz"
+        ]
+
+    asyncio.run(scenario())

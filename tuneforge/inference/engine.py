@@ -240,6 +240,7 @@ class BaseRunner:
         self.storage_keys: dict[str, str] = {}  # adapter name -> its archive in the store
         self.running: set[str] = set()  # the adapters of the running batch's rows
         self.active: list[Generation] = []  # the running batch's requests, joiners included
+        self.closing = False
         self.failed: dict[str, EngineError] = {}
         self.loaded: collections.OrderedDict[str, Tokenizing] = collections.OrderedDict()
         self.model: Any = None
@@ -249,10 +250,24 @@ class BaseRunner:
         self.thread.start()
 
     # --- requests in ---
-    def submit(self, generation: Generation) -> None:
+    def submit(self, generation: Generation) -> bool:
+        """Queues a request; False once the runner is closing (the engine then makes a new one)."""
         with self.cond:
+            if self.closing:
+                return False
             self.pending.append(generation)
             self.cond.notify()
+            return True
+
+    def close(self) -> bool:
+        """Stops the loop and lets its model go, if it has nothing to do (else False)."""
+        with self.cond:
+            busy = self.pending or self.ready or self.loading or any(g.holds_slot for g in self.active)
+            if busy:
+                return False
+            self.closing = True
+            self.cond.notify()
+            return True
 
     # --- the loop ---
     def _loop(self) -> None:
@@ -266,6 +281,10 @@ class BaseRunner:
         while True:
             with self.cond:
                 while not self.pending and not self.ready:
+                    if self.closing:
+                        self.model = None
+                        self.loaded.clear()
+                        return
                     self.cond.wait()
                 ready, self.ready = self.ready, []
             for name, directory, tokenizing in ready:
@@ -773,8 +792,11 @@ class Engine:
         max_batch: int,
         max_queued: int,
         timeout_seconds: float,
+        full_models: int = 2,
     ) -> None:
         self.locate_base = locate_base
+        self.full_models = full_models
+        self.used: collections.OrderedDict[str, None] = collections.OrderedDict()  # full models, LRU
         self.fetcher = fetcher
         self.adapters_per_base = adapters_per_base
         self.max_batch = max_batch
@@ -811,7 +833,7 @@ class Engine:
 
         with self.lock:
             runner = self.runners.get(key)
-            if runner is None:
+            if runner is None or runner.closing:
                 runner = self.runners[key] = BaseRunner(
                     key,
                     locate,
@@ -821,7 +843,23 @@ class Engine:
                     released=self._release,
                     family=family,
                 )
+            if key.startswith("model:"):
+                self.used[key] = None
+                self.used.move_to_end(key)
             return runner
+
+    def _unload_full_models(self) -> None:
+        """Keeps at most `full_models` fully fine-tuned models loaded: the least recently used idle
+        ones go (a busy one stays until a later request finds it idle)."""
+        with self.lock:
+            extra = len(self.used) - self.full_models
+            candidates = [(key, self.runners[key]) for key in list(self.used)[:-1]][: max(extra, 0)]
+        for key, runner in candidates:
+            if runner.close():  # outside the engine's lock: the loop takes its own, then ours
+                with self.lock:
+                    if self.runners.get(key) is runner:
+                        del self.runners[key]
+                        del self.used[key]
 
     def submit(
         self,
@@ -852,5 +890,7 @@ class Engine:
             self.in_flight += generation.sequences
             generation.holds_slot = True
         generation.release = self._release
-        self._runner(route).submit(generation)
+        while not self._runner(route).submit(generation):
+            pass  # it was closing: the next call makes a new runner
+        self._unload_full_models()
         return generation

@@ -212,6 +212,7 @@ def create_engine_app(settings: Settings) -> FastAPI:
         max_batch=settings.inference_max_batch,
         max_queued=settings.inference_max_queued,
         timeout_seconds=settings.inference_timeout_seconds,
+        full_models=settings.inference_full_models,
     )
     app = FastAPI(title="Tuneforge inference engine", docs_url=None, redoc_url=None)
     app.state.engine = engine
