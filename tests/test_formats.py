@@ -136,3 +136,10 @@ def test_field_statistics_name_the_first_line_lacking_a_key() -> None:
     assert not capped.complete and len(capped.keys) == FieldStats.MAX_KEYS
     assert capped.first_line_lacking("k68") == 0  # not followed: the worker's read decides
     assert FieldStats.from_dict(json.loads(json.dumps(fields.as_dict()))) == fields
+
+
+def test_keys_unsafe_to_store_are_not_followed() -> None:
+    line = '{"messages": [{"role": "user", "content": "a"}], "\\ud800": 1, "a\\u0000b": 2, "ok": 3}'
+    fields = inspect_lines([line]).fields
+    assert set(fields.keys) == {"messages", "ok"} and not fields.complete
+    json.dumps(fields.as_dict(), ensure_ascii=False).encode()  # UTF-8 all through

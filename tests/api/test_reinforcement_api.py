@@ -96,6 +96,16 @@ def test_a_file_sent_in_parts_records_its_fields_too(project: ProjectCtx) -> Non
     assert err.param == "method.reinforcement.grader.reference" and "line 40" in err.message
 
 
+def test_keys_unsafe_to_store_are_left_to_the_worker(project: ProjectCtx) -> None:
+    """A key with a NUL or a lone surrogate (`\\ud800`) is not recorded (not safe in every JSON
+    column or encoder): the upload works and jobs on the file are created; a grader could read
+    such a key only through a body the SDK cannot encode, and the worker's check would judge it."""
+    prompt = json.dumps(_prompt(1, answer="2"))[:-1]
+    data = (prompt + ', "\\ud800": 1, "a\\u0000b": 2}\n').encode() * 2
+    file_id = project.openai.files.create(file=("odd.jsonl", data), purpose="fine-tune").id
+    assert _create(project, file_id, CHECK).status == "validating_files"
+
+
 def test_a_line_that_is_not_a_prompt_is_a_400_naming_it(project: ProjectCtx) -> None:
     answered = [
         {"messages": [*_prompt(n)["messages"], {"role": "assistant", "content": "4"}], "answer": "4"}

@@ -296,7 +296,7 @@ class FieldStats:
         for key in record:
             entry = self.keys.get(key)
             if entry is None:
-                if len(self.keys) >= self.MAX_KEYS or len(key) > self.MAX_KEY_CHARS or "\x00" in key:
+                if len(self.keys) >= self.MAX_KEYS or not _storable_key(key, self.MAX_KEY_CHARS):
                     self.complete = False
                     continue
                 entry = self.keys[key] = [0, self.first_line if self.lines else None]
@@ -334,6 +334,18 @@ class FieldStats:
             complete=bool(data.get("complete", False)),
             label_not_boolean=data.get("label_not_boolean"),
         )
+
+
+def _storable_key(key: str, max_chars: int) -> bool:
+    """A key worth recording and safe in any JSON column: short, no NUL (PostgreSQL's text and
+    jsonb refuse it), encodable as UTF-8 (a lone surrogate from a `\\ud800` escape is not)."""
+    if len(key) > max_chars or "\x00" in key:
+        return False
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass
