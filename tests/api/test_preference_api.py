@@ -53,6 +53,14 @@ def test_kto_line_without_label_is_a_400_naming_it(project: ProjectCtx) -> None:
     labelled = _upload(project, [{**chat, "label": True}, {**chat, "label": False}])
     for method in ("supervised", "kto"):
         assert _create(project, labelled, {"type": method}).status == "validating_files"
+    with pytest.raises(openai.BadRequestError) as refused:  # the validation file is read the same way
+        project.openai.fine_tuning.jobs.create(
+            model=MODEL,
+            training_file=labelled,
+            validation_file=_upload(project, [chat]),
+            method={"type": "kto"},  # type: ignore[arg-type]
+        )
+    assert refused.value.param == "validation_file" and "line 1: label is missing" in refused.value.message
 
 
 def test_preference_method_jobs_are_accepted_on_their_formats(project: ProjectCtx) -> None:
