@@ -218,9 +218,16 @@ def _load_prepared(entry: Path) -> Dataset:
     assert _directory is not None
     target = _directory / ".extracted" / entry.name
     if not target.is_dir():
-        shutil.rmtree(target, ignore_errors=True)
+        # extracted aside, then renamed into place: the ranks of a multi-device run read the same
+        # entry at once, and one extracting into the other's half-written directory failed
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{entry.name}."))
         with tarfile.open(entry) as archive:
-            archive.extractall(target, filter="data")
+            archive.extractall(scratch, filter="data")
+        try:
+            scratch.rename(target)
+        except OSError:  # another process put it there first
+            shutil.rmtree(scratch, ignore_errors=True)
     dataset: Dataset = load_from_disk(str(target))
     return dataset
 
