@@ -6,8 +6,8 @@ One 2-process job has rank 1 SIGKILLed after its first stored checkpoint: torchr
 the worker restarts both ranks from that checkpoint, and the job ends as a single-process job on
 the same global batch does: its loss curve stays within LOSS_TOLERANCE of the single-process one
 at every step (the two runs draw their batches differently: DistributedSampler vs one sampler).
-A `full` job with strategy fsdp succeeds too (on CPU accelerate has no FSDP: it runs replicated
-and its start event says so).
+A `full` job with strategy fsdp runs sharded (FSDP2 on the gloo ranks), resumes from a checkpoint
+after rank 1's SIGKILL, and writes a whole model that answers like a single-process `full` job's.
 
 The worker runs in a UTS namespace of its own whose host name resolves to nothing: torchrun's
 `--standalone` served the ranks' store on `socket.getfqdn()` and, on a CI VM whose name did not
@@ -29,7 +29,7 @@ import pytest
 
 from tuneforge.models.job import Job, JobEvent
 
-from .helpers import checkpoints, events, seed_job, sender
+from .helpers import artifacts, checkpoints, events, seed_job, sender
 from .procs import REPO, Services, running_services, training_processes, wait_for
 from .real_training import REAL_TRAINING_ENV, finished, send_to_queue, starts, training_logs
 
@@ -174,16 +174,78 @@ def test_sigkill_of_rank_one_resumes_from_the_checkpoint(two_processes: tuple[Jo
     assert wait_for(lambda: not [p for p in training_processes() if "--socket" in p.cmdline()], 20, "no rank")
 
 
-def test_full_with_fsdp_on_two_processes(services: Services, qa_path: Path) -> None:
+@pytest.fixture(scope="module")
+def single_full(services: Services, qa_path: Path) -> tuple[Job, list[JobEvent]]:
+    job_id = _job(services, qa_path, None, adapter={"type": "full"})
+    sender(services)(job_id)
+    return _finished(services, job_id), events(services, job_id)
+
+
+def test_full_with_fsdp_on_two_processes(
+    services: Services, qa_path: Path, single_full: tuple[Job, list[JobEvent]], tmp_path: Path
+) -> None:
+    """CPU FSDP2: each rank holds about half the parameters; rank 1's SIGKILL after the first
+    checkpoint resumes both ranks from it (full weights and optimizer state, sharded again); the
+    final model is written whole, loads with transformers and answers the Q&A set like a
+    single-process `full` job's model (its loss there within LOSS_TOLERANCE)."""
+    one, one_rows = single_full
+    assert one.status == "succeeded", (one.error, [e.message for e in one_rows])
     job_id = _job(services, qa_path, {"count": 2, "strategy": "fsdp"}, adapter={"type": "full"})
     sender(services)(job_id)
+    assert wait_for(
+        lambda: bool(checkpoints(services, job_id)), JOB_TIMEOUT_S, job_id, training_logs(services)
+    )
+    rank_one = [p for p in training_processes() if "--socket" in p.cmdline() and _rank(p) == 1]
+    assert len(rank_one) == 1, rank_one
+    rank_one[0].kill()
     job = _finished(services, job_id)
     rows = events(services, job_id)
     assert job.status == "succeeded", (job.error, [e.message for e in rows])
-    (start,) = starts(rows)
-    assert start["world_size"] == 2 and start["strategy_asked"] == "fsdp"
-    assert start["strategy"] == "ddp"  # CPU: accelerate shards only on accelerators
+    begun = starts(rows)
+    assert len(begun) == 2, begun  # the first run and the one resumed after rank 1's loss
+    for start in begun:
+        assert start["world_size"] == 2 and start["strategy"] == start["strategy_asked"] == "fsdp", start
+        local = start["local_params_per_rank"]
+        assert len(local) == 2 and sum(local) == start["total_params"], start
+        assert all(abs(n - start["total_params"] / 2) <= 0.01 * start["total_params"] for n in local), start
+    lost = [e for e in rows if e.data and e.data.get("code") == "rank_lost"]
+    assert len(lost) == 1, [e.message for e in rows]
+    step = lost[0].data["resume_step"]  # type: ignore[index]
+    assert (
+        step >= 2
+        and f"resuming after step {step}" in [e.message for e in rows if e.message.startswith("Training")][-1]
+    )
+    assert sorted(_losses(rows)) == list(range(1, STEPS + 1))
     assert _losses(rows)[STEPS] < _losses(rows)[1]
+    sharded, whole = (
+        _qa_loss(services, job_id, qa_path, tmp_path / "fsdp"),
+        _qa_loss(services, one.id, qa_path, tmp_path / "one"),
+    )
+    assert abs(sharded - whole) <= LOSS_TOLERANCE * whole, (sharded, whole)
+
+
+def _qa_loss(services: Services, job_id: str, data: Path, into: Path) -> float:
+    """The mean loss on the Q&A set's conversations of the job's final model, loaded with
+    transformers from its `model` artifact."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.worker.packaging import extract_tarball
+
+    stored = artifacts(services, job_id)["model"]
+    model_dir = extract_tarball(services.tmp / "objects" / stored.storage_key, into)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    losses = []
+    with torch.no_grad():
+        for line in data.read_text().splitlines():
+            ids: Any = tokenizer.apply_chat_template(
+                json.loads(line)["messages"], return_tensors="pt", return_dict=True
+            )
+            losses.append(float(model(input_ids=ids["input_ids"], labels=ids["input_ids"]).loss))
+    return sum(losses) / len(losses)
 
 
 def test_estimator_shards_full_fine_tuning_and_replicates_adapters() -> None:

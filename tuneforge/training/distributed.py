@@ -4,13 +4,14 @@ WORLD_SIZE and rendezvous, and ends them all when one fails. The process group i
 transformers' Trainer (accelerate) initialises from those variables: gloo on CPU, nccl on CUDA.
 
 Every rank runs the same recipe. Data parallel: DDP (a replica per device) for adapter methods,
-FSDP (FSDP2 `fully_shard`, through accelerate's plugin) for full fine-tuning where accelerate
-offers it (CUDA); on CPU accelerate has no FSDP, so such a run is DDP and says so. The job's
+FSDP (FSDP2 `fully_shard`) for full fine-tuning: through accelerate's plugin on CUDA; on CPU,
+where accelerate has no FSDP, the supervised recipe's Trainer shards the model itself and writes
+full checkpoints (`trainer_class`); other CPU `fsdp` runs are DDP and say so. The job's
 `batch_size` is the global batch: each rank takes `batch_size / world_size` examples per
 micro-batch, so a run on N devices takes the same optimizer steps as a run on one.
 
 Only rank 0 talks to the worker (start, metrics, checkpoints, the result); the Trainer saves
-checkpoints and outputs from rank 0 (FSDP gathers the shards first). A stop (cancel, pause) is
+checkpoints and outputs from rank 0 (FSDP gathers the shards on all ranks first). A stop (cancel, pause) is
 asked of rank 0 and agreed by all ranks after each step with one all-reduce, so every rank stops
 after the same step. Importing this module does not import torch.
 """
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from tuneforge.training.interface import RunInfo, RunObserver, StepMetrics, StopReason
 
 if TYPE_CHECKING:
+    from transformers import Trainer
+
     from tuneforge.models.spec import JobSpec
 
 STOP_CODES: dict[StopReason | None, int] = {None: 0, "pause": 1, "cancel": 2}
@@ -116,10 +119,132 @@ def configure(spec: JobSpec) -> dict[str, Any]:
                     "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
                 }
             )
-        else:
-            used = "ddp"  # accelerate 1.x shards only on accelerators; CPU ranks replicate
+        elif spec.adapter.type != "full" or spec.method.type != "supervised":
+            used = "ddp"  # CPU: only the supervised recipe shards, full fine-tuning only (trainer_class)
     _run.update(world_size=size, strategy=used, strategy_asked=asked)
     return dict(_run)
+
+
+def _cpu_fsdp() -> bool:
+    """Whether this rank's run shards its model itself: `fsdp` on CPU ranks, where accelerate
+    offers no FSDP (configure leaves accelerate's plugin to CUDA runs)."""
+    return _run.get("strategy") == "fsdp" and "ACCELERATE_USE_FSDP" not in os.environ
+
+
+def trainer_class(base: type[Trainer]) -> type[Trainer]:
+    """`base`, or on the CPU ranks of a `fsdp` run a subclass that shards the model with FSDP2
+    and writes and reads checkpoints in the single-device layout (`_CpuFsdpTrainer`)."""
+    if not _cpu_fsdp():
+        return base
+    return type(f"CpuFsdp{base.__name__}", (_CpuFsdpTrainer, base), {})
+
+
+def shard(model: Any) -> dict[str, Any]:
+    """FSDP2 on this process group: `fully_shard` on each decoder layer (the model's
+    `_no_split_modules`) and on the root, every rank keeping its part of each parameter. Returns
+    each rank's count of local parameter elements, for the start event."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in [m for m in model.modules() if type(m).__name__ in blocks]:
+        fully_shard(module)
+    fully_shard(model)
+    local = sum(_local(p).numel() for p in model.parameters())
+    counts: list[Any] = [None] * world_size()
+    dist.all_gather_object(counts, local)
+    _run.update(local_params_per_rank=counts)
+    return dict(_run)
+
+
+def _local(tensor: Any) -> Any:
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
+def full_state_dict(model: Any) -> dict[str, Any] | None:
+    """A sharded model's weights gathered from all ranks (a collective: every rank calls it), on
+    CPU: the whole state dict on rank 0, an empty one on the others. None for an unsharded model
+    (save it as usual)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    module: Any = model  # an nn.Module too: fully_shard swaps the module's class
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class _CpuFsdpTrainer:
+    """Mixed into the recipe's Trainer class on CPU `fsdp` ranks (see `trainer_class`).
+
+    The model is sharded when training starts, after a resumed run's checkpoint weights were
+    loaded into the whole model as usual. The Trainer then treats it as a model that owns its
+    placement and gradient reduction (its `is_distributed_loading_by_transformers` path: no DDP
+    wrapper, FSDP2's reduce-scatter deferred to the end of each accumulation window). Checkpoints
+    hold the full model (`model.safetensors`, as a single-device run writes it) and the full
+    optimizer state (keyed by parameter name), gathered on all ranks and written by rank 0; a
+    resumed run shards both again, so it may run on another world size."""
+
+    model: Any
+    optimizer: Any
+    lr_scheduler: Any
+    args: Any
+    is_distributed_loading_by_transformers: bool
+
+    def _prepare_for_training(
+        self, max_steps: Any, train_dataloader: Any, resume_from_checkpoint: Any
+    ) -> Any:
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self.model, FSDPModule):
+            shard(self.model)
+        self.is_distributed_loading_by_transformers = True
+        return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)  # type: ignore[misc]
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        gathered = full_state_dict(self.model)
+        if self.args.should_save:
+            super()._save(output_dir, state_dict=gathered if gathered is not None else state_dict)  # type: ignore[misc]
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        import torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_optimizer_state_dict(self.model, _torch_optimizer(self.optimizer), options=options)
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, _OPTIMIZER_FILE))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, _SCHEDULER_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        import torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, _OPTIMIZER_FILE)):
+            return
+        state = torch.load(os.path.join(checkpoint, _OPTIMIZER_FILE), map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(
+            self.model,
+            _torch_optimizer(self.optimizer),
+            optim_state_dict=state,
+            options=StateDictOptions(full_state_dict=True),
+        )
+        scheduler = torch.load(
+            os.path.join(checkpoint, _SCHEDULER_FILE), map_location="cpu", weights_only=True
+        )
+        self.lr_scheduler.load_state_dict(scheduler)
+
+
+#: The Trainer's names for a checkpoint's optimizer and scheduler states.
+_OPTIMIZER_FILE = "optimizer.pt"
+_SCHEDULER_FILE = "scheduler.pt"
+
+
+def _torch_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def summary() -> dict[str, Any]:

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneforge.training import distributed
 from tuneforge.training.loading import Device, load_model
 
 if TYPE_CHECKING:
@@ -49,7 +50,10 @@ def save_full_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, model_id: str, card: str
 ) -> Path:
     model.config._name_or_path = model_id
-    model.save_pretrained(out, safe_serialization=True)
+    # a model sharded over ranks (CPU fsdp): its weights gathered by all ranks, written by rank 0
+    state_dict = distributed.full_state_dict(model)
+    if state_dict != {}:
+        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     (out / "README.md").write_text(card)
     return out

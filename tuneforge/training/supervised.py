@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tuneforge.training import tokcache
+from tuneforge.training import distributed, tokcache
 from tuneforge.training.common import (
     Finished,
     RecipeConfig,
@@ -83,7 +83,7 @@ def train(cfg: SupervisedConfig, observer: RunObserver | None = None) -> Finishe
         completion_only_loss=cfg.completion_only_loss if train_data.kind == "prompt_completion" else None,
     )
     trainer = tokcache.sft_trainer(  # TRL's tokenized datasets, from the cache when it has them
-        SFTTrainer,
+        distributed.trainer_class(SFTTrainer),  # CPU fsdp ranks shard the model themselves
         model=model,
         args=args,
         train_data=train_data,

@@ -164,7 +164,7 @@ class DistributedTrainingProcess(TrainingProcess):
 
 
 #: What a multi-device run's start message adds to the start event.
-START_FIELDS = ("world_size", "strategy", "strategy_asked")
+START_FIELDS = ("world_size", "strategy", "strategy_asked", "local_params_per_rank")
 #: Restarts of a multi-device run after a lost rank, within one attempt.
 RANK_RESTARTS = 2
 #: Seconds a worker waits before handing back a job on more devices than it has.
