@@ -118,6 +118,23 @@ def test_counts_equal_peft_on_other_architectures(config: dict[str, Any], adapte
     assert result.trainable_params > 0
 
 
+def test_tied_embeddings_count_once_while_another_thread_loads_a_model() -> None:
+    """transformers' from_pretrained makes `tie_weights` a no-op on the class while it loads; a
+    build in another thread at that moment (CI: the engine test's loads beside this worker's
+    estimates) counted a tied output head twice."""
+    from transformers.initialization import no_tie_weights
+
+    from tuneforge.estimates import skeleton
+
+    config = QWEN2_SMALL | {"num_hidden_layers": 2}  # a key no other test builds
+    with no_tie_weights():
+        skeleton.clear_cache()
+        counted = estimate(_request(config, adapter={"type": "full"})).total_params
+    skeleton.clear_cache()
+    assert counted == estimate(_request(config, adapter={"type": "full"})).total_params
+    assert counted == _peft_counts(config, None)[1]
+
+
 def test_lora_count_matches_closed_form() -> None:
     """r * (in + out) per adapted linear: an independent check of the PEFT path on qwen2."""
     result = estimate(_request(QWEN2_SMALL, adapter={"r": 8, "target_modules": ["q_proj", "down_proj"]}))

@@ -467,6 +467,14 @@ def _build_meta(config: Any) -> torch.nn.Module:
 
     with _quiet(), torch.device("meta"):
         model: torch.nn.Module = AutoModelForCausalLM.from_config(config)
+    # Tied here rather than by transformers: its from_pretrained makes `tie_weights` a no-op on the
+    # class while it loads, so a build beside a load in another thread (the engine, a test) came
+    # out untied and counted the output head twice.
+    if getattr(config, "tie_word_embeddings", False):
+        built: Any = model
+        inputs, outputs = built.get_input_embeddings(), built.get_output_embeddings()
+        if inputs is not None and outputs is not None and outputs.weight is not inputs.weight:
+            outputs.weight = inputs.weight
     return model
 
 

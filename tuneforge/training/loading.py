@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Gradient checkpointing pays off only for models whose activations are large; tiny ones run slower.
 CHECKPOINTING_MIN_PARAMS = 300_000_000
+
+# transformers 5's from_pretrained swaps `PreTrainedModel.tie_weights` for a no-op while it loads
+# (initialization.no_tie_weights), on the class, for the whole process. Two loads in two threads
+# (the inference engine's runners) could restore each other's no-op and leave every later model
+# of the process with untied embeddings, so loads take turns.
+_FROM_PRETRAINED = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,8 @@ def load_model(
         kwargs["quantization_config"] = quant
         if device.cuda:
             kwargs["device_map"] = {"": 0}
-    model = auto.from_pretrained(model_dir, **kwargs)
+    with _FROM_PRETRAINED:
+        model = auto.from_pretrained(model_dir, **kwargs)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
