@@ -245,7 +245,17 @@ def test_one_job_logs_to_every_tracker_and_moves_the_metrics(
     assert value(api_after, "tuneforge_http_requests_total", method="GET", route=route, status="200") > value(
         api_before, "tuneforge_http_requests_total", method="GET", route=route, status="200"
     )
-    worker_after = scrape(observed.worker_metrics)
+
+    # The run's duration is recorded once its outcome is written, just after the status the
+    # client saw: wait for it rather than race it (it failed CI once as 0 moved).
+    def run_counted() -> Samples | None:
+        got = scrape(observed.worker_metrics)
+        moved = value(got, "tuneforge_job_run_duration_seconds_count", outcome="succeeded") - value(
+            worker_before, "tuneforge_job_run_duration_seconds_count", outcome="succeeded"
+        )
+        return got if moved >= 1 else None
+
+    worker_after = wait_for(run_counted, 30, "the run's duration on the worker's /metrics", stack)
     for name, labels, least in (
         ("tuneforge_training_steps_total", {"queue": "gpu"}, STEPS),
         ("tuneforge_training_tokens_total", {"queue": "gpu"}, 1),
