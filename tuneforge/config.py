@@ -287,7 +287,10 @@ class Settings(BaseSettings):
         2.0, gt=0, description="How often the beat process sends the webhook deliveries that are due."
     )
     event_stream_heartbeat_seconds: float = Field(
-        15.0, gt=0, description="A live event stream sends a comment this often so proxies keep it open."
+        15.0,
+        gt=0,
+        description="A live event stream sends a `: ping` comment after this many seconds without an event, "
+        "so proxies keep it open.",
     )
     # --- graders (tuneforge.graders: the graders API and evaluations inside jobs) ---
     python_grader_enabled: bool = Field(
