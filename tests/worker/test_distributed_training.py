@@ -27,9 +27,11 @@ from typing import Any
 import psutil
 import pytest
 
-from tuneforge.models.job import Job, JobEvent
+from tuneforge.db import session_scope
+from tuneforge.models.job import Job, JobEvent, cancel_job, pause_job, resume_job
+from tuneforge.models.job import get_job_any_project as load_job
 
-from .helpers import artifacts, checkpoints, events, seed_job, sender
+from .helpers import artifacts, checkpoints, events, metric_steps, seed_job, sender, status
 from .procs import REPO, Services, running_services, training_processes, wait_for
 from .real_training import REAL_TRAINING_ENV, finished, send_to_queue, starts, training_logs
 
@@ -222,6 +224,58 @@ def test_full_with_fsdp_on_two_processes(
         _qa_loss(services, one.id, qa_path, tmp_path / "one"),
     )
     assert abs(sharded - whole) <= LOSS_TOLERANCE * whole, (sharded, whole)
+
+
+def _ranks() -> list[psutil.Process]:
+    """torchrun and its rank processes, as they run now."""
+    return [p for p in training_processes() if "--socket" in p.cmdline()]
+
+
+def _rank_numbers() -> list[int]:
+    return sorted(n for n in map(_rank, _ranks()) if n is not None)
+
+
+def test_pause_resume_and_cancel_stop_every_rank(services: Services, qa_path: Path) -> None:
+    """A 2-process job paused mid-run ends both ranks with a checkpoint (no orphan), resumes from it
+    on two ranks again, and a cancel then ends both ranks too; no attempt is spent, no step repeats."""
+    hardware = {"count": 2, "strategy": "ddp"}
+    job_id = seed_job(services, qa_path, max_steps=400, save_every=1000, extra={"hardware": hardware})
+    send = sender(services)
+    send(job_id)
+    logs = training_logs(services)
+    wait_for(lambda: len(metric_steps(services, job_id)) >= 2, JOB_TIMEOUT_S, "training to start", logs)
+    assert _rank_numbers() == [0, 1]
+    with session_scope(services.sessions) as session:
+        pause_job(session, load_job(session, job_id))  # type: ignore[arg-type]
+    wait_for(lambda: finished_or(services, job_id, "paused"), 120, "the pause", logs)
+    wait_for(lambda: not _ranks(), 30, "both ranks to end after the pause", logs)
+    paused_at = checkpoints(services, job_id)[-1].step_number
+    assert 2 <= paused_at < 400
+
+    with session_scope(services.sessions) as session:
+        resume_job(session, load_job(session, job_id))  # type: ignore[arg-type]
+    send(job_id)
+    wait_for(
+        lambda: max(metric_steps(services, job_id)) >= paused_at + 2, JOB_TIMEOUT_S, "the resumed run", logs
+    )
+    assert _rank_numbers() == [0, 1]
+    with session_scope(services.sessions) as session:
+        cancel_job(session, load_job(session, job_id))  # type: ignore[arg-type]
+    wait_for(lambda: finished_or(services, job_id, "cancelled"), 120, "the cancel", logs)
+    wait_for(lambda: not _ranks(), 30, "both ranks to end after the cancel", logs)
+    job, rows = _finished(services, job_id), events(services, job_id)
+    assert job.status == "cancelled" and job.attempt == 1, (job.status, job.error)
+    steps = metric_steps(services, job_id)
+    assert steps == list(range(1, len(steps) + 1)), steps  # resumed after the paused step, none twice
+    begun = starts(rows)
+    assert len(begun) == 2 and all(s["world_size"] == 2 for s in begun), begun
+
+
+def finished_or(services: Services, job_id: str, wanted: str) -> bool:
+    """The job reached `wanted`; a job that ended otherwise fails the wait at once."""
+    now = status(services, job_id)
+    assert now not in {"succeeded", "failed", "cancelled", "paused"} - {wanted}, now
+    return now == wanted
 
 
 def _qa_loss(services: Services, job_id: str, data: Path, into: Path) -> float:
