@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.decoding import full_sequence_greedy
 from tuneforge.inference.adapters import AdapterFetcher
 from tuneforge.inference.engine import Engine, EngineError, Event, Generation, Sampling
 from tuneforge.inference.protocol import AdapterRef, Route
@@ -114,26 +115,14 @@ def _submit(engine: Engine, k: int | str | None, question: str, **sampling: obje
 
 def _generate(store: FilesystemStore, tiny_chat_path: Path, tmp: Path, k: int | str, question: str) -> str:
     """Adapter k's greedy answer computed as training computes it: PEFT's forward over the whole
-    sequence at each step, no KV cache. (PEFT 0.21's `generate` misplaces prompt-learning virtual
-    tokens with transformers 5, whose forward takes `cache` where PEFT passes `past_key_values`.)"""
+    sequence at each step, no KV cache."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = AdapterFetcher(store, tmp / "reference").fetch(_key(k))
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_path)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_chat_path), directory).eval()
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    prompt_length = ids.shape[1]
-    with torch.no_grad():
-        for _ in range(6):
-            token = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax()
-            if int(token) == tokenizer.eos_token_id:
-                break
-            ids = torch.cat([ids, token.view(1, 1)], dim=1)
-    return str(tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_chat_path), directory)
+    return full_sequence_greedy(model, tokenizer, [{"role": "user", "content": question}], 6)
 
 
 def test_a_mixed_batch_answers_each_row_as_it_is_answered_alone(

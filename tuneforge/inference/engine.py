@@ -581,7 +581,8 @@ class BaseRunner:
         """The batch's prompts through the model: its KV cache and each row's next-token logits."""
         import torch
         from peft import PeftModel
-        from transformers import DynamicCache
+
+        from tuneforge.training import generation
 
         self.active.extend(batch)
         rows = self._rows(batch)
@@ -593,43 +594,27 @@ class BaseRunner:
             ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
             mask[i, width - len(row.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = DynamicCache()
-        model: Any = self.model
-        inputs: dict[str, Any] = {"input_ids": ids}
         extra: dict[str, Any] = {}
         mixed = self.family == "lora" and isinstance(self.model, PeftModel)
         if mixed:
             extra["adapter_names"] = [r.adapter for r in rows]
         elif self.family != "lora":
             self.model.set_adapter(rows[0].adapter)  # a batch of these holds one adapter
-        virtual = self._virtual_tokens(rows[0].adapter if self.family in PROMPT_LEARNING else None)
-        if virtual:
-            # PEFT's forward would add the virtual tokens at every step; added here once, as its
-            # generate does, then the plain base model runs.
-            model = self.model.base_model
-            mask = torch.cat(
-                [torch.ones((len(rows), virtual), dtype=mask.dtype, device=self.device), mask], 1
-            )
-            if self.family == "prefix_tuning":
-                cache = self.model.get_prompt(batch_size=len(rows), max_cache_len=-1)
-            else:
-                embeds = self.model.word_embeddings(ids)
-                prompts = self.model.get_prompt(batch_size=len(rows)).to(embeds.dtype)
-                inputs = {"inputs_embeds": torch.cat([prompts, embeds], dim=1)}
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        if self.family == "prefix_tuning":
-            positions = positions[:, virtual:]  # the prefix is in the cache already
-        logits = model(
-            **inputs,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
+        # PEFT's forward would add a prompt-learning adapter's virtual tokens at every step; added
+        # here once, as its generate does, then the plain base model runs.
+        begin = generation.start(self.model, ids, mask)
+        logits = begin.model(
+            **begin.inputs,
+            attention_mask=begin.attention_mask,
+            position_ids=begin.position_ids,
+            cache=begin.cache,
             use_cache=True,
             logits_to_keep=1,
             **extra,
         ).logits[:, -1, :]
         self.running |= {r.adapter for r in rows}
-        return _Batch(rows, cache, mask, positions[:, -1] + 1, logits, model, mixed)
+        mask = begin.attention_mask
+        return _Batch(rows, begin.cache, mask, begin.next_position, logits, begin.model, mixed)
 
     def _join(self, state: _Batch) -> None:
         """Continuous batching: between two steps, waiting requests that fit join the running
