@@ -127,8 +127,18 @@ def read_items(path: Path, limit: int) -> list[EvalItem]:
 
 
 def generate_answers(model: Any, tokenizer: Any, items: list[EvalItem], max_new_tokens: int) -> list[str]:
-    """Greedy answers, in batches, with the tokenizer's chat template for chat prompts."""
+    """Greedy answers, in batches, with the tokenizer's chat template for chat prompts. A
+    prompt-learning adapter's answers come from `generation.greedy` (PEFT's `generate` repeats
+    their virtual tokens at every step), the others' from `model.generate`."""
     import torch
+
+    from tuneforge.training import generation
+
+    prompt_learning = generation.virtual_tokens(model) > 0
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    eos_token_ids = set(eos) if isinstance(eos, list) else {eos}
 
     was_training = model.training
     padding_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
@@ -149,15 +159,21 @@ def generate_answers(model: Any, tokenizer: Any, items: list[EvalItem], max_new_
             ]
             inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
             inputs = {key: value.to(model.device) for key, value in inputs.items()}
-            with torch.no_grad():
-                output = model.generate(
-                    **inputs,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    use_cache=True,
-                    pad_token_id=tokenizer.pad_token_id,
+            new_tokens: Any
+            if prompt_learning:
+                new_tokens = generation.greedy(
+                    model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens, eos_token_ids
                 )
-            new_tokens = output[:, inputs["input_ids"].shape[1] :]
+            else:
+                with torch.no_grad():
+                    output = model.generate(
+                        **inputs,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        use_cache=True,
+                        pad_token_id=tokenizer.pad_token_id,
+                    )
+                new_tokens = output[:, inputs["input_ids"].shape[1] :]
             answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
     finally:
         tokenizer.padding_side = padding_side
