@@ -96,10 +96,34 @@ def strategy_for(spec: JobSpec) -> str:
     return spec.hardware.resolved_strategy(spec.adapter.type)
 
 
+#: accelerate's FSDP plugin, through its environment, for `fsdp` runs on CUDA: FSDP2 (`fully_shard`).
+FSDP_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
+}
+#: What a QLoRA run changes: PEFT's documented FSDP + QLoRA recipe is FSDP1 with flat parameters
+#: (`use_orig_params` false) and rank 0's states synced; transformers' Trainer fits its plugin to a
+#: QLoRA model (mixed precision in the 4-bit storage dtype, LoRA layers wrapped on their own) on
+#: the FSDP1 path only, and FSDP2 with 4-bit weights has open reports of wrong results
+#: (docs/scaling.md). The weights are loaded by every rank onto its own device (loading.py).
+QLORA_FSDP_ENV = {
+    "FSDP_VERSION": "1",
+    "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+    "FSDP_RESHARD_AFTER_FORWARD": "FULL_SHARD",
+    "FSDP_USE_ORIG_PARAMS": "false",
+    "FSDP_SYNC_MODULE_STATES": "true",
+}
+
+
 def configure(spec: JobSpec) -> dict[str, Any]:
-    """Run in each rank before the recipe: for FSDP on CUDA, accelerate's FSDP2 plugin through
-    its environment (TrainingArguments' Accelerator reads it). What the run will be, for the
-    start event: world_size and the strategy actually used."""
+    """Run in each rank before the recipe: for FSDP on CUDA, accelerate's FSDP plugin through
+    its environment (TrainingArguments' Accelerator reads it): FSDP2, or FSDP1 for QLoRA
+    (`QLORA_FSDP_ENV`). What the run will be, for the start event: world_size and the strategy
+    actually used."""
     size = world_size()
     asked = strategy_for(spec)
     if size <= 1:
@@ -109,16 +133,7 @@ def configure(spec: JobSpec) -> dict[str, Any]:
         import torch
 
         if torch.cuda.is_available():
-            os.environ.update(
-                {
-                    "ACCELERATE_USE_FSDP": "true",
-                    "FSDP_VERSION": "2",
-                    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-                    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
-                    "FSDP_RESHARD_AFTER_FORWARD": "true",
-                    "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
-                }
-            )
+            os.environ.update(FSDP_ENV | (QLORA_FSDP_ENV if spec.adapter.type == "qlora" else {}))
         elif spec.adapter.type != "full" or spec.method.type != "supervised":
             used = "ddp"  # CPU: only the supervised recipe shards, full fine-tuning only (trainer_class)
     _run.update(world_size=size, strategy=used, strategy_asked=asked)

@@ -86,16 +86,61 @@ def choose_packing(requested: bool | None, method: MethodType, device: Device) -
 
 
 def quantization_config(adapter: AdapterSpec, device: Device) -> BitsAndBytesConfig | None:
+    """bitsandbytes' 4-bit config for QLoRA; None for other adapters. When accelerate's FSDP shards
+    the run (`qlora_sharded`), the packed 4-bit weights are stored in the device's dtype
+    (`bnb_4bit_quant_storage`, uint8 by default): FSDP shards only floating tensors, and FSDP1
+    flattens each wrapped block's parameters into one tensor of one dtype (docs/scaling.md)."""
     if adapter.type != "qlora":
         return None
     from transformers import BitsAndBytesConfig
 
+    storage: dict[str, Any] = (
+        {"bnb_4bit_quant_storage": device.dtype} if qlora_sharded(adapter, device) else {}
+    )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=adapter.quant_type,
         bnb_4bit_use_double_quant=adapter.double_quant,
         bnb_4bit_compute_dtype=device.dtype,
+        **storage,
     )
+
+
+def qlora_sharded(adapter: AdapterSpec | None, device: Device) -> bool:
+    """A QLoRA run on CUDA ranks that accelerate's FSDP plugin shards (`distributed.configure`
+    sets ACCELERATE_USE_FSDP for an `fsdp` run on CUDA; on CPU a QLoRA `fsdp` run is DDP)."""
+    return (
+        adapter is not None
+        and adapter.type == "qlora"
+        and device.cuda
+        and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    )
+
+
+def local_device_index() -> int:
+    """This rank's CUDA device: torchrun's LOCAL_RANK (0 for a single-device run). accelerate
+    trains each rank on `cuda:LOCAL_RANK` and refuses a 4-bit model loaded on another device."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def load_kwargs(
+    device: Device, adapter: AdapterSpec | None = None, *, trust_remote_code: bool = False
+) -> dict[str, Any]:
+    """`from_pretrained`'s arguments for this rank. A 4-bit model cannot be moved after loading
+    (the Trainer leaves bitsandbytes models where they are), so QLoRA on CUDA loads onto this
+    rank's own device, under DDP and FSDP alike; the model's dtype is the device's, which is also
+    the 4-bit storage dtype of a sharded QLoRA run."""
+    kwargs: dict[str, Any] = {
+        "dtype": device.dtype,
+        "attn_implementation": device.attn_implementation,
+        "trust_remote_code": trust_remote_code,
+    }
+    quant = quantization_config(adapter, device) if adapter is not None else None
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if device.cuda:
+            kwargs["device_map"] = {"": local_device_index()}
+    return kwargs
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
@@ -131,28 +176,22 @@ def load_model(
     score_head_pad_token_id: int | None = None,
 ) -> PreTrainedModel:
     """The base model, in the device's dtype; 4-bit (bitsandbytes) for QLoRA and prepared for
-    k-bit training. `adapter=None` loads the plain full-precision base (merges, references). With
-    `score_head_pad_token_id`, the base as a one-label sequence classifier whose new score head
-    reads the last token before that padding (reward models)."""
+    k-bit training, except on FSDP ranks: `prepare_model_for_kbit_training` upcasts every
+    non-4-bit parameter to float32, which FSDP1 cannot flatten with the bf16-stored 4-bit weights
+    (earlier TRL SFTTrainers skipped it for sharded QLoRA too; the Trainer's gradient
+    checkpointing still applies). `adapter=None` loads the plain full-precision base (merges,
+    references). With `score_head_pad_token_id`, the base as a one-label sequence classifier whose
+    new score head reads the last token before that padding (reward models)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {
-        "dtype": device.dtype,
-        "attn_implementation": device.attn_implementation,
-        "trust_remote_code": trust_remote_code,
-    }
+    kwargs = load_kwargs(device, adapter, trust_remote_code=trust_remote_code)
     auto: Any = AutoModelForCausalLM
     if score_head_pad_token_id is not None:
         auto = AutoModelForSequenceClassification
         kwargs |= {"num_labels": 1, "pad_token_id": score_head_pad_token_id}
-    quant = quantization_config(adapter, device) if adapter is not None else None
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-        if device.cuda:
-            kwargs["device_map"] = {"": 0}
     with _FROM_PRETRAINED:
         model = auto.from_pretrained(model_dir, **kwargs)
-    if quant is not None:
+    if "quantization_config" in kwargs and not qlora_sharded(adapter, device):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
