@@ -136,3 +136,18 @@ def test_the_estimator_and_advisor_have_a_reinforcement_row(project: ProjectCtx)
         assert answer["recommendation"]["stages"] == ["reinforcement"]
         assert any(r.startswith("reinforcement (GRPO)") for r in answer["recommendation"]["reasons"])
     assert rft["memory"]["activations"] > supervised["memory"]["activations"]
+
+
+@pytest.mark.parametrize("adapter", ["prompt_tuning", "prefix_tuning"])
+def test_a_prompt_learning_adapter_is_a_400(project: ProjectCtx, adapter: str) -> None:
+    """TRL's GRPO samples with PEFT's generate, which misplaces virtual tokens under transformers 5:
+    the samples would not be the adapter's answers."""
+    training = _upload(project, [_prompt(n, answer=str(2 * n)) for n in range(1, 4)])
+    with pytest.raises(openai.BadRequestError) as refused:
+        project.openai.fine_tuning.jobs.create(
+            model=MODEL,
+            training_file=training,
+            method={"type": "reinforcement", "reinforcement": {"grader": CHECK}},  # type: ignore[typeddict-item]
+            extra_body={"adapter": {"type": adapter}},
+        )
+    assert refused.value.param == "adapter.type" and adapter in refused.value.message

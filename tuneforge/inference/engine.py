@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneforge.inference.adapters import AdapterFetcher, cache_name
 from tuneforge.inference.protocol import AdapterFamily, Route
+from tuneforge.models.spec import PROMPT_LEARNING_ADAPTERS
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +53,6 @@ PEFT_TYPES: dict[str, str] = {
     "prefix_tuning": "PREFIX_TUNING",
 }
 """The `peft_type` an adapter of each family has in its adapter_config.json."""
-PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")
 
 
 class EngineError(Exception):
@@ -508,7 +508,7 @@ class BaseRunner:
 
     def _virtual_tokens(self, name: str | None) -> int:
         """The virtual tokens a prompt-learning adapter puts before the prompt (0 for the others)."""
-        if name is None or self.family not in PROMPT_LEARNING:
+        if name is None or self.family not in PROMPT_LEARNING_ADAPTERS:
             return 0
         return int(self.model.peft_config[name].num_virtual_tokens)
 

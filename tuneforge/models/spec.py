@@ -20,6 +20,9 @@ MethodType = Literal[
 #: Preference methods beyond DPO (tuneforge.training.preference, tuneforge.training.reward).
 PREFERENCE_METHODS = ("orpo", "simpo", "kto", "reward_model")
 AdapterType = Literal["lora", "qlora", "dora", "prefix_tuning", "prompt_tuning", "ia3", "full"]
+#: Adapters of virtual tokens before the prompt, which PEFT 0.21's generate misplaces under
+#: transformers 5 (tuneforge/training/generation.py decodes them instead).
+PROMPT_LEARNING_ADAPTERS = ("prompt_tuning", "prefix_tuning")
 #: Bounds that keep a spec's numbers inside what the trainer and the database hold (int32 steps).
 MAX_STEP_COUNT = 2**31 - 1
 MAX_LORA_ALPHA = 4096.0

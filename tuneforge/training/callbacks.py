@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from tuneforge.models.spec import PROMPT_LEARNING_ADAPTERS
 from tuneforge.training import evaluation
 from tuneforge.training.interface import RunInfo, RunObserver, StepMetrics, StopReason
 
@@ -311,7 +312,7 @@ class EvaluationCallback(TrainerCallback):
         model = kwargs["model"]
         # LoRA, DoRA and IA3 start as the identity, full and continued runs as the starting weights;
         # fresh virtual tokens are not the base, so prefix and prompt tuning switch them off.
-        if self.adapter_type in evaluation.PROMPT_LEARNING:
+        if self.adapter_type in PROMPT_LEARNING_ADAPTERS:
             with model.disable_adapter():
                 self._answer(model, None)
         else:

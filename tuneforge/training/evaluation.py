@@ -25,7 +25,6 @@ BASE_ANSWERS = "base.jsonl"
 #: The base answers' name inside a checkpoint directory (stored with its trainer state).
 CHECKPOINT_BASE_ANSWERS = "tuneforge-evaluation-base.jsonl"
 GENERATION_BATCH = 8
-PROMPT_LEARNING = ("prefix_tuning", "prompt_tuning")
 
 
 def answers_path(out_dir: Path, step: int | None) -> Path:

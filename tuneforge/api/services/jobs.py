@@ -27,7 +27,7 @@ from tuneforge.graders.references import item_references
 from tuneforge.models import file as files
 from tuneforge.models import job as jobs
 from tuneforge.models import lineage
-from tuneforge.models.spec import JobSpec
+from tuneforge.models.spec import PROMPT_LEARNING_ADAPTERS, JobSpec
 from tuneforge.training.base_models import UnknownModel, find_base_model
 from tuneforge.training.formats import (
     KTO_FORMATS,
@@ -153,6 +153,14 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
             code="model_not_available",
         ) from None
     method = spec.method.type
+    if method == "reinforcement" and spec.adapter.type in PROMPT_LEARNING_ADAPTERS:
+        raise BadRequest(
+            f"method reinforcement cannot train a {spec.adapter.type} adapter: TRL's GRPO samples answers "
+            "with PEFT's generate, which misplaces virtual tokens under transformers 5, so the sampled "
+            "answers and their rewards would not be the adapter's; use lora, qlora, dora, ia3 or full.",
+            param="adapter.type",
+            code="invalid_adapter",
+        )
     training = _checked_file(session, project_id, spec.training_file, "training_file", spec)
     if spec.validation_file is not None:
         _checked_file(session, project_id, spec.validation_file, "validation_file", spec)
