@@ -124,6 +124,23 @@ def test_pause_then_resume_ends_with_planned_steps(
     assert get_job(services, job_id).progress["step"] == 40  # type: ignore[index]
 
 
+def test_a_job_on_more_devices_than_the_worker_has_goes_back_to_its_queue(
+    services: Services, worker: object, send, qa_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """This worker has one device: a `hardware.count = 2` job is handed back to its queue (for a
+    worker that has two) with a warning, not run on one device and not a spent attempt."""
+    job_id = seed_job(services, qa_path, extra={"hardware": {"count": 2, "strategy": "ddp"}})
+    send(job_id)
+    said = "This worker has 1 device(s) and the job asks for 2: back in its queue."
+    wait_for(lambda: said in [e.message for e in events(services, job_id)], 120, "the hand-back", services)
+    job = get_job(services, job_id)
+    assert job.attempt == 0 and job.lease_owner is None, (job.attempt, job.lease_owner)
+    assert metric_steps(services, job_id) == []  # nothing trained on the one device
+    with session_scope(services.sessions) as session:  # no worker here has two: stop its round trips
+        cancel_job(session, load_job(session, job_id))  # type: ignore[arg-type]
+    assert wait_for(lambda: _terminal(services, job_id), 60, "the cancel", services) == "cancelled"
+
+
 def test_validating_files_then_queued_then_run(
     services: Services, worker: object, send, qa_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
