@@ -165,6 +165,13 @@ def test_dpo_from_the_supervised_model_keeps_its_answers(
     adapter = _adapter(distributed, job_id, tmp_path / "dpo")
     assert qa_accuracy(tiny_chat_path, adapter, learned.qa_path) >= 0.75
     assert qa_accuracy(tiny_chat_path, None, learned.qa_path) == 0
+    # The same DPO job from the raw base answers none: the answers came from the supervised stage.
+    raw_id = _create(client, BASE, preferences, method="dpo", hyperparameters=gentle)
+    raw = wait_job(client, raw_id, timeout=900)
+    assert raw.status == "succeeded", (raw.error, distributed.logs())
+    assert (
+        qa_accuracy(tiny_chat_path, _adapter(distributed, raw_id, tmp_path / "raw-dpo"), learned.qa_path) == 0
+    )
 
 
 def _refused(client: OpenAI, model: str, training_file: str, param: str, extra: Any = None) -> str:
