@@ -115,6 +115,16 @@ def check_succeeded_job(stack: Stack, job_id: str, tmp: Path, *, redirect: bool 
     return target
 
 
+def download_adapter(stack: Stack, job_id: str, target: Path) -> Path:
+    """The job's adapter artifact through the API, unpacked into `target` (PEFT's layout)."""
+    with stack.http() as http:
+        body = http.get(f"/v1/fine_tuning/jobs/{job_id}/artifacts/adapter")
+    assert body.status_code == 200, body.text
+    with tarfile.open(fileobj=io.BytesIO(body.content), mode="r:gz") as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
 def httpx_get(url: str) -> bytes:
     import httpx
 

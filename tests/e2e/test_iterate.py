@@ -4,10 +4,8 @@ model is gone. One job A (LoRA that learns four Q&A pairs) is shared by every te
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from tuneforge.storage import open_store
 from tuneforge.storage.keys import job_prefix
 
 from .conftest import Stack
-from .flows import metric_events, wait_job
+from .flows import download_adapter, metric_events, wait_job
 from .qa_eval import qa_accuracy
 
 pytestmark = pytest.mark.slow
@@ -77,15 +75,6 @@ def _create(
     ).id
 
 
-def _adapter(stack: Stack, job_id: str, target: Path) -> Path:
-    with stack.http() as http:
-        body = http.get(f"/v1/fine_tuning/jobs/{job_id}/artifacts/adapter")
-    assert body.status_code == 200, body.text
-    with tarfile.open(fileobj=io.BytesIO(body.content), mode="r:gz") as tar:
-        tar.extractall(target, filter="data")
-    return target
-
-
 @pytest.fixture(scope="module")
 def learned(distributed: Stack, tmp_path_factory: pytest.TempPathFactory) -> Learned:
     client = distributed.sdk()
@@ -126,7 +115,7 @@ def test_continue_from_fine_tuned_model_starts_from_its_weights(
     lineage: list[dict[str, Any]] = [e.to_dict() for e in events if e.message.startswith("Continuing")]
     assert lineage and lineage[0]["data"]["parent"] == {"job": learned.job_id, "checkpoint": None}
 
-    adapter = _adapter(distributed, job_id, tmp_path / "b")
+    adapter = download_adapter(distributed, job_id, tmp_path / "b")
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == BASE
     assert not (adapter / "ref").exists()
     assert qa_accuracy(tiny_chat_path, adapter, learned.qa_path) >= 0.75
@@ -162,7 +151,7 @@ def test_dpo_from_the_supervised_model_keeps_its_answers(
     # policy and reference agree, so the sigmoid DPO loss is exactly log 2 (against the raw base
     # it would not be). Loaded onto the raw base, the DPO adapter still answers; the base does not.
     assert abs(_first_loss(client, job_id) - math.log(2)) < 1e-3
-    adapter = _adapter(distributed, job_id, tmp_path / "dpo")
+    adapter = download_adapter(distributed, job_id, tmp_path / "dpo")
     assert qa_accuracy(tiny_chat_path, adapter, learned.qa_path) >= 0.75
     assert qa_accuracy(tiny_chat_path, None, learned.qa_path) == 0
     # The same DPO job from the raw base answers none: the answers came from the supervised stage.
@@ -170,7 +159,10 @@ def test_dpo_from_the_supervised_model_keeps_its_answers(
     raw = wait_job(client, raw_id, timeout=900)
     assert raw.status == "succeeded", (raw.error, distributed.logs())
     assert (
-        qa_accuracy(tiny_chat_path, _adapter(distributed, raw_id, tmp_path / "raw-dpo"), learned.qa_path) == 0
+        qa_accuracy(
+            tiny_chat_path, download_adapter(distributed, raw_id, tmp_path / "raw-dpo"), learned.qa_path
+        )
+        == 0
     )
 
 
