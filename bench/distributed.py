@@ -6,8 +6,11 @@ scaling efficiency (tokens/s on N processes / (N x tokens/s on 1)).
     python bench/distributed.py --adapter full # full fine-tuning (replicated on CPU)
     python bench/distributed.py --cuda         # GPUs: 1 vs 2 (or --nproc N) nccl processes
 
-On CPU both sides get the same cores (`--threads`, default --nproc, OMP threads): one process
-with all of them, or N processes with a share each. Each side runs in its own torchrun, one after
+On CPU both sides get the same cores by default (`--threads`, default --nproc, OMP threads): one
+process with all of them, or N processes with a share each; `--threads-per-process 1` gives every
+process one thread instead (N processes on N cores against 1 on one: the data-parallel scaling
+per core, the measure that holds on an oversubscribed machine, where a process's threads wait for
+each other). Each side runs in its own torchrun, one after
 the other, `--repeats` times alternating; the best round of each side is compared (a shared
 machine gives single rounds a wide spread). Speed is trained (non-padding) tokens over the
 training loop's own time (from the run's start event to its last step's metrics): model loading
@@ -143,7 +146,7 @@ def _run(nproc: int, args: argparse.Namespace, data: Path, model_dir: Path, work
     command = launch_command(nproc, "bench.distributed", "--rank", "--result", str(result))
     command += ["--data", str(data), "--model-dir", str(model_dir), "--adapter", args.adapter]
     command += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-    threads = max(1, (args.threads or args.nproc) // nproc)  # the same cores for both sides
+    threads = args.threads_per_process or max(1, (args.threads or args.nproc) // nproc)  # same cores
     env = {**os.environ, **launch_env(), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     if not args.cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -171,6 +174,12 @@ def main() -> int:
         default=None,
         help="CPU threads in all (default --nproc): 1 process gets them all, N processes a share each.",
     )
+    parser.add_argument(
+        "--threads-per-process",
+        type=int,
+        default=None,
+        help="OMP threads of every process on both sides (overrides --threads): scaling per core.",
+    )
     parser.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -195,7 +204,11 @@ def main() -> int:
     one, many = best[1]["tokens_per_second"], best[args.nproc]["tokens_per_second"]
     print(
         f"device: {'cuda' if args.cuda else 'cpu'}, adapter {args.adapter}, global batch {args.batch_size}, "
-        f"threads {args.threads or args.nproc}"
+        + (
+            f"threads per process {args.threads_per_process}"
+            if args.threads_per_process
+            else f"threads {args.threads or args.nproc}"
+        )
     )
     print(f"1 process: {one:,.0f} tokens/s (best of {args.repeats})")
     print(f"{args.nproc} processes: {many:,.0f} tokens/s (best of {args.repeats})")
