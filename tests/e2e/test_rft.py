@@ -4,7 +4,10 @@ length in its events and results CSV, eval_reward on the validation file every e
 and the reward in its checkpoints' metrics. A chat file (not prompts) is a 400 naming line 1; a file
 whose line lacks a field the grader reads is a 400 at the grader's field naming that line (files
 uploaded before uploads recorded their fields fail the worker's validation instead, as
-tests/training/test_grpo.py checks). (That tiny-chat learns the task is test_grpo.py's, in-process.)"""
+tests/training/test_grpo.py checks). On a task tiny-chat can get better at (put the letter the line
+names into a two-token answer), a job's last quarter of steps is rewarded clearly above its first
+quarter. A job from an `ft:` model (a short supervised LoRA job's) succeeds, shows its lineage, and
+trains against that model as its KL reference."""
 
 from __future__ import annotations
 
@@ -18,10 +21,11 @@ import pytest
 from openai import OpenAI
 
 from .conftest import Stack
-from .flows import wait_job
+from .flows import metric_events, wait_job
 
 pytestmark = pytest.mark.slow
 
+BASE = "tuneforge/tiny-chat"
 GRADER = {
     "type": "string_check",
     "name": "has the letter",
@@ -29,6 +33,7 @@ GRADER = {
     "reference": "{{item.letter}}",
     "operation": "like",
 }
+PROMPTS = ["Write a word.", "Say something.", "Give me a word.", "Answer now.", "One word please.", "Speak."]
 HYPERPARAMETERS: dict[str, Any] = {
     "batch_size": 2,
     "num_generations": 2,
@@ -39,6 +44,17 @@ HYPERPARAMETERS: dict[str, Any] = {
     "eval_samples": 2,
     "beta": 0.01,
 }
+# What tiny-chat learns the task with: full fine-tuning (on tiny-chat's random weights LoRA moves
+# too little in a test's few steps), 4 answers to each of 3 prompts a step, 32 steps.
+LEARN: dict[str, Any] = {
+    "batch_size": 3,
+    "num_generations": 4,
+    "max_new_tokens": 2,
+    "learning_rate": 3e-3,
+    "beta": 0.01,
+    "max_steps": 32,
+    "save_every_steps": 16,
+}
 
 
 def _upload(client: OpenAI, lines: list[dict[str, Any]]) -> str:
@@ -46,25 +62,46 @@ def _upload(client: OpenAI, lines: list[dict[str, Any]]) -> str:
     return client.files.create(file=("rft.jsonl", data), purpose="fine-tune").id
 
 
-def _create(client: OpenAI, training_file: str, validation_file: str | None = None) -> Any:
+def _create(
+    client: OpenAI,
+    training_file: str,
+    validation_file: str | None = None,
+    *,
+    model: str = BASE,
+    hyperparameters: dict[str, Any] = HYPERPARAMETERS,
+    seed: int = 3,
+    extra: dict[str, Any] | None = None,
+) -> Any:
+    # Tuneforge's hyperparameters are not in the SDK's typed dict; they travel as they are.
+    method: Any = {
+        "type": "reinforcement",
+        "reinforcement": {"grader": GRADER, "hyperparameters": hyperparameters},
+    }
     return client.fine_tuning.jobs.create(
-        model="tuneforge/tiny-chat",
+        model=model,
         training_file=training_file,
         validation_file=validation_file,
-        seed=3,
-        method={
-            "type": "reinforcement",
-            "reinforcement": {"grader": GRADER, "hyperparameters": HYPERPARAMETERS},
-        },  # type: ignore[typeddict-item]
+        seed=seed,
+        method=method,
+        extra_body=extra,
     )
 
 
-def test_an_rft_job_reports_rewards(embedded: Stack) -> None:
-    client = OpenAI(base_url=embedded.base_url + "/v1", api_key=embedded.key, max_retries=0, timeout=300)
-    prompts = [
-        {"messages": [{"role": "user", "content": f"Say a word {i}."}], "letter": "e"} for i in range(4)
-    ]
-    training = _upload(client, prompts)
+def _client(stack: Stack) -> OpenAI:
+    return OpenAI(base_url=stack.base_url + "/v1", api_key=stack.key, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(embedded: Stack) -> str:
+    """The task's prompts, uploaded once for every job of the module."""
+    return _upload(
+        _client(embedded), [{"messages": [{"role": "user", "content": p}], "letter": "e"} for p in PROMPTS]
+    )
+
+
+def test_an_rft_job_reports_rewards(embedded: Stack, prompts_file: str) -> None:
+    client = _client(embedded)
+    prompt = {"messages": [{"role": "user", "content": PROMPTS[0]}], "letter": "e"}
 
     chat = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "e"}]}]
     with pytest.raises(openai.BadRequestError) as refused:
@@ -72,10 +109,10 @@ def test_an_rft_job_reports_rewards(embedded: Stack) -> None:
     assert refused.value.param == "training_file" and "line 1" in refused.value.message
 
     with pytest.raises(openai.BadRequestError) as refused:
-        _create(client, _upload(client, [prompts[0], {"messages": prompts[1]["messages"]}]))
+        _create(client, _upload(client, [prompt, {"messages": prompt["messages"]}]))
     assert refused.value.param == "method.reinforcement.grader.reference"
     assert "line 2" in refused.value.message and "item.letter" in refused.value.message
-    job = _create(client, training, validation_file=training)
+    job = _create(client, prompts_file, validation_file=prompts_file)
 
     done = wait_job(client, job.id, timeout=600)
     assert done.status == "succeeded", (done.error, embedded.logs())
@@ -91,3 +128,53 @@ def test_an_rft_job_reports_rewards(embedded: Stack) -> None:
     rows = list(csv.DictReader(io.StringIO(client.files.content(done.result_files[0]).text)))
     assert [r["step"] for r in rows if r["reward"]] == ["1", "2", "3", "4"]
     assert all(r["kl"] and r["completion_length"] for r in rows if r["reward"])
+
+
+def test_an_rft_job_learns_a_string_check_task(embedded: Stack, prompts_file: str) -> None:
+    client = _client(embedded)
+    job = _create(client, prompts_file, hyperparameters=LEARN, seed=11, extra={"adapter": {"type": "full"}})
+    done = wait_job(client, job.id, timeout=1800)
+    assert done.status == "succeeded", (done.error, embedded.logs())
+    rewards = [float(m["reward"]) for m in metric_events(client, job.id) if m.get("reward") is not None]
+    assert len(rewards) == 32
+    quarter = len(rewards) // 4
+    first, last = sum(rewards[:quarter]) / quarter, sum(rewards[-quarter:]) / quarter
+    # Measured (seed 11, as the recipe run in-process): 0.47 -> 0.68 on every run.
+    assert last >= first + 0.15, (first, last, rewards)
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert sorted(c.step_number for c in checkpoints) == [16, 32]
+
+
+def test_an_rft_job_continues_from_a_fine_tuned_model(embedded: Stack, prompts_file: str) -> None:
+    """The source's adapter trains on against a frozen copy of itself: its first step's policy is
+    the reference, so the KL starts at 0. Against the base (the adapter switched off) that first
+    step's KL would be about 1.3 (measured on the supervised job's adapter and 2-token answers)."""
+    client = _client(embedded)
+    chat = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "e"}]} for p in PROMPTS
+    ]
+    method: Any = {
+        "type": "supervised",
+        "supervised": {"hyperparameters": {"max_steps": 4, "batch_size": 3, "learning_rate": 3e-3}},
+    }
+    supervised = client.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=_upload(client, chat),
+        seed=5,
+        method=method,
+        extra_body={"adapter": {"type": "lora", "dropout": 0.0, "alpha": 64}},
+    )
+    source = wait_job(client, supervised.id, timeout=600)
+    assert source.status == "succeeded" and source.fine_tuned_model, (source.error, embedded.logs())
+
+    short = {"batch_size": 2, "num_generations": 2, "max_new_tokens": 2, "max_steps": 3, "beta": 0.01}
+    job = _create(client, prompts_file, model=source.fine_tuned_model, hyperparameters=short)
+    created: dict[str, Any] = client.fine_tuning.jobs.retrieve(job.id).to_dict()
+    assert created["model"] == source.fine_tuned_model and created["base_model"] == BASE
+    assert created["parent"] == {"job": supervised.id, "checkpoint": None}
+    done = wait_job(client, job.id, timeout=600)
+    assert done.status == "succeeded", (done.error, embedded.logs())
+    assert done.fine_tuned_model and done.fine_tuned_model.startswith(f"ft:{BASE}:")
+    steps = [m for m in metric_events(client, job.id) if m.get("reward") is not None]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert all("kl" in m for m in steps) and abs(steps[0]["kl"]) < 1e-3, steps  # measured: 0.0
