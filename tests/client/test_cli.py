@@ -114,3 +114,37 @@ def test_errors_are_one_line(service: Server, tmp_path: Path) -> None:
     assert answer.stdout == ""
     lines = answer.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tuneforge: error: 401: "), answer.stderr
+
+
+def test_pause_resume_and_cancel_a_running_job(cli: Any, qa_path: Path) -> None:
+    """`jobs pause` stops a running job at a checkpoint, `jobs resume` sends it back to run from
+    there, `jobs cancel` ends it; `watch` of the cancelled job exits non-zero."""
+    from tests.support import wait_for
+
+    status, file = cli("files", "upload", str(qa_path))
+    assert status == 0
+    status, job = cli(
+        "jobs", "create", "--model", "tuneforge/tiny-chat", "--training-file", file["id"],
+        "--max-steps", "400",
+    )  # fmt: skip
+    assert status == 0
+
+    def step() -> int:
+        return int((cli("jobs", "get", job["id"])[1].get("progress") or {}).get("step") or 0)
+
+    def status_is(*wanted: str) -> bool:
+        return cli("jobs", "get", job["id"])[1]["status"] in wanted
+
+    wait_for(lambda: step() >= 2, 300, "two trained steps")
+    status, paused = cli("jobs", "pause", job["id"])
+    assert status == 0 and paused["status"] in ("running", "paused"), paused
+    wait_for(lambda: status_is("paused"), 120, "the pause")
+    at = step()
+    assert 2 <= at < 400
+    status, resumed = cli("jobs", "resume", job["id"])
+    assert status == 0 and resumed["status"] in ("queued", "running"), resumed
+    wait_for(lambda: step() > at, 300, "training after the resume")
+    status, cancelled = cli("jobs", "cancel", job["id"])
+    assert status == 0 and cancelled["status"] in ("queued", "running", "cancelled"), cancelled
+    status, watched = cli("jobs", "watch", job["id"], "--interval", "0.5")
+    assert status == 1 and watched["status"] == "cancelled", watched
