@@ -176,15 +176,19 @@ async def _whole(generation: Generation, shape: _Shape, request: Request) -> Res
     logprobs: dict[int, list[TokenLogprob]] = {}
     for index in range(generation.sequences):
         texts[index] = ""
+    checked = time.monotonic()
     try:
         while True:
             get = asyncio.ensure_future(_next(generation))
             while not get.done():
                 done, _ = await asyncio.wait({get}, timeout=1.0)
-                if not done and await request.is_disconnected():
-                    get.cancel()
-                    generation.cancel()
-                    return Response(status_code=499)
+                # Once a second, events or not: a decoding answer has events every step.
+                if not done or time.monotonic() - checked >= 1.0:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        get.cancel()
+                        generation.cancel()
+                        return Response(status_code=499)
             event = get.result()
             if event.kind == "error":
                 assert event.error is not None

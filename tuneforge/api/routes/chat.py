@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 from anyio import to_thread
@@ -37,6 +37,7 @@ from tuneforge.models import job as jobs
 from tuneforge.training.base_models import list_base_models
 
 router = APIRouter(prefix="/v1", tags=["inference"])
+T = TypeVar("T")
 
 CHECKPOINT_MARK = ":ckpt-step-"
 FAMILIES: dict[str, AdapterFamily] = {
@@ -180,23 +181,29 @@ async def _passthrough(upstream: httpx.Response) -> AsyncIterator[bytes]:
         await upstream.aclose()
 
 
-async def _until_disconnect(request: Request, work: asyncio.Future[Response]) -> Response | None:
-    """`work`'s answer, or None (and `work` cancelled) once the client has gone."""
+async def _until_disconnect(request: Request, work: asyncio.Future[T]) -> T | None:
+    """`work`'s result, or None (and `work` cancelled) once the client has gone."""
     while True:
         done, _ = await asyncio.wait({work}, timeout=1.0)
         if done:
             return work.result()
         if await request.is_disconnected():
-            work.cancel()
+            if not work.cancel():  # it ended meanwhile
+                return work.result()
             return None
 
 
 async def _forward(request: Request, path: str, body: dict[str, Any], stream: bool) -> Response:
     client = _client(request)
+    # The engine sends a whole answer's headers with its end: a client that leaves before then
+    # must close the forwarded request too, or its sequences run on until they end or time out.
+    sending = asyncio.ensure_future(client.send(client.build_request("POST", path, json=body), stream=True))
     try:
-        upstream = await client.send(client.build_request("POST", path, json=body), stream=True)
+        upstream = await _until_disconnect(request, sending)
     except httpx.TransportError as exc:
         raise ENGINE_DOWN from exc
+    if upstream is None:
+        return Response(status_code=499)
     if upstream.status_code != 200:
         try:
             content = await upstream.aread()
