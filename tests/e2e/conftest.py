@@ -87,12 +87,17 @@ def _base_env(tmp: Path, models_dir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def embedded(
-    tmp_path_factory: pytest.TempPathFactory, tiny_chat_path: Path, models_dir: Path
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_chat_path: Path,
+    models_dir: Path,
 ) -> Iterator[Stack]:
-    """`make run`: migrate, then serve with every embedded default (the embedded worker included)."""
+    """`make run`: migrate, then serve with every embedded default (the embedded worker included),
+    but for the settings in the test module's `EMBEDDED_ENV` (a dict of variables), if it has one."""
     tmp = tmp_path_factory.mktemp("embedded")
     port = free_port()
-    stack = Stack(f"http://127.0.0.1:{port}", "", _base_env(tmp, models_dir), tmp)
+    env = {**_base_env(tmp, models_dir), **getattr(request.module, "EMBEDDED_ENV", {})}
+    stack = Stack(f"http://127.0.0.1:{port}", "", env, tmp)
     subprocess.run([sys.executable, "-m", "tuneforge.cli", "migrate"], env=stack.env, check=True, cwd=REPO)
     stack.start("serve", "serve", "--port", str(port))
     try:
