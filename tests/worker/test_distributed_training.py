@@ -139,7 +139,7 @@ def two_processes(
     assert wait_for(
         lambda: bool(checkpoints(services, job_id)), JOB_TIMEOUT_S, job_id, training_logs(services)
     )
-    rank_one = [p for p in training_processes() if "--socket" in p.cmdline() and _rank(p) == 1]
+    rank_one = [p for p in _ranks() if _rank(p) == 1]
     assert len(rank_one) == 1, rank_one
     rank_one[0].kill()
     killed_at = time.monotonic()
@@ -173,7 +173,7 @@ def test_sigkill_of_rank_one_resumes_from_the_checkpoint(two_processes: tuple[Jo
     assert step >= 2 and f"from its checkpoint at step {step}" in lost[0].message
     assert f"resuming after step {step}" in [e.message for e in rows if e.message.startswith("Training")][-1]
     # no orphan: the ranks end with the run (the job's status is written a moment before)
-    assert wait_for(lambda: not [p for p in training_processes() if "--socket" in p.cmdline()], 20, "no rank")
+    assert wait_for(lambda: not _ranks(), 20, "no rank")
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_full_with_fsdp_on_two_processes(
     assert wait_for(
         lambda: bool(checkpoints(services, job_id)), JOB_TIMEOUT_S, job_id, training_logs(services)
     )
-    rank_one = [p for p in training_processes() if "--socket" in p.cmdline() and _rank(p) == 1]
+    rank_one = [p for p in _ranks() if _rank(p) == 1]
     assert len(rank_one) == 1, rank_one
     rank_one[0].kill()
     job = _finished(services, job_id)
@@ -227,8 +227,9 @@ def test_full_with_fsdp_on_two_processes(
 
 
 def _ranks() -> list[psutil.Process]:
-    """torchrun and its rank processes, as they run now."""
-    return [p for p in training_processes() if "--socket" in p.cmdline()]
+    """torchrun and its rank processes, as they run now (the command line read when listed: one
+    that exits meanwhile is not an error)."""
+    return [p for p in training_processes() if "--socket" in (p.info.get("cmdline") or [])]
 
 
 def _rank_numbers() -> list[int]:
@@ -343,4 +344,4 @@ def test_ranks_that_never_get_ready_restart_then_fail_naming_the_missing_rank(
     assert all(missing in e.message for e in restarts), [e.message for e in restarts]
     assert job.error["message"].startswith(f"the multi-device run did not start: {missing}"), job.error
     assert job.attempt == 1
-    assert wait_for(lambda: not [p for p in training_processes() if "--socket" in p.cmdline()], 20, "no rank")
+    assert wait_for(lambda: not _ranks(), 20, "no rank")

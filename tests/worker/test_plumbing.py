@@ -92,9 +92,14 @@ def _busy_children(services: Services) -> list[object]:
     """This module's training processes that received a job (warm spares waiting for one are
     fine; other test runs on the machine are not ours to count)."""
     ours = {p.pid for p in services.processes}
-    return [
-        p for p in training_processes() if ours & {a.pid for a in p.parents()} and p.cpu_percent(0.05) > 5
-    ]
+    busy = []
+    for process in training_processes():
+        try:  # one that exits while it is looked at is not busy (CI: NoSuchProcess here)
+            if ours & {a.pid for a in process.parents()} and process.cpu_percent(0.05) > 5:
+                busy.append(process)
+        except psutil.Error:
+            continue
+    return busy
 
 
 def test_pause_then_resume_ends_with_planned_steps(
