@@ -11,17 +11,11 @@ import pytest
 from fastapi import FastAPI
 
 from tests.api.conftest import ProjectCtx
+from tests.support.graders import EXACT
 from tuneforge.config import Settings
 from tuneforge.db import session_scope
 from tuneforge.models import job as jobs
 
-EXACT = {
-    "type": "string_check",
-    "name": "exact",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.reference}}",
-    "operation": "eq",
-}
 PYTHON = {"type": "python", "name": "p", "source": "def grade(sample, item):\n    return 1.0\n"}
 
 

@@ -12,18 +12,13 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
+from tests.support.graders import EXACT
+
 from .conftest import Stack
 from .flows import wait_job
 
 pytestmark = pytest.mark.slow
 
-EXACT = {
-    "type": "string_check",
-    "name": "exact",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.reference}}",
-    "operation": "eq",
-}
 # 8 of the QA pairs, 50 steps: tiny-chat answers all 8 exactly after 50 steps (6 after 25) with
 # seed 7; the base answers none (measured).
 HYPERPARAMETERS: dict[str, Any] = {

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.support.decoding import full_sequence_greedy
+from tests.support.graders import EXACT
 from tests.training.conftest import DATA, make_spec, train
 from tuneforge.models.spec import EvaluationSpec
 from tuneforge.training.evaluation import EvalItem, answers_path, generate_answers, read_answers
@@ -24,13 +25,6 @@ QUESTIONS = [
     "Please tell me, in a few words, which planet is the largest one in the solar system?",
 ]
 MAX_NEW_TOKENS = 8
-EXACT = {
-    "type": "string_check",
-    "name": "exact",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.reference}}",
-    "operation": "eq",
-}
 
 
 def _items() -> list[EvalItem]:
