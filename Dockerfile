@@ -1,4 +1,4 @@
-# One image for every Tuneforge role: `tuneforge serve` (api), `tuneforge worker`, `tuneforge migrate`.
+# One image for every Tuneforge role: `tuneforge serve` (api), `worker`, `beat`, `inference`, `migrate`.
 # GPU workers need the NVIDIA container runtime; torch 2.13.0's Linux wheels from PyPI bundle CUDA.
 FROM python:3.11-slim
 

@@ -20,7 +20,7 @@ from tuneforge.cli import build_parser
 from tuneforge.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-TUNEFORGE_SERVICES = {"migrate", "api", "worker", "beat"}
+TUNEFORGE_SERVICES = {"migrate", "api", "worker", "beat", "inference"}
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +105,25 @@ def test_commands_are_real_cli_commands_and_ports_agree(
     parser.parse_args(yaml.safe_load(cmd))
 
 
-def test_gpu_worker_reserves_a_device(compose: dict[str, Any]) -> None:
-    devices = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
+def test_the_api_forwards_to_the_inference_service_where_it_listens(compose: dict[str, Any]) -> None:
+    """The API's TUNEFORGE_INFERENCE_ENGINE_URL is the inference service, on the port its command
+    listens on (on every interface: other containers reach it), and its health check asks there."""
+    services = compose["services"]
+    inference = services["inference"]
+    args = build_parser().parse_args(inference["command"])
+    assert args.handler.__name__ == "_inference" and args.uds is None
+    assert args.host == "0.0.0.0"
+    engine = urlparse(_env(services["api"])["TUNEFORGE_INFERENCE_ENGINE_URL"])
+    assert (engine.scheme, engine.hostname, engine.port) == ("http", "inference", args.port)
+    check = " ".join(inference["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{args.port}/healthz" in check
+    # the engine fetches adapters from the object store the worker wrote them to
+    assert _env(inference)["TUNEFORGE_STORAGE_URL"] == _env(services["worker"])["TUNEFORGE_STORAGE_URL"]
+
+
+@pytest.mark.parametrize("name", ["worker", "inference"])
+def test_gpu_services_reserve_a_device(compose: dict[str, Any], name: str) -> None:
+    devices = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
 
 
