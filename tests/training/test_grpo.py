@@ -95,20 +95,6 @@ def test_grader_failures_count_and_a_step_of_failures_fails() -> None:
     assert got == [1.0, 0.0] and logged == {"grader_failures": 1.0} and reward.failures == 1
 
 
-def test_the_estimate_counts_the_sampled_answers() -> None:
-    from types import SimpleNamespace
-
-    from tuneforge.estimates.memory import MemoryBreakdown
-    from tuneforge.estimates.methods import GENERATIONS, for_method
-
-    supervised = MemoryBreakdown(weights=100, gradients=10, optimizer=20, activations=50)
-    shape: Any = SimpleNamespace(total_params=25)
-    lora = for_method(supervised, shape, method="reinforcement", adapter_type="lora", dtype="fp32")
-    assert lora.activations == 50 * GENERATIONS and lora.weights == 100
-    full = for_method(supervised, shape, method="reinforcement", adapter_type="full", dtype="fp32")
-    assert full.weights == 100 + 25 * 4  # the frozen KL reference
-
-
 def test_rft_continues_from_a_fine_tuned_adapter(tiny_chat_path: Path, tmp_path: Path) -> None:
     """An ft: model's adapter (RunPaths.source_adapter, as the worker passes it) trains on, against
     a frozen copy of itself as the KL reference."""

@@ -10,8 +10,8 @@ from typing import Any
 from tuneforge.config import Settings, get_settings
 from tuneforge.estimates import hardware as hw
 from tuneforge.estimates.advisor import Variant, recommend
-from tuneforge.estimates.memory import memory_breakdown, per_device
-from tuneforge.estimates.methods import for_method
+from tuneforge.estimates.memory import MemoryBreakdown, memory_breakdown, per_device
+from tuneforge.estimates.methods import for_method, sampling
 from tuneforge.estimates.schema import (
     EstimateError,
     EstimateRequest,
@@ -20,7 +20,14 @@ from tuneforge.estimates.schema import (
     Memory,
     Throughput,
 )
-from tuneforge.estimates.skeleton import adapter_counts, build_slots, import_stack, model_shape, time_budget
+from tuneforge.estimates.skeleton import (
+    AdapterCounts,
+    adapter_counts,
+    build_slots,
+    import_stack,
+    model_shape,
+    time_budget,
+)
 from tuneforge.models.spec import AdapterSpec
 from tuneforge.training import hyperparams as training_hp
 
@@ -120,47 +127,55 @@ def _estimate(
     def strategy(variant_adapter: AdapterSpec) -> str:
         return asked if asked != "auto" else ("fsdp" if variant_adapter.type == "full" else "ddp")
 
-    def size(variant: Variant) -> int:
-        variant_counts = adapter_counts(config, variant.adapter, param, budget)
-        per_variant = per_device(
+    def breakdown(
+        variant_adapter: AdapterSpec,
+        variant_counts: AdapterCounts,
+        variant_batch: int,
+        variant_seq_len: int,
+        variant_accumulation: int,
+        checkpointing: bool,
+    ) -> MemoryBreakdown:
+        # batch_size is the global batch (tuneforge.training.distributed): each device takes its share.
+        micro_batch = math.ceil(variant_batch / devices)
+        rft = None
+        if request.method == "reinforcement":  # each prompt's answers are sequences of their own
+            rft = sampling(
+                hp, prompts=micro_batch, seq_len=variant_seq_len, accumulation=variant_accumulation
+            )
+        memory = per_device(
             memory_breakdown(
                 shape,
-                variant.adapter,
+                variant_adapter,
                 variant_counts,
                 dtype=dtype,
-                micro_batch=math.ceil(variant.batch_size / devices),
-                seq_len=variant.seq_len,
-                gradient_checkpointing=variant.gradient_checkpointing,
+                micro_batch=micro_batch if rft is None else rft.sequences,
+                seq_len=variant_seq_len if rft is None else rft.tokens,
+                gradient_checkpointing=checkpointing,
                 is_gpu=is_gpu,
+                head_tokens=None if rft is None else rft.logit_tokens,
             ),
             shape,
             devices=devices,
-            strategy=strategy(variant.adapter),
+            strategy=strategy(variant_adapter),
             dtype=dtype,
         )
+        # What the method adds (pairs, a reference model): tuneforge.estimates.methods.
         return for_method(
-            per_variant, shape, method=request.method, adapter_type=variant.adapter.type, dtype=dtype
+            memory, shape, method=request.method, adapter_type=variant_adapter.type, dtype=dtype, rft=rft
+        )
+
+    def size(variant: Variant) -> int:
+        variant_counts = adapter_counts(config, variant.adapter, param, budget)
+        return breakdown(
+            variant.adapter,
+            variant_counts,
+            variant.batch_size,
+            variant.seq_len,
+            variant.gradient_accumulation_steps,
+            variant.gradient_checkpointing,
         ).total
 
-    # batch_size is the global batch (tuneforge.training.distributed): each device takes its share.
-    memory = per_device(
-        memory_breakdown(
-            shape,
-            adapter,
-            counts,
-            dtype=dtype,
-            micro_batch=math.ceil(batch_size / devices),
-            seq_len=seq_len,
-            gradient_checkpointing=request.gradient_checkpointing,
-            is_gpu=is_gpu,
-        ),
-        shape,
-        devices=devices,
-        strategy=strategy(adapter),
-        dtype=dtype,
-    )
-    # What the method adds (pairs, a reference model): tuneforge.estimates.methods.
-    memory = for_method(memory, shape, method=request.method, adapter_type=adapter.type, dtype=dtype)
+    memory = breakdown(adapter, counts, batch_size, seq_len, accumulation, request.gradient_checkpointing)
 
     epoch_steps = (
         training_hp.steps_per_epoch(math.ceil(rows / devices), math.ceil(batch_size / devices), accumulation)

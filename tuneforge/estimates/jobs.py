@@ -11,7 +11,7 @@ from typing import Any
 from tuneforge.config import Settings
 from tuneforge.estimates.calculator import estimate
 from tuneforge.estimates.hardware import GIB, usable_bytes
-from tuneforge.estimates.schema import EstimateError, EstimateRequest, FileStats
+from tuneforge.estimates.schema import EstimateError, EstimateHyperparameters, EstimateRequest, FileStats
 from tuneforge.models.spec import Hyperparameters, JobSpec
 from tuneforge.training.loading import CHECKPOINTING_MIN_PARAMS
 
@@ -38,8 +38,11 @@ def parse_worker_classes(value: str) -> dict[str, float]:
 
 
 def _request(spec: JobSpec, hardware: dict[str, Any] | None, checkpointing: bool = False) -> EstimateRequest:
-    hp = Hyperparameters.model_validate(
-        spec.hyperparameters.model_dump(include=set(Hyperparameters.model_fields))
+    """The job's hyperparameters as the calculator reads them: the sampling knobs of a reinforcement
+    job too, but not a preference method's beta (no memory of its own)."""
+    fields = EstimateHyperparameters.model_fields if spec.method.type == "reinforcement" else None
+    hp = EstimateHyperparameters.model_validate(
+        spec.hyperparameters.model_dump(include=set(fields or Hyperparameters.model_fields))
     )
     return EstimateRequest(
         model=spec.model,

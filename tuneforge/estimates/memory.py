@@ -131,7 +131,10 @@ def memory_breakdown(
     seq_len: int,
     gradient_checkpointing: bool,
     is_gpu: bool = True,
+    head_tokens: int | None = None,
 ) -> MemoryBreakdown:
+    """`head_tokens`: positions of a sequence whose logits are computed (default: all of them;
+    GRPO computes only the answer's)."""
     b = DTYPE_BYTES[dtype]
     notes: list[str] = []
     trainable = counts.trainable_params
@@ -163,11 +166,12 @@ def memory_breakdown(
         shape, adapter, counts, seq_len=tokens, dtype_bytes=b, is_gpu=is_gpu
     )
     if gradient_checkpointing:
-        elements = shape.num_layers * checkpoint + per_layer + head
+        body = shape.num_layers * checkpoint + per_layer
         notes.append("gradient checkpointing: one input per layer kept, one layer recomputed at a time")
     else:
-        elements = shape.num_layers * per_layer + head
-    activations = elements * tokens * micro_batch * b
+        body = shape.num_layers * per_layer
+    logits = tokens if head_tokens is None else min(head_tokens, tokens)
+    activations = (body * tokens + head * logits) * micro_batch * b
     workspace = 0
     if adapter.type == "qlora":
         workspace = shape.largest_linear * b  # one dequantized weight at a time
@@ -176,7 +180,10 @@ def memory_breakdown(
         workspace = 2 * largest * b  # B@A and W + B@A for the column norms
     if workspace:
         notes.append(f"activations include {workspace:,} bytes of per-layer workspace")
-    notes.append(f"activations for micro-batch {micro_batch} x {tokens} tokens, SDPA attention (no s^2 term)")
+    notes.append(
+        f"activations for micro-batch {micro_batch} x {tokens} tokens"
+        f"{'' if logits == tokens else f' (logits of the last {logits})'}, SDPA attention (no s^2 term)"
+    )
     return MemoryBreakdown(
         weights=int(weights),
         gradients=int(gradients),

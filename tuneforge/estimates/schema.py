@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from tuneforge.models.spec import AdapterSpec, Hyperparameters, MethodType
+from tuneforge.models.spec import AdapterSpec, Hyperparameters, MethodType, ReinforcementHyperparameters
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 #: Bounds of the data-size inputs: far beyond any fine-tuning set, well inside float arithmetic.
@@ -49,6 +50,16 @@ class Hardware(BaseModel):
     )
 
 
+#: Knobs only a reinforcement run has (its sampling and KL term); any other method refuses them.
+REINFORCEMENT_ONLY = set(ReinforcementHyperparameters.model_fields) - set(Hyperparameters.model_fields)
+
+
+class EstimateHyperparameters(ReinforcementHyperparameters):
+    """The job's hyperparameters. `num_generations`, `compute_multiplier`, `max_new_tokens` and
+    `beta` (with `method: reinforcement` only) size a GRPO run: sampled answers per prompt, their
+    length, and whether a KL reference model is kept."""
+
+
 class FileStats(BaseModel):
     """What the upload recorded about a training file."""
 
@@ -85,7 +96,7 @@ class EstimateRequest(BaseModel):
     domain_shift: bool = Field(
         False, description="The data is from a domain the base model has barely seen (new language, field)."
     )
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    hyperparameters: EstimateHyperparameters = Field(default_factory=EstimateHyperparameters)
     hardware: Hardware | None = Field(None, description="Where it would run; default: no fit check.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     dtype: Dtype | None = Field(None, description="Weights/compute dtype; default fp32 on CPU, bf16 on GPUs.")
@@ -102,7 +113,8 @@ class EstimateRequest(BaseModel):
             section = method.get(kind) or {}
             if isinstance(section, dict) and "hyperparameters" in section and "hyperparameters" not in data:
                 hp = dict(section["hyperparameters"] or {})
-                hp.pop("beta", None)
+                if kind != "reinforcement":  # the preference methods' beta changes no memory
+                    hp.pop("beta", None)
                 data["hyperparameters"] = hp
         return data
 
@@ -125,6 +137,21 @@ class EstimateRequest(BaseModel):
     def _one_model(self) -> EstimateRequest:
         if (self.model is None) == (self.model_config_ is None):
             raise ValueError("give exactly one of model (an id) or model_config (a config dict)")
+        return self
+
+    @model_validator(mode="after")
+    def _sampling_knobs_need_reinforcement(self) -> EstimateRequest:
+        """A reinforcement knob on another method is refused at its field, as the job spec does."""
+        if self.method == "reinforcement":
+            return self
+        for name in sorted(REINFORCEMENT_ONLY & self.hyperparameters.model_fields_set):
+            detail = PydanticCustomError(
+                "extra_forbidden", "{name} is a reinforcement setting", {"name": name}
+            )
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [InitErrorDetails(type=detail, loc=("hyperparameters", name), input=self.hyperparameters)],
+            )
         return self
 
 

@@ -240,16 +240,26 @@ class GraderReward:
 # The recipe
 
 
+def num_generations(hp_in: ReinforcementHyperparameters) -> int:
+    """Answers sampled per prompt: the job's, or (auto) 4 scaled by compute_multiplier, at least 2.
+    The estimator (tuneforge.estimates.methods) counts memory with the same rule."""
+    if hp_in.num_generations != "auto":
+        return hp_in.num_generations
+    compute = 1.0 if hp_in.compute_multiplier == "auto" else float(hp_in.compute_multiplier)
+    return max(2, round(DEFAULT_NUM_GENERATIONS * compute))
+
+
+def kl_beta(hp_in: ReinforcementHyperparameters) -> float:
+    """The KL penalty's weight; at 0 TRL loads no reference model."""
+    return DEFAULT_BETA if hp_in.beta == "auto" else float(hp_in.beta)
+
+
 def _resolve(
     hp_in: ReinforcementHyperparameters, adapter: str, n_examples: int, has_validation: bool
 ) -> tuple[EffectiveHyperparameters, dict[str, Any]]:
     """The effective hyperparameters (batch_size in prompts) and the GRPO settings."""
     compute = 1.0 if hp_in.compute_multiplier == "auto" else float(hp_in.compute_multiplier)
-    generations = (
-        max(2, round(DEFAULT_NUM_GENERATIONS * compute))
-        if hp_in.num_generations == "auto"
-        else hp_in.num_generations
-    )
+    generations = num_generations(hp_in)
     if hp_in.eval_interval != "auto" and hp_in.eval_every_steps is None:
         hp_in = hp_in.model_copy(update={"eval_every_steps": hp_in.eval_interval})
     hp = resolve(
@@ -260,8 +270,7 @@ def _resolve(
         packing=False,
         has_validation=has_validation,
     )
-    beta = DEFAULT_BETA if hp_in.beta == "auto" else float(hp_in.beta)
-    hp = dataclasses.replace(hp, beta=beta)
+    hp = dataclasses.replace(hp, beta=kl_beta(hp_in))
     grpo = {
         "num_generations": generations,
         "num_generations_eval": generations if hp_in.eval_samples == "auto" else hp_in.eval_samples,
