@@ -1,7 +1,8 @@
 """Reinforcement jobs through the SDK are refused at creation, with a 400, when their files
 cannot feed the grader: a field the grader reads that some line lacks (named by the grader field
-that reads it, and the first line without it), and a file whose lines are not prompts ending with
-the user's message (named by its first line)."""
+that reads it, and the first line without it), a file whose lines are not prompts ending with the
+user's message (named by its first line), and a grader the service cannot run (python graders
+off, no grader model endpoint, a metric it lacks), named by its field as an evaluation's is."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import openai
 import pytest
 
 from tests.api.conftest import ProjectCtx
+from tuneforge.config import Settings
 
 MODEL = "tuneforge/tiny-chat"
 CHECK = {
@@ -151,3 +153,59 @@ def test_a_prompt_learning_adapter_is_a_400(project: ProjectCtx, adapter: str) -
             extra_body={"adapter": {"type": adapter}},
         )
     assert refused.value.param == "adapter.type" and adapter in refused.value.message
+
+
+PYTHON = {"type": "python", "name": "py", "source": "def grade(sample, item):\n    return 1.0\n"}
+JUDGE = {
+    "type": "score_model",
+    "name": "judge",
+    "model": MODEL,
+    "input": [{"role": "user", "content": "Grade: {{sample.output_text}}"}],
+}
+METEOR = {
+    "type": "text_similarity",
+    "name": "close",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "evaluation_metric": "meteor",
+}
+
+
+@pytest.mark.parametrize(
+    ("grader", "param", "says"),
+    [
+        (PYTHON, "method.reinforcement.grader.type", "TUNEFORGE_PYTHON_GRADER_ENABLED"),
+        (JUDGE, "method.reinforcement.grader.type", "TUNEFORGE_GRADER_MODEL_URL"),
+        (METEOR, "method.reinforcement.grader.evaluation_metric", "WordNet"),
+        (
+            {
+                "type": "multi",
+                "name": "m",
+                "calculate_output": "exact + py",
+                "graders": {"exact": CHECK, "py": PYTHON},
+            },
+            "method.reinforcement.grader.graders.py.type",
+            "TUNEFORGE_PYTHON_GRADER_ENABLED",
+        ),
+    ],
+    ids=["python-off", "score_model-without-endpoint", "meteor", "python-inside-multi"],
+)
+def test_a_grader_the_service_cannot_run_is_a_400_naming_it(
+    project: ProjectCtx, grader: dict[str, Any], param: str, says: str
+) -> None:
+    """Checked at creation as an evaluation grader is: accepted, the job would be queued, load its
+    model and fail at its first step when the first reward is asked for."""
+    training = _upload(project, [_prompt(n, answer=str(2 * n)) for n in range(1, 4)])
+    err = _refused(project, training, grader)
+    assert (err.status_code, err.param, err.code) == (400, param, "grader_unavailable")
+    assert says in err.message
+
+
+def test_runnable_graders_are_taken_once_the_service_can_run_them(
+    project: ProjectCtx, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "python_grader_enabled", True)
+    monkeypatch.setattr(settings, "grader_model_url", "http://127.0.0.1:9/v1")
+    training = _upload(project, [_prompt(n, answer=str(2 * n)) for n in range(1, 4)])
+    for grader in (PYTHON, JUDGE):
+        assert _create(project, training, grader).status == "validating_files"

@@ -136,6 +136,16 @@ def _check_item_fields(fields: FieldStats, grader: dict[str, Any], what: str) ->
             )
 
 
+def _check_runnable(grader: dict[str, Any], param: str, settings: Settings) -> None:
+    """A grader (valid: the spec checked it) that this service cannot run is a 400 naming the
+    field, before the job is queued: a python grader while they are off, a model grader with no
+    grader model endpoint, a metric the service lacks."""
+    try:
+        ensure_runnable(parse_grader(grader, param), GraderRuntime.from_settings(settings), param)
+    except GraderError as exc:
+        raise BadRequest(exc.message, param=exc.param, code="grader_unavailable") from None
+
+
 def create_job(session: Session, settings: Settings, project_id: str, spec: JobSpec) -> jobs.Job:
     """Checks what the body alone cannot tell (model on offer, files in the project and in a
     format the method accepts), writes the job in validating_files with its first events and
@@ -164,12 +174,10 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
     training = _checked_file(session, project_id, spec.training_file, "training_file", spec)
     if spec.validation_file is not None:
         _checked_file(session, project_id, spec.validation_file, "validation_file", spec)
-    if spec.evaluation is not None:  # valid (the spec checked it); can this service run it?
-        try:
-            grader = parse_grader(spec.evaluation.grader, "evaluation.grader")
-            ensure_runnable(grader, GraderRuntime.from_settings(settings), "evaluation.grader")
-        except GraderError as exc:
-            raise BadRequest(exc.message, param=exc.param, code="grader_unavailable") from None
+    if spec.method.reinforcement is not None:
+        _check_runnable(spec.method.reinforcement.grader, "method.reinforcement.grader", settings)
+    if spec.evaluation is not None:
+        _check_runnable(spec.evaluation.grader, "evaluation.grader", settings)
 
     check_integrations(spec, settings)
     check_exports(spec)
