@@ -12,31 +12,42 @@ from fastapi import FastAPI
 
 from tests.api.conftest import ProjectCtx
 from tuneforge.db import session_scope
+from tuneforge.models import lineage
 from tuneforge.models.checkpoint import add_checkpoint, put_artifact
 from tuneforge.models.job import Job
 from tuneforge.storage.keys import CheckpointKeys, artifact_key
 
 
-def _succeeded_parent(project: ProjectCtx, app: FastAPI, training_file: str) -> tuple[Job, str, str]:
-    """A succeeded LoRA job with a checkpoint at step 10: (job, its model name, checkpoint name)."""
+def _succeeded_parent(
+    project: ProjectCtx, app: FastAPI, training_file: str, adapter: dict[str, Any] | None = None
+) -> tuple[Job, str, str]:
+    """A succeeded job (LoRA r 8 unless `adapter` says) with a checkpoint at step 10: (job, its
+    model name, checkpoint id)."""
     created = project.openai.fine_tuning.jobs.create(
         model="tuneforge/tiny-chat",
         training_file=training_file,
-        extra_body={"adapter": {"type": "lora", "r": 8}},
+        extra_body={"adapter": adapter or {"type": "lora", "r": 8}},
     )
-    name = f"ft:tuneforge/tiny-chat:{project.id}::{created.id[-8:]}"
+    return _succeed(project, app, created.id)
+
+
+def _succeed(project: ProjectCtx, app: FastAPI, job_id: str) -> tuple[Job, str, str]:
+    """Writes the job's success as a worker does: its model name, a checkpoint at step 10 and its
+    final artifact."""
+    name = f"ft:tuneforge/tiny-chat:{project.id}::{job_id[-8:]}"
     with session_scope(app.state.sessionmaker) as session:
-        job = session.get(Job, created.id)
+        job = session.get(Job, job_id)
         assert job is not None
         job.status, job.fine_tuned_model = "succeeded", name
+        full = job.spec["adapter"]["type"] == "full"
         checkpoint = add_checkpoint(
             session, job.id, step_number=10, storage_key=CheckpointKeys(job.id, "ftckpt-x").adapter
         )
         put_artifact(
             session,
             job.id,
-            name="adapter",
-            storage_key=artifact_key(job.id, "adapter"),
+            name="model" if full else "adapter",
+            storage_key=artifact_key(job.id, "model" if full else "adapter"),
             size=1,
             sha256="0" * 64,
             content_type="application/gzip",
@@ -117,3 +128,105 @@ def test_deleting_a_fine_tuned_model(
     assert project.openai.fine_tuning.jobs.retrieve(parent.id).status == "succeeded"  # the job stays
     with pytest.raises(openai.NotFoundError):
         project.openai.models.delete(name)
+
+
+def test_a_full_source_continues_with_full_fine_tuning_only(
+    project: ProjectCtx, app: FastAPI, chat_jsonl: str
+) -> None:
+    training_file = project.upload(chat_jsonl)
+    parent, name, checkpoint_id = _succeeded_parent(project, app, training_file, adapter={"type": "full"})
+
+    for model, checkpoint, extra in (
+        (name, None, None),  # the adapter left out: the source's, full
+        (f"{name}:ckpt-step-10", checkpoint_id, {"adapter": {"type": "full"}}),
+    ):
+        child = project.openai.fine_tuning.jobs.create(
+            model=model, training_file=training_file, extra_body=extra
+        ).to_dict()
+        assert child["status"] == "validating_files" and child["adapter"]["type"] == "full"
+        assert (child["model"], child["base_model"]) == (model, "tuneforge/tiny-chat")
+        assert child["parent"] == {"job": parent.id, "checkpoint": checkpoint}
+        events = project.openai.fine_tuning.jobs.list_events(child["id"]).data
+        event = next(e for e in events if e.message.startswith(f"Continuing from {model}"))
+        assert event.to_dict()["data"]["parent"] == child["parent"]
+        if checkpoint is None:  # the worker starts from the parent's full weights
+            with session_scope(app.state.sessionmaker) as session:
+                job = session.get(Job, child["id"])
+                assert job is not None
+                assert lineage.source_object(session, job) == lineage.SourceObject(
+                    artifact_key(parent.id, "model"), True, False
+                )
+
+    for adapter in ("lora", "dora", "ia3"):
+        refused = _refused(project, name, training_file, adapter={"type": adapter})
+        assert refused["param"] == "adapter.type" and "'full'" in refused["message"], refused
+
+
+def test_a_merged_peft_source_continues_with_full_fine_tuning(
+    project: ProjectCtx, app: FastAPI, chat_jsonl: str
+) -> None:
+    """The one change of adapter type: a LoRA job that exported merged weights is full weights,
+    and the worker downloads that export for a full child (a LoRA child still trains the adapter)."""
+    training_file = project.upload(chat_jsonl)
+    parent, name, _ = _succeeded_parent(project, app, training_file)
+    unmerged = _refused(project, name, training_file, adapter={"type": "full"})
+    assert unmerged["param"] == "adapter.type" and '"export": ["merged"]' in unmerged["message"]
+    with session_scope(app.state.sessionmaker) as session:
+        put_artifact(
+            session,
+            parent.id,
+            name="merged",
+            storage_key=artifact_key(parent.id, "merged"),
+            size=1,
+            sha256="0" * 64,
+            content_type="application/gzip",
+        )
+
+    full = project.openai.fine_tuning.jobs.create(
+        model=name, training_file=training_file, extra_body={"adapter": {"type": "full"}}
+    ).to_dict()
+    assert full["adapter"]["type"] == "full" and full["parent"] == {"job": parent.id, "checkpoint": None}
+    events = project.openai.fine_tuning.jobs.list_events(full["id"]).data
+    assert any(
+        e.message.startswith(f"Continuing from {name}: job {parent.id}, final weights, merged")
+        for e in events
+    )
+    lora = project.openai.fine_tuning.jobs.create(model=name, training_file=training_file).to_dict()
+    with session_scope(app.state.sessionmaker) as session:
+        for child, key, weights in ((full, "merged", True), (lora, "adapter", False)):
+            job = session.get(Job, child["id"])
+            assert job is not None
+            assert lineage.source_object(session, job) == lineage.SourceObject(
+                artifact_key(parent.id, key), weights, False
+            )
+    # A checkpoint has no merged weights; another adapter on the merged ones would not load onto the base.
+    checkpoint = _refused(project, f"{name}:ckpt-step-10", training_file, adapter={"type": "full"})
+    assert checkpoint["param"] == "adapter.type"
+    assert _refused(project, name, training_file, adapter={"type": "dora"})["param"] == "adapter.type"
+
+
+def test_an_unfinished_jobs_checkpoint_is_not_a_source(
+    project: ProjectCtx, app: FastAPI, chat_jsonl: str
+) -> None:
+    """A running or failed job's checkpoints are listed (with the name the job's model would
+    have), but only a succeeded job's model and checkpoints can be continued."""
+    training_file = project.upload(chat_jsonl)
+    for status in ("running", "failed"):
+        created = project.openai.fine_tuning.jobs.create(
+            model="tuneforge/tiny-chat", training_file=training_file
+        )
+        with session_scope(app.state.sessionmaker) as session:
+            job = session.get(Job, created.id)
+            assert job is not None
+            job.status = status
+            add_checkpoint(
+                session, job.id, step_number=10, storage_key=CheckpointKeys(job.id, "ftckpt-y").adapter
+            )
+        (listed,) = project.openai.fine_tuning.jobs.checkpoints.list(created.id).data
+        unknown = _refused(project, listed.fine_tuned_model_checkpoint, training_file)
+        assert unknown["param"] == "model", unknown
+        assert "succeeded job" in unknown["message"]
+        # What the model would be called had it succeeded, and its checkpoint: not sources either.
+        would_be = f"ft:tuneforge/tiny-chat:{project.id}::{created.id[-8:]}"
+        for name in (would_be, f"{would_be}:ckpt-step-10"):
+            assert _refused(project, name, training_file)["param"] == "model"

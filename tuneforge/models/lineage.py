@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -58,12 +59,27 @@ def find_source(session: Session, project_id: str, name: str) -> Source | None:
 @dataclass(frozen=True)
 class SourceObject:
     """The stored archive a continued job unpacks to start from: a checkpoint's full trainer
-    state (adapter or weights, optimizer and scheduler), or a finished job's `adapter` or `model`
-    artifact. `full` when it holds full weights rather than a PEFT adapter."""
+    state (adapter or weights, optimizer and scheduler), or a finished job's `adapter`, `model`
+    or (for full fine-tuning of a PEFT model) `merged` artifact. `full` when it holds full weights
+    rather than a PEFT adapter."""
 
     storage_key: str
     full: bool
     checkpoint: bool
+
+
+def trains_merged_weights(parent_spec: dict[str, Any], spec: dict[str, Any]) -> bool:
+    """A full fine-tuning job continuing from a PEFT model: it starts from that model's merged
+    export (the API lets it only where the parent job has one)."""
+    return _adapter_type(spec) == "full" and _adapter_type(parent_spec) != "full"
+
+
+def _adapter_type(spec: dict[str, Any]) -> str | None:
+    return (spec.get("adapter") or {}).get("type")
+
+
+def has_merged_weights(session: Session, job: Job) -> bool:
+    return get_artifact(session, job.id, "merged") is not None
 
 
 def source_object(session: Session, job: Job) -> SourceObject | None:
@@ -74,14 +90,20 @@ def source_object(session: Session, job: Job) -> SourceObject | None:
     parent = session.get(Job, job.parent_job_id)
     if parent is None or parent.model_deleted_at is not None:
         return None
-    full = (parent.spec.get("adapter") or {}).get("type") == "full"
     if job.parent_checkpoint_id is not None:
         checkpoint = session.get(Checkpoint, job.parent_checkpoint_id)
         if checkpoint is None or checkpoint.job_id != parent.id:
             return None
+        full = _adapter_type(parent.spec) == "full"
         return SourceObject(CheckpointKeys.parse(checkpoint.storage_key).state, full, True)
-    artifact = get_artifact(session, parent.id, "model" if full else "adapter")
-    return SourceObject(artifact.storage_key, full, False) if artifact is not None else None
+    if _adapter_type(parent.spec) == "full":
+        name = "model"
+    elif trains_merged_weights(parent.spec, job.spec):
+        name = "merged"
+    else:
+        name = "adapter"
+    artifact = get_artifact(session, parent.id, name)
+    return SourceObject(artifact.storage_key, name != "adapter", False) if artifact is not None else None
 
 
 def delete_fine_tuned_model(session: Session, job: Job) -> None:

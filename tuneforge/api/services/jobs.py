@@ -250,9 +250,12 @@ def _continued_spec(
     session: Session, project_id: str, spec: JobSpec
 ) -> tuple[lineage.Source | None, JobSpec]:
     """For a `model` naming a fine-tuned model or checkpoint: the source, and the spec as the
-    worker runs it, with `model` the original base id and `adapter` the source's (the source
-    adapter is trained on, so its type and shape carry over; a full source's weights take any
-    adapter). A base `model`: (None, the spec unchanged)."""
+    worker runs it, with `model` the original base id. The source's weights are trained on, so
+    its adapter carries over (type and shape; another `adapter.type` is a 400): a PEFT source
+    stays that adapter, since a new adapter trained on top of it would not load onto the original
+    base, and a full source stays full. The one change of type: a PEFT source whose job exported
+    merged weights is full weights too, so its final model (not a checkpoint) continues with
+    `full`. A base `model`: (None, the spec unchanged)."""
     if not lineage.is_fine_tuned_name(spec.model):
         if spec.continue_ is not None:
             raise BadRequest(
@@ -274,23 +277,31 @@ def _continued_spec(
             code="invalid_model",
         )
     adapter = spec.adapter if "adapter" in spec.model_fields_set else parent.adapter
-    if parent.adapter.type != "full":
+    if parent.adapter.type == "full":
+        if adapter.type != "full":
+            raise BadRequest(
+                f"Model '{spec.model}' has full weights; a job continuing from it fine-tunes them in full "
+                "(an adapter trained on them would not load onto the original base), so adapter.type "
+                "must be 'full' (or left out). To train an adapter, start from the base model.",
+                param="adapter.type",
+                code="invalid_adapter",
+            )
+    elif (
+        adapter.type != "full"
+        or source.checkpoint is not None
+        or not lineage.has_merged_weights(session, source.job)
+    ):  # not the one change of type: full fine-tuning of the parent's merged weights
         if adapter.type != parent.adapter.type:
             raise BadRequest(
-                f"Model '{spec.model}' is a {parent.adapter.type} adapter; a job continuing from it trains "
-                f"that adapter, so adapter.type must be '{parent.adapter.type}' (or left out).",
+                f"Model '{spec.model}' is a {parent.adapter.type} adapter; a job continuing from it "
+                f"trains that adapter, so adapter.type must be '{parent.adapter.type}' (or left out). "
+                "To train another adapter type, start from the base model; to fine-tune this model in "
+                "full (adapter.type 'full'), continue from the fine-tuned model (not a checkpoint) of a "
+                'job created with "export": ["merged"].',
                 param="adapter.type",
                 code="invalid_adapter",
             )
         adapter = parent.adapter
-    elif adapter.type != "full":
-        raise BadRequest(
-            f"Model '{spec.model}' has full weights; Tuneforge continues it with full fine-tuning only "
-            "(an adapter would not load onto the original base), so adapter.type must be 'full' "
-            "(or left out).",
-            param="adapter.type",
-            code="invalid_adapter",
-        )
     if spec.continue_ is not None and spec.continue_.optimizer_state and source.checkpoint is None:
         raise BadRequest(
             "continue.optimizer_state needs a checkpoint as model (ft:...:ckpt-step-N): only checkpoints "
@@ -304,6 +315,8 @@ def _continued_spec(
 def _lineage_event(given: str, spec: JobSpec, source: lineage.Source) -> jobs.EventRecord:
     checkpoint = source.checkpoint
     where = f"checkpoint {checkpoint.id} (step {checkpoint.step_number})" if checkpoint else "final weights"
+    if lineage.trains_merged_weights(source.job.spec, spec.model_dump(mode="json")) and not checkpoint:
+        where = "final weights, merged"
     optimizer = spec.continue_ is not None and spec.continue_.optimizer_state
     state = "optimizer and scheduler state resumed" if optimizer else "fresh optimizer state"
     return jobs.EventRecord(
