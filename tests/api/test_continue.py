@@ -4,6 +4,9 @@ tests/e2e/test_iterate.py."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -230,3 +233,70 @@ def test_an_unfinished_jobs_checkpoint_is_not_a_source(
         would_be = f"ft:tuneforge/tiny-chat:{project.id}::{created.id[-8:]}"
         for name in (would_be, f"{would_be}:ckpt-step-10"):
             assert _refused(project, name, training_file)["param"] == "model"
+
+
+def _stored_spec(app: FastAPI, job_id: str) -> dict[str, Any]:
+    with session_scope(app.state.sessionmaker) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return dict(job.spec)
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _walk_through() -> dict[str, str]:
+    """The code of README's 'Iterate on a model' walk-through, by step: 'setup', '1', '2', '3'."""
+    section = README.read_text().split("### Iterate on a model", 1)[1]
+    code = section.split("```python\n", 1)[1].split("\n```", 1)[0]
+    setup, *numbered = re.split(r"^# ([0-9])\. .*\n", code, flags=re.MULTILINE)
+    steps = {"setup": setup, **dict(zip(numbered[::2], numbered[1::2], strict=True))}
+    assert list(steps) == ["setup", "1", "2", "3"], list(steps)
+    return steps
+
+
+def test_the_readme_walk_through_is_accepted(
+    project: ProjectCtx, app: FastAPI, chat_jsonl: str, tmp_path: Path
+) -> None:
+    """README's SFT -> evaluate -> DPO walk-through, its own code run against the API through the
+    SDK: every file and job it creates is accepted (no worker trains them; the SFT job's success
+    and its per-item results file are written as a worker writes them). Step 2 only reads what
+    the worker wrote, so it is not run; its `rows` are given."""
+    steps = _walk_through()
+    lines = chat_jsonl.splitlines()
+    (tmp_path / "qa.jsonl").write_text("\n".join(lines[:24]) + "\n")
+    (tmp_path / "qa_valid.jsonl").write_text("\n".join(lines[24:]) + "\n")
+    scope: dict[str, Any] = {
+        "client": project.openai,
+        "json": json,
+        "open": lambda path, mode="r": (tmp_path / path).open(mode),
+    }
+    exec(steps["setup"], scope)
+    exec(steps["1"], scope)
+    sft = scope["sft"]
+    assert sft.status == "validating_files" and _stored_spec(app, sft.id)["evaluation"]["compare_base"]
+    _succeed(project, app, sft.id)
+    scope["sft"] = project.openai.fine_tuning.jobs.retrieve(sft.id)  # step 1's last line, once it succeeded
+
+    # Step 2's rows: what JobEvaluation.write_results writes, one per validation item.
+    valid = [json.loads(line)["messages"] for line in lines[24:]]
+    scope["rows"] = [
+        {
+            "index": i,
+            "prompt": messages[:-1],
+            "reference": messages[-1]["content"],
+            "fine_tuned_answer": messages[-1]["content"] if i % 2 else "I do not know.",
+            "fine_tuned_score": float(i % 2),
+            "base_answer": "Hello.",
+            "base_score": 0.0,
+        }
+        for i, messages in enumerate(valid)
+    ]
+    exec(steps["3"], scope)
+    dpo = scope["dpo"].to_dict()
+    assert dpo["status"] == "validating_files" and dpo["method"]["type"] == "dpo"
+    assert (dpo["model"], dpo["base_model"]) == (scope["sft"].fine_tuned_model, "tuneforge/tiny-chat")
+    assert dpo["parent"] == {"job": sft.id, "checkpoint": None}
+    # Graded as the SFT job was, so the DPO job's base_eval_score is the SFT model's score.
+    assert _stored_spec(app, dpo["id"])["evaluation"] == _stored_spec(app, sft.id)["evaluation"]
+    assert dpo["validation_file"] == scope["prefs_valid"].id
