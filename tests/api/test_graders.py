@@ -137,13 +137,16 @@ def test_python_and_model_graders_validate_but_run_is_refused(
     assert "an administrator" in refused.value.message
 
 
-def test_meteor_is_refused_by_name(project: ProjectCtx) -> None:
+def test_meteor_runs_and_cosine_is_refused_by_name(project: ProjectCtx) -> None:
+    graders = project.openai.fine_tuning.alpha.graders
+    item = {"answer": "the car is red"}
+    synonym = graders.run(grader=similar("meteor"), model_sample="the auto is red", item=item)  # type: ignore[arg-type]
+    other = graders.run(grader=similar("meteor"), model_sample="the cow is red", item=item)  # type: ignore[arg-type]
+    assert synonym.reward > 0.9 > other.reward > 0.0  # WordNet: auto is a car, a cow is not
     with pytest.raises(openai.BadRequestError) as refused:
-        project.openai.fine_tuning.alpha.graders.run(
-            grader=similar("meteor"), model_sample="x", item={"answer": "x"}
-        )  # type: ignore[arg-type]
+        graders.run(grader=similar("cosine"), model_sample="x", item={"answer": "x"})  # type: ignore[arg-type]
     assert refused.value.param == "grader.evaluation_metric"  # type: ignore[attr-defined]
-    assert "WordNet" in refused.value.message
+    assert "embedding model" in refused.value.message
 
 
 def test_graders_need_a_project_key(client: TestClient) -> None:

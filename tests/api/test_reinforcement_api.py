@@ -162,12 +162,12 @@ JUDGE = {
     "model": MODEL,
     "input": [{"role": "user", "content": "Grade: {{sample.output_text}}"}],
 }
-METEOR = {
+COSINE = {
     "type": "text_similarity",
     "name": "close",
     "input": "{{sample.output_text}}",
     "reference": "{{item.answer}}",
-    "evaluation_metric": "meteor",
+    "evaluation_metric": "cosine",
 }
 
 
@@ -176,7 +176,7 @@ METEOR = {
     [
         (PYTHON, "method.reinforcement.grader.type", "TUNEFORGE_PYTHON_GRADER_ENABLED"),
         (JUDGE, "method.reinforcement.grader.type", "TUNEFORGE_GRADER_MODEL_URL"),
-        (METEOR, "method.reinforcement.grader.evaluation_metric", "WordNet"),
+        (COSINE, "method.reinforcement.grader.evaluation_metric", "embedding model"),
         (
             {
                 "type": "multi",
@@ -188,7 +188,7 @@ METEOR = {
             "TUNEFORGE_PYTHON_GRADER_ENABLED",
         ),
     ],
-    ids=["python-off", "score_model-without-endpoint", "meteor", "python-inside-multi"],
+    ids=["python-off", "score_model-without-endpoint", "cosine", "python-inside-multi"],
 )
 def test_a_grader_the_service_cannot_run_is_a_400_naming_it(
     project: ProjectCtx, grader: dict[str, Any], param: str, says: str

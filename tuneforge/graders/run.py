@@ -4,8 +4,8 @@
 A reference a template cannot fill, a formula that fails on the sub-rewards, a python grader that
 fails or a model grader whose call fails is not a 400: the reward is 0 and `metadata.errors` says
 why, as OpenAI answers. Graders this service cannot run (`python` unless the administrator enables
-it, `score_model` and `label_model` without a configured model endpoint, the `meteor` and `cosine`
-metrics) raise `GraderUnavailable` before anything runs. What may run is a `GraderRuntime`."""
+it, `score_model` and `label_model` without a configured model endpoint, the `cosine` metric)
+raise `GraderUnavailable` before anything runs. What may run is a `GraderRuntime`."""
 
 from __future__ import annotations
 
