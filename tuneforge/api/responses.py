@@ -154,6 +154,9 @@ class FineTuningJob(_Open):
     metadata: dict[str, str] | None
     adapter: dict[str, Any] | None
     export: list[str]
+    hardware: dict[str, Any] | None = Field(
+        None, description='Devices per run as asked: {"count": N, "strategy": "auto"|"ddp"|"fsdp"}, or null.'
+    )
     progress: JobProgress | None
     trainable_params: int | None
     total_params: int | None

@@ -88,6 +88,7 @@ def job_object(job: JobView) -> dict[str, Any]:
         "metadata": job.metadata_,
         "adapter": spec.get("adapter"),
         "export": spec.get("export") or [],
+        "hardware": spec.get("hardware"),
         "progress": job.progress,
         "trainable_params": job.trainable_params,
         "total_params": job.total_params,
