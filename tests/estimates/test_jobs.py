@@ -139,3 +139,44 @@ def test_big_model_job_is_estimated_with_checkpointing_like_the_recipe(tmp_path:
     assert any("gradient checkpointing" in note for note in estimate["memory_notes"])
     assert estimate["worker_classes"] == {"gpu": True}
     assert estimate["trainable_params"] == 41_943_040  # r=16 on every linear layer but the head
+
+
+def test_worker_class_refusal_sizes_each_device_of_a_multi_device_job(
+    make_client: Callable[..., TestClient], qa_path: Path, tmp_path: Path
+) -> None:
+    """Full fine-tuning of a 1.1B model needs about 10 GiB a device: an 8 GiB worker class
+    refuses it on one device and on 4 under DDP (a whole replica each), and takes it on 4 under
+    FSDP (a quarter of the weights, gradients and optimizer state each), which `auto` picks for
+    `full`. The stored estimate is the per-device one."""
+    import json
+
+    from tests.estimates.test_api import LLAMA_1B
+
+    model_dir = tmp_path / "llama-1b"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(LLAMA_1B))
+    client = make_client(
+        models=f"meta/llama-1b={model_dir}", worker_classes="gpu=8", estimate_build_seconds=0
+    )
+    full = {
+        "model": "meta/llama-1b",
+        "adapter": {"type": "full"},
+        "hyperparameters": {"batch_size": 8, "max_seq_length": 512},
+    }
+
+    def create(**hardware: Any) -> Any:
+        return _create(client, qa_path, **full, **({"hardware": hardware} if hardware else {}))
+
+    for refused in (create(), create(count=4, strategy="ddp")):
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "job_does_not_fit", error
+        assert "GiB per device" in error["message"] and "queue 'gpu' (8 GiB)" in error["message"], error
+    sharded, auto = create(count=4, strategy="fsdp"), create(count=4)
+    assert sharded.status_code == auto.status_code == 200, (sharded.text, auto.text)
+    estimate = sharded.json()["estimate"]
+    assert estimate["worker_classes"] == {"gpu": True}
+    assert estimate["memory"]["total"] < 8 * 2**30 < estimate["memory"]["total"] * 4
+    assert any("sharded over 4 devices" in note for note in estimate["memory_notes"])
+    assert auto.json()["estimate"]["memory"] == estimate["memory"]
+    assert auto.json()["hardware"] == {"count": 4, "strategy": "auto"}
