@@ -1,12 +1,14 @@
 """The engine itself, on tiny-chat with real PEFT adapters (random weights, so that each adapter
-answers differently): a batch that mixes adapters and the base gives each row what it gets alone,
-the LRU cache evicts, a full queue refuses, a cancelled request leaves the batch, and IA3, prompt
-tuning and prefix tuning adapters answer what PEFT's forward computes."""
+answers differently): a batch that mixes adapters and the base goes through the model as one and
+gives each row what it gets alone, the LRU cache evicts the least recently used adapter, a full
+queue refuses, a cancelled request leaves the batch, a slow adapter load holds up no loaded
+adapter, and IA3, prompt tuning and prefix tuning adapters answer what PEFT's forward computes."""
 
 from __future__ import annotations
 
 import asyncio
 import tarfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from tests.support.decoding import full_sequence_greedy
-from tuneforge.inference.adapters import AdapterFetcher
+from tuneforge.inference.adapters import AdapterFetcher, cache_name
 from tuneforge.inference.engine import Engine, EngineError, Event, Generation, Sampling
 from tuneforge.inference.protocol import AdapterRef, Route
 from tuneforge.storage.filesystem import FilesystemStore
@@ -139,7 +141,14 @@ def test_a_mixed_batch_answers_each_row_as_it_is_answered_alone(
             alone.append(texts[0])
         runners = list(engine.runners.values())
         assert len(runners) == 1 and len(runners[0].loaded) == 3
-        together = await asyncio.gather(*(_collect(_submit(engine, k, q)) for k, q in asks))
+        runner = runners[0]
+        assert runner.stats.most_adapters == 1  # one request at a time so far
+        with runner.cond:  # all eight wait when the loop next looks: one batch
+            generations = [_submit(engine, k, q) for k, q in asks]
+        together = await asyncio.gather(*(_collect(g) for g in generations))
+        # They went through the model together: a forward with all eight rows, whose
+        # adapter_names held the base and the three adapters.
+        assert (runner.stats.most_rows, runner.stats.most_adapters) == (len(asks), 4)
         return alone, [texts[0] for texts, _ in together]
 
     alone, together = asyncio.run(scenario())
@@ -155,10 +164,11 @@ def test_lru_cache_queue_limit_seed_and_cancel(
     engine = _engine(store, tiny_chat_path, tmp_path, adapters_per_base=2, max_queued=4)
 
     async def scenario() -> None:
-        for k in (0, 1, 2):
+        for k in (0, 1, 0, 2):
             await _collect(_submit(engine, k, QUESTIONS[0]))
         runner = next(iter(engine.runners.values()))
-        assert len(runner.loaded) == 2  # adapter 0, the least recently used, went
+        # Adapter 1, the least recently used (not the first loaded), went; 0 was used after it.
+        assert list(runner.loaded) == [cache_name(_key(0)), cache_name(_key(2))]
 
         sampled = [
             await _collect(_submit(engine, 1, QUESTIONS[1], temperature=1.0, seed=7)) for _ in range(2)
@@ -177,6 +187,55 @@ def test_lru_cache_queue_limit_seed_and_cancel(
         for generation in long:
             generation.cancel()  # again, or after its end: no slot is given back twice
         assert engine.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+class SlowStoreFake(FilesystemStore):
+    """A test fake for a slow object store (a far bucket, a large adapter): downloads of `slow_key`
+    hang until `gate` is set, so an adapter's load lasts as long as the test wants; other keys
+    download at once."""
+
+    def __init__(self, root: Path, slow_key: str, gate: threading.Event) -> None:
+        super().__init__(root)
+        self.slow_key = slow_key
+        self.gate = gate
+        self.started = threading.Event()
+
+    def download(self, key: str, path: Path) -> None:
+        if key == self.slow_key:
+            self.started.set()
+            assert self.gate.wait(WAIT), "the test never let the slow download end"
+        super().download(key, path)
+
+
+def test_loading_a_new_adapter_does_not_hold_up_loaded_ones(
+    store: FilesystemStore, tiny_chat_path: Path, tmp_path: Path
+) -> None:
+    """While adapter 2's download hangs, adapter 0 (loaded before) and the base go on answering,
+    request after request, each as before; adapter 2's request waits meanwhile, and is answered
+    once its download ends."""
+    gate = threading.Event()
+    slow = SlowStoreFake(store.root, _key(2), gate)
+    engine = _engine(slow, tiny_chat_path, tmp_path)
+
+    async def scenario() -> None:
+        before = [(await _collect(_submit(engine, k, QUESTIONS[0])))[0] for k in (0, None)]
+        runner = engine.runners[f"base:{BASE}"]
+        waiting = _submit(engine, 2, QUESTIONS[0])
+        try:
+            assert await asyncio.to_thread(slow.started.wait, WAIT)
+            for _ in range(3):
+                for k, answer in zip((0, None), before, strict=True):
+                    texts, _ = await _collect(_submit(engine, k, QUESTIONS[0]))
+                    assert texts == answer
+            assert cache_name(_key(2)) in runner.loading, "the slow load must still be going on"
+            assert waiting.queue.empty() and waiting.open_rows == 0
+        finally:
+            gate.set()
+        texts, usage = await _collect(waiting)
+        assert usage["completion_tokens"] >= 1
+        assert list(runner.loaded) == [cache_name(_key(0)), cache_name(_key(2))]
 
     asyncio.run(scenario())
 

@@ -174,6 +174,24 @@ class _Row:
 
 
 @dataclass
+class RunnerStats:
+    """How full a runner's forward passes (prefills and decoding steps) have been since it started,
+    for operators (the engine's /healthz): `rows / forwards` is the mean batch, and `most_adapters`
+    shows whether requests for different adapters (the base counts as one) shared a forward."""
+
+    forwards: int = 0
+    rows: int = 0
+    most_rows: int = 0
+    most_adapters: int = 0
+
+    def record(self, adapters: list[str]) -> None:
+        self.forwards += 1
+        self.rows += len(adapters)
+        self.most_rows = max(self.most_rows, len(adapters))
+        self.most_adapters = max(self.most_adapters, len(set(adapters)))
+
+
+@dataclass
 class _Batch:
     """A running batch: its rows, KV cache, attention mask, each row's next position, the last
     step's logits, and the module that runs it (with `adapter_names` when `mixed`)."""
@@ -246,6 +264,7 @@ class BaseRunner:
         self.model: Any = None
         self.base_tokenizing: Tokenizing | None = None
         self.load_error: EngineError | None = None
+        self.stats = RunnerStats()
         self.thread = threading.Thread(target=self._loop, name=f"decode-{key}", daemon=True)
         self.thread.start()
 
@@ -573,6 +592,7 @@ class BaseRunner:
                     use_cache=True,
                     **extra,
                 ).logits[:, -1, :]
+                self.stats.record([r.adapter for r in rows])
                 state.next_position = state.next_position + 1
         finally:
             self.running = set()
@@ -612,6 +632,7 @@ class BaseRunner:
             logits_to_keep=1,
             **extra,
         ).logits[:, -1, :]
+        self.stats.record([r.adapter for r in rows])
         self.running |= {r.adapter for r in rows}
         mask = begin.attention_mask
         return _Batch(rows, begin.cache, mask, begin.next_position, logits, begin.model, mixed)

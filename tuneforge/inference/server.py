@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -233,7 +234,14 @@ def create_engine_app(settings: Settings) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "in_flight": engine.in_flight, "models": sorted(engine.runners)}
+        with engine.lock:
+            runners = dict(engine.runners)
+        return {
+            "status": "ok",
+            "in_flight": engine.in_flight,
+            "models": sorted(runners),
+            "batches": {key: asdict(runner.stats) for key, runner in sorted(runners.items())},
+        }
 
     async def serve(request: Request, chat: bool) -> Response:
         body = await request.json()
