@@ -246,7 +246,7 @@ async def _complete(
     )
     payload = body.model_dump(exclude_none=True)
     if settings.inference_url:
-        from tuneforge.api.services.vllm import prepare_vllm
+        from tuneforge.api.services.vllm import forget_vllm, prepare_vllm
 
         if route.adapter is not None and route.adapter.family != "lora":
             raise BadRequest(
@@ -256,7 +256,15 @@ async def _complete(
                 code="model_not_supported",
             )
 
-        payload = await prepare_vllm(_client(request), state.store, settings, route, payload)
+        client = _client(request)
+        payload = await prepare_vllm(client, state.store, settings, route, payload)
+        try:
+            return await _forward(request, path, payload, body.stream)
+        except InferenceError as exc:
+            # A restarted vLLM has forgotten the adapters handed to it: hand this one over again.
+            if exc.status_code != 404 or not forget_vllm(client, body.model):
+                raise
+        payload = await prepare_vllm(client, state.store, settings, route, payload)
     else:
         payload[FIELD] = route.model_dump()
     return await _forward(request, path, payload, body.stream)

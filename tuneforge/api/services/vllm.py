@@ -4,10 +4,15 @@ a fine-tuned model's adapter into `inference_adapter_dir` (a directory the vLLM 
 and registers it with vLLM's documented `POST /v1/load_lora_adapter` under the model's own name,
 so the forwarded request (and vLLM's answer) keep the name the caller used.
 
-Written against vLLM's documented API; not exercised by this repository's tests (no GPU here)."""
+vLLM keeps runtime-loaded adapters in memory only: after a restart it answers 404 for their names.
+The API then forgets the name (`forget_vllm`), hands the adapter over again and retries once.
+
+Written against vLLM's documented API; tested against a stand-in server that implements those
+endpoints (tests/api/test_vllm_backend.py), since vLLM needs a GPU."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import httpx
@@ -19,7 +24,8 @@ from tuneforge.inference.adapters import AdapterFetcher
 from tuneforge.inference.protocol import Route
 from tuneforge.storage import ObjectStore
 
-_registered: set[str] = set()
+_registered: weakref.WeakKeyDictionary[httpx.AsyncClient, set[str]] = weakref.WeakKeyDictionary()
+"""The adapter names handed to the vLLM server behind each client (one client per API process)."""
 
 
 async def prepare_vllm(
@@ -35,7 +41,8 @@ async def prepare_vllm(
             code="model_not_supported",
         )
     name = str(payload["model"])
-    if name in _registered:
+    registered = _registered.setdefault(client, set())
+    if name in registered:
         return payload
     fetcher = AdapterFetcher(store, settings.inference_adapter_dir or settings.data_dir / "served-adapters")
     directory = await to_thread.run_sync(fetcher.fetch, route.adapter.storage_key)
@@ -47,5 +54,15 @@ async def prepare_vllm(
         raise ServiceUnavailable("The vLLM server is unavailable.", code="service_unavailable") from exc
     if answer.status_code != 200 and "already" not in answer.text:
         raise ServiceUnavailable(f"vLLM refused the adapter: {answer.text[:200]}", code="service_unavailable")
-    _registered.add(name)
+    registered.add(name)
     return payload
+
+
+def forget_vllm(client: httpx.AsyncClient, name: str) -> bool:
+    """Forgets that the vLLM server behind `client` has adapter `name` (it answered 404 for it: it
+    restarted); True if it had been handed over, so that handing it over again may help."""
+    registered = _registered.get(client, set())
+    if name not in registered:
+        return False
+    registered.discard(name)
+    return True
