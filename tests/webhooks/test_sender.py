@@ -1,10 +1,12 @@
 """The webhook sender's rules, one pass at a time, on a migrated SQLite database and a receiver on
-127.0.0.1 (no processes): retries until the schedule runs out, then a recorded failure; a day's
-limit; a delivery held by a sender that died is taken again only after its hold; the URL policy
-checked again at send time, and the request sent to the address that was checked."""
+127.0.0.1 (no processes): retries until the schedule runs out, then a recorded failure; each
+attempt signed afresh under the same webhook-id; a day's limit; a delivery held by a sender that
+died is taken again only after its hold; the URL policy checked again at send time, and the
+request sent to the address that was checked."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +15,8 @@ import pytest
 from openai import OpenAI
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.support.receiver import Receiver, start_receiver
+from tests.support import wait_for
+from tests.support.receiver import Received, Receiver, start_receiver
 from tuneforge.config import Settings
 from tuneforge.db import make_engine, make_sessionmaker, migrate, session_scope, utcnow
 from tuneforge.models import webhook
@@ -142,3 +145,35 @@ def test_the_url_policy_is_checked_again_at_send_time(
     assert got.headers["host"] == f"localhost:{port}"
     event = OpenAI(api_key="unused").webhooks.unwrap(got.body, got.headers, secret=secret)
     assert (event.id, event.data.id) == ("evt_1", "ftjob-x")
+
+
+def test_each_attempt_is_signed_afresh_under_the_same_webhook_id(
+    sessions: sessionmaker[Session], receiver: Receiver, tmp_path: Path
+) -> None:
+    """A retry more than a second after the first attempt carries its own timestamp and a
+    signature over it (a replayed first attempt would carry the old ones), under the same
+    `webhook-id`; both verify with the SDK's `unwrap`."""
+    _clear(sessions)
+    settings = _settings(tmp_path, webhook_retry_seconds="1.1")
+    endpoint_id, delivery_id = _endpoint_and_event(sessions, receiver.url("/afresh", 503, 200))
+    with session_scope(sessions) as session:
+        endpoint = webhook.get_endpoint(session, DEFAULT_PROJECT_ID, endpoint_id)
+        assert endpoint is not None
+        secret = endpoint.signing_secret
+
+    def second_attempt() -> list[Received] | None:
+        send_due(settings, sessions, budget_seconds=0)
+        got = receiver.received("/afresh")
+        return got if len(got) == 2 else None
+
+    first, second = wait_for(second_attempt, 30, "the retry")
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] == delivery_id
+    assert int(second.headers["webhook-timestamp"]) > int(first.headers["webhook-timestamp"])
+    assert second.headers["webhook-signature"] != first.headers["webhook-signature"]
+    assert first.body == second.body
+    sdk = OpenAI(api_key="unused")
+    for got in (first, second):
+        event = sdk.webhooks.unwrap(got.body, got.headers, secret=secret)
+        assert (event.id, event.data.id) == (json.loads(got.body)["id"], "ftjob-x")
+    delivered = _delivery(sessions, endpoint_id, delivery_id)
+    assert (delivered.status, delivered.attempts, delivered.last_status_code) == ("delivered", 2, 200)
