@@ -1,8 +1,10 @@
 """Reinforcement fine-tuning (tuneforge/training/grpo.py) in-process: the data checks (a missing item
-field, a line without a final user message) name the line, grader failures are counted, the memory
-estimate counts the sampled answers, and an ft: model's adapter trains on against a frozen copy of
-itself. That tiny-chat learns a string_check task, with the reward, its spread, the KL and the
-answers' length in events, the CSV and checkpoints, is tests/e2e/test_rft.py's, through the SDK."""
+field, a line without a final user message) name the line, grader failures are counted and a step
+whose every sample fails fails the run with a message that says so, QLoRA (4-bit on CPU) and IA3
+adapters train, and an ft: model's adapter trains on against a frozen copy of itself (the memory
+estimate's tests are tests/estimates/test_reinforcement.py). That tiny-chat learns a string_check
+task, with the reward, its spread, the KL and the answers' length in events, the CSV and
+checkpoints, is tests/e2e/test_rft.py's, through the SDK."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def _rft_lines() -> list[dict[str, Any]]:
     return [{"messages": [{"role": "user", "content": p}], "letter": "e"} for p in PROMPTS]
 
 
-def _spec(adapter: str = "lora", **hyperparameters: Any) -> JobSpec:
+def _spec(adapter: str = "lora", grader: dict[str, Any] = GRADER, **hyperparameters: Any) -> JobSpec:
     hp = {
         "batch_size": 3,
         "num_generations": 4,
@@ -48,7 +50,7 @@ def _spec(adapter: str = "lora", **hyperparameters: Any) -> JobSpec:
             "model": "tuneforge/tiny-chat",
             "training_file": "file-local",
             "seed": 11,
-            "method": {"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": hp}},
+            "method": {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hp}},
             "adapter": {"type": adapter},
         }
     )
@@ -93,6 +95,69 @@ def test_grader_failures_count_and_a_step_of_failures_fails() -> None:
         log_metric=logged.__setitem__,
     )
     assert got == [1.0, 0.0] and logged == {"grader_failures": 1.0} and reward.failures == 1
+
+
+def test_a_grader_that_fails_on_every_sample_fails_the_run(tiny_chat_path: Path, tmp_path: Path) -> None:
+    """The data check passes (the grader reads no item field a line lacks), but no sampled answer is
+    JSON, so the grader fails on all 6 samples of the first step (3 prompts x 2 answers): the run
+    stops there, naming the count, the first failure and what to check; the worker reports it as
+    `training_error` with this text (tuneforge/worker/child.py)."""
+    from tuneforge.worker.child import _error_code
+
+    grader = {**GRADER, "input": "{{sample.output_json.answer}}"}
+    train_file = write_jsonl(tmp_path / "rft.jsonl", _rft_lines())
+    observer = RecordingObserver()
+    with pytest.raises(GraderFailed) as failed:
+        train(
+            _spec(grader=grader, num_generations=2, max_steps=2),
+            tiny_chat_path,
+            train_file,
+            tmp_path / "out",
+            observer,
+        )
+    message = str(failed.value)
+    assert message.startswith("the grader failed on every one of the step's 6 samples (first: "), message
+    assert "sample_parse_error" in message or "invalid_variable_error" in message, message
+    assert message.endswith("check its templates against the training file's fields")
+    assert observer.metrics == [] and observer.checkpoints == []  # no step was taken
+    assert _error_code(failed.value) == "training_error"
+
+
+@pytest.mark.parametrize("adapter", ["qlora", "ia3"])
+def test_rft_trains_qlora_and_ia3_adapters(adapter: str, tiny_chat_path: Path, tmp_path: Path) -> None:
+    """A reinforcement run on a 4-bit (bitsandbytes NF4, on CPU) base with LoRA, and on IA3: steps
+    log the grader's reward and its spread, and the adapter moves off its initial values. A fuzzy
+    match against a sentence gives the sampled answers different rewards, so every step has a
+    gradient (a string_check on random weights often rewards a whole group alike: no advantage)."""
+    import bitsandbytes as bnb
+
+    grader = {
+        "type": "text_similarity",
+        "name": "close",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.sentence}}",
+        "evaluation_metric": "fuzzy_match",
+    }
+    lines = [{**line, "sentence": "the quick brown fox jumps"} for line in _rft_lines()]
+    train_file = write_jsonl(tmp_path / "rft.jsonl", lines)
+    spec = _spec(adapter, grader=grader, num_generations=4, max_new_tokens=6, max_steps=3, save_every_steps=3)
+    observer = RecordingObserver()
+    finished = train(spec, tiny_chat_path, train_file, tmp_path / "out", observer)
+    assert finished.result.adapter_dir is not None and finished.result.final_step == 3
+    steps = [m for m in observer.metrics if m.reward is not None]
+    assert [m.step for m in steps] == [1, 2, 3]
+    assert all(m.reward is not None and 0.0 <= m.reward <= 1.0 for m in steps)
+    assert any(m.reward_std for m in steps), steps  # answers were told apart
+    assert all(m.kl is not None and m.grader_failures == 0.0 for m in steps)
+    modules = list(finished.model.modules())
+    if adapter == "qlora":
+        adapted = [m for m in modules if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+        assert adapted and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in adapted)
+        assert all(m.base_layer.weight.quant_state.quant_type == "nf4" for m in adapted)
+        assert any(m.lora_B["default"].weight.abs().sum() > 0 for m in adapted)  # B starts at 0
+    else:
+        vectors = [m.ia3_l["default"] for m in modules if hasattr(m, "ia3_l")]
+        assert vectors and any((v - 1.0).abs().sum() > 0 for v in vectors)  # IA3 starts at 1
 
 
 def test_rft_continues_from_a_fine_tuned_adapter(tiny_chat_path: Path, tmp_path: Path) -> None:
