@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,6 +62,13 @@ def test_endpoint_lifecycle_through_the_sdk(
 
     updated = sdk.webhooks.update(created.id, name="ci-2", event_types=[SUCCEEDED, "fine_tuning.job.failed"])
     assert (updated.name, updated.event_types) == ("ci-2", [SUCCEEDED, "fine_tuning.job.failed"])
+    # the secret is never shown again: neither in the list nor in an update's answer
+    listed = project.client.get("/v1/webhook_endpoints", headers=project.headers).json()["data"]
+    changed = project.client.post(
+        f"/v1/webhook_endpoints/{created.id}", json={"name": "ci-2"}, headers=project.headers
+    ).json()
+    for answer in (*listed, changed):
+        assert "signing_secret" not in answer and answer["signing_secret_hint"] == created.signing_secret_hint
 
     result = sdk.webhooks.test(created.id, event_type="fine_tuning.job.failed")
     assert (result.status_code, result.success, result.webhook_endpoint_id) == (200, True, created.id)
@@ -181,6 +189,8 @@ def test_a_final_status_writes_the_outbox_row_and_ends_the_stream(
     assert (delivery["status"], delivery["attempts"]) == ("pending", 0)
     assert delivery["event"]["type"] == "fine_tuning.job.cancelled"
     assert delivery["event"]["data"] == {"id": job.id}
+    created_at = delivery["event"]["created_at"]  # when the status changed, as OpenAI's events have it
+    assert isinstance(created_at, int) and job.created_at <= created_at <= time.time() + 1
 
     listed = [e.model_dump() for e in sdk.fine_tuning.jobs.list_events(job.id, limit=100).data][::-1]
     streamed = _stream(project, job.id)
