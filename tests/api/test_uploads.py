@@ -1,12 +1,17 @@
 """OpenAI's Uploads API through the official SDK: `upload_file_chunked` with parts smaller than
 S3's multipart minimum, a bad line in a later part refused by its line number, md5 and size
-checks, cancel, expiry by the reconciler; then, on a real `tuneforge serve` over moto's S3, a
-200 MB file with the API process's memory measured."""
+checks, the 64 MiB part limit, cancel, expiry by the reconciler (its cleanup, and a real `tuneforge
+beat` pass); then, on a real `tuneforge serve` over moto's S3, a 200 MB file with the API
+process's memory measured."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,8 +25,9 @@ from fastapi import FastAPI
 from openai import OpenAI
 from sqlalchemy import select
 
-from tests.api.conftest import ProjectCtx
-from tests.support import start_server, stop_server
+from tests.api.conftest import TEST_BROKER, ProjectCtx
+from tests.support import REPO, start_server, stop_process, stop_server, wait_for
+from tuneforge.config import Settings
 from tuneforge.db import session_scope, utcnow
 from tuneforge.models.file import File
 from tuneforge.models.upload import Upload, UploadPart
@@ -189,6 +195,111 @@ def test_reconciler_expires_pending_uploads_and_removes_parts(project: ProjectCt
         assert session.get(UploadPart, part.id) is None
         assert session.scalars(select(UploadPart).where(UploadPart.upload_id == completed.id)).all() == []
     assert list(store.list(f"uploads/{completed.id}/")) == []
+
+
+def test_a_part_over_64_mib_is_refused(project: ProjectCtx, app: FastAPI) -> None:
+    """OpenAI's limit: a part of exactly 64 MiB is taken, one byte more is a 413 naming `data`,
+    whether the body says its length (the SDK) or streams it in chunks without one, and nothing
+    of a refused part is left in the store or the database."""
+    from tuneforge.api.services.uploads import MAX_PART_BYTES
+
+    assert MAX_PART_BYTES == 64 << 20
+    client = project.openai
+    upload = client.uploads.create(
+        bytes=4 * MAX_PART_BYTES, filename="a.jsonl", mime_type="application/jsonl", purpose="fine-tune"
+    )
+    whole = client.uploads.parts.create(upload.id, data=b"x" * MAX_PART_BYTES)
+    assert (whole.object, whole.upload_id) == ("upload.part", upload.id)
+
+    with pytest.raises(openai.APIStatusError) as declared:
+        client.uploads.parts.create(upload.id, data=b"x" * (MAX_PART_BYTES + 1))
+    assert declared.value.status_code == 413
+    assert _error(declared.value)["param"] == "data"
+    assert str(MAX_PART_BYTES) in _error(declared.value)["message"]
+
+    boundary = "tuneforge-test-boundary"
+
+    def streamed() -> Iterator[bytes]:
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="data"; filename="p"\r\n\r\n'.encode()
+        chunk = b"x" * (1 << 20)
+        for _ in range(64):
+            yield chunk
+        yield b"x"  # byte 64 MiB + 1
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    answer = project.client.post(
+        f"/v1/uploads/{upload.id}/parts",
+        headers={**project.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        content=streamed(),
+    )
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["error"]["param"] == "data"
+
+    store = app.state.store
+    with app.state.sessionmaker() as session:
+        parts = session.scalars(select(UploadPart).where(UploadPart.upload_id == upload.id)).all()
+        assert [part.id for part in parts] == [whole.id]
+        kept = parts[0].storage_key
+    assert [(o.key, o.size) for o in store.list(f"uploads/{upload.id}/")] == [(kept, MAX_PART_BYTES)]
+    assert client.uploads.cancel(upload.id).status == "cancelled"
+
+
+def test_the_reconcilers_scheduled_pass_expires_an_old_upload(
+    project: ProjectCtx, app: FastAPI, settings: Settings, tmp_path: Path
+) -> None:
+    """An upload expires an hour after it is created (the default), and the beat's periodic
+    reconcile pass (`tuneforge beat`, every second here) expires one past its hour and removes its
+    part, with nobody calling the cleanup."""
+    client = project.openai
+    upload = client.uploads.create(
+        bytes=100, filename="a.jsonl", mime_type="application/jsonl", purpose="fine-tune"
+    )
+    assert upload.expires_at - upload.created_at == 3600
+    part = client.uploads.parts.create(upload.id, data=b'{"text": "a"}\n')
+    sessions = app.state.sessionmaker
+    with sessions() as session:
+        key = session.get(UploadPart, part.id).storage_key  # type: ignore[union-attr]
+    assert app.state.store.exists(key)
+    with session_scope(sessions) as session:
+        row = session.get(Upload, upload.id)
+        assert row is not None
+        row.expires_at = utcnow() - timedelta(seconds=1)
+
+    def status() -> str | None:
+        with sessions() as session:
+            row = session.get(Upload, upload.id)
+            return row.status if row is not None and row.status == "expired" else None
+
+    env = {
+        "TUNEFORGE_DATABASE_URL": settings.database_url,
+        "TUNEFORGE_STORAGE_URL": settings.storage_url,
+        "TUNEFORGE_DATA_DIR": str(tmp_path / "beat"),
+        "TUNEFORGE_BROKER_URL": TEST_BROKER,
+        "TUNEFORGE_RECONCILE_EVERY_SECONDS": "1",
+    }
+    log_path = tmp_path / "beat.log"
+    with log_path.open("wb") as log:
+        beat = subprocess.Popen(
+            [sys.executable, "-m", "tuneforge.cli", "beat"],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            start_new_session=True,
+        )
+    try:
+        wait_for(
+            status, 180, "the beat's pass to expire the upload", lambda: log_path.read_text(errors="replace")
+        )
+    finally:
+        stop_process(beat, signal.SIGTERM, timeout=30)
+    assert not app.state.store.exists(key)
+    with sessions() as session:
+        assert session.get(UploadPart, part.id) is None
+    with pytest.raises(openai.BadRequestError) as late:
+        client.uploads.parts.create(upload.id, data=b"{}")
+    assert _error(late.value)["code"] == "upload_expired"  # the same code as before the pass
 
 
 # --- a real server over S3: the 200 MB case and the API process's memory ---

@@ -99,7 +99,9 @@ def load_pending(session: Session, project_id: str, upload_id: str) -> uploads.U
     row = uploads.get_upload(session, project_id, upload_id)
     if row is None:
         raise NotFound(f"No such Upload object: {upload_id}", param="upload_id")
-    if row.status == UploadStatus.PENDING and row.expires_at <= utcnow():
+    if row.status == UploadStatus.EXPIRED or (
+        row.status == UploadStatus.PENDING and row.expires_at <= utcnow()
+    ):
         raise BadRequest(f"Upload {upload_id} has expired.", param="upload_id", code="upload_expired")
     if row.status != UploadStatus.PENDING:
         raise BadRequest(f"Upload {upload_id} is already {row.status}.", param="upload_id")
