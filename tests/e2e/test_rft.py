@@ -1,7 +1,8 @@
 """Reinforcement fine-tuning through the openai SDK with the embedded worker (a real Celery worker
-process): a job with a string_check grader succeeds with per-step reward, reward_std, kl and answer
-length in its events and results CSV, eval_reward on the validation file every eval_interval steps,
-and the reward in its checkpoints' metrics. A chat file (not prompts) is a 400 naming line 1; a file
+process): a job with a string_check grader succeeds with per-step reward, reward_std, kl, answer
+length and grader failures in its events and results CSV, eval_reward on the validation file every
+eval_interval steps (events and CSV), and reward, reward_std, kl, answer length and eval_reward in
+its checkpoints' metrics. A chat file (not prompts) is a 400 naming line 1; a file
 whose line lacks a field the grader reads is a 400 at the grader's field naming that line (files
 uploaded before uploads recorded their fields fail the worker's validation instead, as
 tests/training/test_grpo.py checks). On a task tiny-chat can get better at (put the letter the line
@@ -120,14 +121,22 @@ def test_an_rft_job_reports_rewards(embedded: Stack, prompts_file: str) -> None:
     steps = [e.data for e in events if e.type == "metrics" and e.data and "reward" in e.data]
     assert sorted(d["step"] for d in steps) == [1, 2, 3, 4]  # type: ignore[index]
     assert all({"reward_std", "kl", "completion_length"} <= set(d) for d in steps)  # type: ignore[arg-type]
+    # The grader reads a field every line has: each step counts its failures, none.
+    assert [d.get("grader_failures") for d in steps] == [0.0] * 4  # type: ignore[union-attr]
     graded = [e.data for e in events if e.type == "metrics" and e.data and "eval_reward" in e.data]
     assert sorted(d["step"] for d in graded) == [2, 4]  # type: ignore[index]
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert sorted(c.step_number for c in checkpoints) == [2, 4]
-    assert all("reward" in c.metrics.model_dump() for c in checkpoints)  # type: ignore[union-attr]
+    for checkpoint in checkpoints:
+        kept = checkpoint.metrics.model_dump()  # type: ignore[union-attr]
+        assert {"reward", "reward_std", "kl", "completion_length", "eval_reward"} <= set(kept), kept
+        assert all(kept[name] is not None for name in ("reward", "reward_std", "kl", "eval_reward")), kept
     rows = list(csv.DictReader(io.StringIO(client.files.content(done.result_files[0]).text)))
     assert [r["step"] for r in rows if r["reward"]] == ["1", "2", "3", "4"]
-    assert all(r["kl"] and r["completion_length"] for r in rows if r["reward"])
+    assert all(r["reward_std"] and r["kl"] and r["completion_length"] for r in rows if r["reward"])
+    assert [r["grader_failures"] for r in rows if r["reward"]] == ["0.0"] * 4
+    assert [r["step"] for r in rows if r["eval_reward"]] == ["2", "4"]
+    assert all(0.0 <= float(r["eval_reward"]) <= 1.0 for r in rows if r["eval_reward"])
 
 
 def test_an_rft_job_learns_a_string_check_task(embedded: Stack, prompts_file: str) -> None:
