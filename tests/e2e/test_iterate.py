@@ -1,6 +1,6 @@
 """Iterating on a model through the openai SDK (issue 8): a job continues from a fine-tuned model or
 one of its checkpoints, SFT then DPO keeps what SFT taught, bad sources are 400s, and a deleted
-model is gone. One job A (LoRA that learns four Q&A pairs) is shared by every test."""
+model is gone. One job A (LoRA that learns four Q&A pairs, with a merged export) is shared by every test."""
 
 from __future__ import annotations
 
@@ -81,7 +81,9 @@ def learned(distributed: Stack, tmp_path_factory: pytest.TempPathFactory) -> Lea
     qa = tmp_path_factory.mktemp("iterate") / "qa4.jsonl"
     qa.write_text("".join(line + "\n" for line in (DATA / "qa.jsonl").read_text().splitlines()[:QA_PAIRS]))
     training_file = _upload(client, qa)
-    job_id = _create(client, BASE, training_file, hyperparameters=LEARN, extra={"adapter": ADAPTER})
+    job_id = _create(
+        client, BASE, training_file, hyperparameters=LEARN, extra={"adapter": ADAPTER, "export": ["merged"]}
+    )
     job = wait_job(client, job_id, timeout=1500)
     assert job.status == "succeeded" and job.fine_tuned_model, (job.error, distributed.logs())
     checkpoint = next(c for c in client.fine_tuning.jobs.checkpoints.list(job_id).data if c.step_number == 25)
@@ -164,6 +166,25 @@ def test_dpo_from_the_supervised_model_keeps_its_answers(
         )
         == 0
     )
+
+
+def test_full_fine_tuning_from_the_merged_model_starts_from_its_weights(
+    distributed: Stack, learned: Learned
+) -> None:
+    """Job A exported merged weights, so a full fine-tuning job may continue from its model: it
+    trains those weights (first loss far below A's), and its result is full weights."""
+    client = distributed.sdk()
+    gentle = {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-5}
+    full = {"adapter": {"type": "full"}}
+    job_id = _create(client, learned.fine_tuned_model, learned.qa_file, hyperparameters=gentle, extra=full)
+    job = wait_job(client, job_id, timeout=900)
+    assert job.status == "succeeded", (job.error, distributed.logs())
+    assert job.to_dict()["parent"] == {"job": learned.job_id, "checkpoint": None}
+    first = _first_loss(client, job_id)
+    assert first < 0.6 * learned.first_loss, (first, learned.first_loss)
+    with distributed.http() as http:
+        names = {a["name"] for a in http.get(f"/v1/fine_tuning/jobs/{job_id}/artifacts").json()["data"]}
+    assert "model" in names and "adapter" not in names
 
 
 def _refused(client: OpenAI, model: str, training_file: str, param: str, extra: Any = None) -> str:
