@@ -2,8 +2,12 @@
 
 The tests run in file order and share one stack: job A is created from the form (after its
 estimate shows) and watched while it trains; job B, whose suffix is HTML, is cancelled from its
-page while A runs; A's adapter is then downloaded. With UI_SCREENSHOT_DIR set (`make screenshots`)
-the new-job form and A's page are saved there as PNGs.
+page while A runs; A's adapter (its size and sha256 as listed) and a checkpoint's adapter are then
+downloaded, and the jobs list filtered by status and metadata. Job C (an HTML suffix, trained,
+validated and evaluated on a file whose name is HTML) is paused and resumed from its page while it
+runs, then shows its validation loss, an eval score per checkpoint and an event naming its model;
+the models page lists A's and C's models. With UI_SCREENSHOT_DIR set (`make screenshots`) the
+new-job form and A's page are saved there as PNGs.
 """
 
 from __future__ import annotations
@@ -19,14 +23,29 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.api import admin_request
+from tests.support.graders import EXACT
+
 from .conftest import Dashboard
 
 pytestmark = pytest.mark.slow
 
 XSS = "<img src=x onerror=alert(1)>"
+HTML_NAME = f"{XSS}.jsonl"
 # Long enough that the page sees the curve grow between its refreshes (events flush every second).
 TRAIN_STEPS = 24
 TIMEOUT_MS = 60_000
+# Job C: long enough that a pause clicked after its first step lands before its end; checkpoints
+# (each graded) and validation losses every few steps.
+C_STEPS = 16
+C_HYPERPARAMETERS: dict[str, Any] = {
+    "batch_size": 8,
+    "learning_rate": 2e-3,
+    "lr_scheduler_type": "constant",
+    "max_steps": C_STEPS,
+    "save_every_steps": 8,
+    "eval_every_steps": 4,
+}
 state: dict[str, Any] = {}
 
 
@@ -53,6 +72,28 @@ def _console_error(kind: str, text: str) -> bool:
     """An error in the console other than Chromium's note of an HTTP error answer (the 400s and
     403s the page asks for and shows on purpose)."""
     return kind == "error" and not text.startswith("Failed to load resource")
+
+
+LISTED_JOBS = """() => Object.fromEntries([...document.querySelectorAll('#jobs-table tbody tr')].map(
+    (row) => [row.dataset.job, row.querySelector('[data-status]').dataset.status]))"""
+
+
+def _api(dashboard: Dashboard, path: str) -> Any:
+    answer = httpx.get(
+        f"{dashboard.server.base_url}/v1{path}",
+        headers={"Authorization": f"Bearer {dashboard.key}"},
+        timeout=60,
+    )
+    answer.raise_for_status()
+    return answer.json()
+
+
+def _human_bytes(n: int) -> str:
+    """The page's bytes(): B, then KiB, MiB, ... with one decimal."""
+    value, unit = float(n), 0
+    while value >= 1024 and unit < 4:
+        value, unit = value / 1024, unit + 1
+    return f"{n} B" if unit == 0 else f"{value:.1f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][unit]}"
 
 
 def shoot(tab: Any, name: str) -> None:
@@ -97,8 +138,43 @@ def test_sign_in_with_enter(browser: Any, dashboard: Dashboard) -> None:
     tab.locator("#api-key").fill(dashboard.admin_key)
     tab.locator("#api-key").press("Enter")
     tab.locator("#nav-admin").click()
-    tab.locator("[data-project]", has_text="ui").wait_for()
+    _admin_sees_keys(tab, dashboard)
     context.close()
+
+
+def _admin_sees_keys(tab: Any, dashboard: Dashboard) -> None:
+    """The admin sees the project's key (redacted), makes a second one (shown once, and it works)
+    and revokes it (refused at once); the project's own key stays."""
+    section = tab.locator(f"section[data-project='{dashboard.project_id}']")
+    section.wait_for()
+    assert "ui" in section.locator("h2").text_content()
+    keys = section.locator("tbody tr[data-key]")
+    assert keys.count() == 1
+    redacted = keys.first.locator("td").first.text_content()
+    assert redacted.endswith("...") and dashboard.key.startswith(redacted.removesuffix("..."))
+    assert dashboard.key not in section.text_content()
+
+    section.get_by_role("button", name="New key").click()
+    shown = section.locator(".ok code")
+    shown.wait_for()
+    new_key = shown.text_content()
+    assert new_key.startswith("tf-") and new_key != dashboard.key
+    assert keys.count() == 2
+    models = dashboard.server.base_url + "/v1/models"
+    assert httpx.get(models, headers={"Authorization": f"Bearer {new_key}"}, timeout=30).status_code == 200
+
+    listed = admin_request(
+        dashboard.server, "GET", f"/v1/admin/projects/{dashboard.project_id}/api_keys", dashboard.admin_key
+    )["data"]
+    new_id = next(k["id"] for k in listed if new_key.startswith(k["redacted_value"].removesuffix("...")))
+    new_row = section.locator(f"tr[data-key='{new_id}']")
+    new_row.get_by_role("button", name="Revoke").click()
+    section.locator(f"tr[data-key='{new_id}'] button").wait_for(state="detached")
+    assert new_row.locator("td").nth(2).text_content()  # the revoked time
+    assert httpx.get(models, headers={"Authorization": f"Bearer {new_key}"}, timeout=30).status_code == 401
+    assert (
+        httpx.get(models, headers={"Authorization": f"Bearer {dashboard.key}"}, timeout=30).status_code == 200
+    )
 
 
 def test_upload_shows_the_bad_line(page: Any, dashboard: Dashboard, qa_path: Path, tmp_path: Path) -> None:
@@ -116,6 +192,24 @@ def test_upload_shows_the_bad_line(page: Any, dashboard: Dashboard, qa_path: Pat
     page.click("#upload-form button[type=submit]")
     page.locator("#upload-status .ok").wait_for()
     page.locator("#files-table td", has_text=qa_path.name).wait_for()
+
+
+def test_a_file_name_with_html_is_text(page: Any, dashboard: Dashboard, qa_path: Path) -> None:
+    """The eight-line file a later job trains and evaluates on, named like markup."""
+    head = "".join(qa_path.read_text().splitlines(keepends=True)[:8]).encode()
+    page.goto(dashboard.url + "#/files")
+    page.set_input_files(
+        "#upload-file", files=[{"name": HTML_NAME, "mimeType": "application/jsonl", "buffer": head}]
+    )
+    page.click("#upload-form button[type=submit]")
+    page.locator("#upload-status .ok").wait_for()
+    assert HTML_NAME in page.locator("#upload-status .ok").text_content()
+    cell = page.locator("#files-table td", has_text=XSS)
+    cell.wait_for()
+    assert cell.text_content() == HTML_NAME
+    assert page.locator("img").count() == 0
+    uploaded = next(f for f in dashboard.sdk().files.list().data if f.filename == HTML_NAME)
+    state["html_file"] = uploaded.id
 
 
 def test_create_from_the_form_after_its_estimate_and_watch_the_loss_curve(
@@ -173,6 +267,7 @@ def test_cancel_another_job_and_its_html_suffix_is_text(
         metadata={"note": XSS},
         method={"type": "supervised", "supervised": {"hyperparameters": {"max_steps": 500}}},
     )
+    state["job_b"] = job.id
     page.goto(dashboard.url + "#/jobs")
     row = page.locator(f"tr[data-job='{job.id}']")
     row.wait_for()
@@ -214,6 +309,153 @@ def test_download_the_adapter(page: Any, dashboard: Dashboard, tmp_path: Path) -
     assert hashlib.sha256(body).hexdigest() == row.locator("td.sha").text_content()
     with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as tar:
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(tar.getnames())
+    listed = {a["name"]: a for a in _api(dashboard, f"/fine_tuning/jobs/{job_id}/artifacts")["data"]}
+    assert listed["adapter"]["sha256"] == hashlib.sha256(body).hexdigest()
+    size = row.locator("td.size")
+    assert listed["adapter"]["bytes"] == len(body)
+    assert size.get_attribute("title") == f"{len(body)} bytes"
+    assert size.text_content() == _human_bytes(len(body))
+
+    # Every checkpoint with its metrics; the first one's adapter downloads.
+    checkpoints = _api(dashboard, f"/fine_tuning/jobs/{job_id}/checkpoints?limit=100")["data"]
+    assert checkpoints
+    page.wait_for_function(
+        "(n) => document.querySelectorAll('#checkpoints-table tr[data-checkpoint]').length === n",
+        arg=len(checkpoints),
+    )
+    for checkpoint in checkpoints:
+        shown = page.locator(f"#checkpoints-table tr[data-checkpoint='{checkpoint['id']}'] td").nth(2)
+        text = shown.text_content()
+        assert "train_loss = " in text
+        for name in checkpoint["metrics"]:
+            assert f"{name} = " in text, (name, text)
+    first = min(checkpoints, key=lambda c: c["step_number"])
+    with page.expect_download() as waiting:
+        page.locator(f"#checkpoints-table tr[data-checkpoint='{first['id']}'] button").click()
+    assert waiting.value.suggested_filename == f"{first['id']}-adapter.tar.gz"
+    path = tmp_path / "checkpoint.tar.gz"
+    waiting.value.save_as(path)
+    with tarfile.open(path, mode="r:gz") as tar:
+        assert "adapter_config.json" in tar.getnames()
+
+
+def test_filter_jobs_by_status_and_metadata(page: Any, dashboard: Dashboard) -> None:
+    job_a, job_b = state.get("job_a"), state.get("job_b")
+    if job_a is None or job_b is None:
+        pytest.skip("jobs A and B were not created")
+    page.goto(dashboard.url + "#/jobs")
+    page.locator(f"tr[data-job='{job_a}']").wait_for()
+    page.locator(f"tr[data-job='{job_b}']").wait_for()
+
+    def shown() -> dict[str, str]:
+        """The listed rows: job id -> status."""
+        return dict(page.evaluate(LISTED_JOBS))
+
+    page.select_option("#filter-status", "cancelled")  # a change filters at once
+    page.locator(f"tr[data-job='{job_a}']").wait_for(state="detached")
+    cancelled = shown()
+    assert cancelled[job_b] == "cancelled" and set(cancelled.values()) == {"cancelled"}, cancelled
+
+    page.select_option("#filter-status", "succeeded")
+    page.locator(f"tr[data-job='{job_b}']").wait_for(state="detached")
+    succeeded = shown()
+    assert succeeded[job_a] == "succeeded" and set(succeeded.values()) == {"succeeded"}, succeeded
+
+    page.fill("#filter-metadata", "origin=dashboard")
+    page.click("#job-filters button[type=submit]")
+    page.wait_for_function("() => document.querySelectorAll('#jobs-table tbody tr').length === 1")
+    assert shown() == {job_a: "succeeded"}
+    page.select_option("#filter-status", "running")
+    page.locator("p.note", has_text="No jobs match.").wait_for()
+    page.select_option("#filter-status", "")
+    page.locator(f"tr[data-job='{job_a}']").wait_for()
+    assert shown() == {job_a: "succeeded"}  # the metadata filter still holds
+
+
+def test_pause_and_resume_a_running_job_then_its_validation_loss_and_eval_scores(
+    page: Any, dashboard: Dashboard
+) -> None:
+    """Job C trains on the HTML-named file, validates and is evaluated on it, with an HTML suffix:
+    paused and resumed from its page while it runs, it ends with validation-loss points on the
+    chart, an eval score per checkpoint, and the event naming its model shown as text."""
+    file_id = state.get("html_file")
+    if file_id is None:
+        pytest.skip("the HTML-named file was not uploaded")
+    client = dashboard.sdk()
+    job = client.fine_tuning.jobs.create(
+        model="tuneforge/tiny-chat",
+        training_file=file_id,
+        validation_file=file_id,
+        suffix=XSS,
+        seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": C_HYPERPARAMETERS}},  # type: ignore[arg-type]
+        extra_body={"evaluation": {"grader": EXACT, "max_new_tokens": 8, "compare_base": True}},
+    )
+    state["job_c"] = job.id
+    page.goto(dashboard.url + f"#/jobs/{job.id}")
+    page.locator("#job-status [data-status]").wait_for()
+    page.wait_for_function(
+        "() => document.querySelector('#job-status [data-status]').dataset.status === 'running'"
+        " && Number(document.querySelector('#loss-chart').dataset.points) > 0",
+        timeout=600_000,
+    )
+    page.locator("#pause-job:enabled").click()
+    page.locator("#job-status [data-status='paused']").wait_for(timeout=120_000)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    assert page.locator("#resume-job").is_enabled() and page.locator("#pause-job").is_disabled()
+    paused_at = page.locator("#events-table td", has_text="Job paused at step")
+    paused_at.wait_for()
+    step = int(paused_at.text_content().split("Job paused at step ")[1].split(";")[0])
+    assert 1 <= step < C_STEPS, step
+
+    page.locator("#resume-job:enabled").click()
+    page.locator("#job-status [data-status='succeeded']").wait_for(timeout=600_000)
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded" and done.fine_tuned_model
+    page.wait_for_function(
+        f"() => Number(document.querySelector('#loss-chart').dataset.points) === {C_STEPS}"
+    )
+
+    events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+    metrics = [e.data for e in events if e.type == "metrics" and isinstance(e.data, dict)]
+    valid_steps = {d["step"] for d in metrics if isinstance(d.get("valid_loss"), float)}
+    assert valid_steps
+    page.wait_for_function(
+        f"() => Number(document.querySelector('#loss-chart').dataset.validPoints) === {len(valid_steps)}"
+    )
+
+    checkpoints = _api(dashboard, f"/fine_tuning/jobs/{job.id}/checkpoints?limit=100")["data"]
+    scored = [c for c in checkpoints if c["metrics"].get("eval_score") is not None]
+    assert len(scored) >= 2, checkpoints
+    page.locator("#checkpoints-table tr[data-checkpoint]").first.wait_for()
+    for checkpoint in scored:
+        row = page.locator(f"#eval-table tr[data-step='{checkpoint['step_number']}']")
+        row.wait_for()
+        assert row.locator("td").nth(1).text_content() == checkpoint["id"]
+        assert float(row.locator("td.score").text_content()) == pytest.approx(
+            checkpoint["metrics"]["eval_score"], abs=1e-3
+        )
+    base = [float(t) for t in page.locator("#eval-table td.base-score").all_text_contents() if t]
+    assert base, "no base_eval_score shown"
+
+    created = page.locator("#events-table td", has_text="New fine-tuned model created")
+    assert created.text_content() == f"New fine-tuned model created: {done.fine_tuned_model}"
+    assert XSS in created.text_content()
+    assert page.locator("img").count() == 0
+
+
+def test_the_models_page_lists_the_fine_tuned_models(page: Any, dashboard: Dashboard) -> None:
+    client = dashboard.sdk()
+    jobs = [client.fine_tuning.jobs.retrieve(state[j]) for j in ("job_a", "job_c") if state.get(j)]
+    wanted = [job.fine_tuned_model for job in jobs if job.fine_tuned_model]
+    if not wanted:
+        pytest.skip("no job succeeded")
+    page.goto(dashboard.url + "#/models")
+    page.locator("#models-table td", has_text="tuneforge/tiny-chat").first.wait_for()
+    cells = page.locator("#models-table td.mono").all_text_contents()
+    for model in wanted:
+        assert model in cells, (model, cells)
+    assert page.locator("img").count() == 0
 
 
 def test_narrow_screen_has_no_sideways_scroll(page: Any, dashboard: Dashboard) -> None:

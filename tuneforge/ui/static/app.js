@@ -368,16 +368,26 @@ async function jobsView() {
   });
   replace(main(), h("h1", {}, "Fine-tuning jobs"), filters, body);
 
+  // A filter changed while a load is on its way loads again when it lands, so the list always
+  // ends up showing the latest filters (not the ones that load started with).
   let busy = false;
+  let again = false;
   async function load() {
-    if (busy) return;
+    if (busy) {
+      again = true;
+      return;
+    }
     busy = true;
     try {
-      const query = metadataQuery(jobFilters.metadata);
-      const jobs = (await listAll(`/fine_tuning/jobs${query ? `?${query}` : ""}`)).filter(
-        (job) => !jobFilters.status || job.status === jobFilters.status,
-      );
-      replace(body, jobs.length ? jobsTable(jobs) : h("p", { class: "note" }, "No jobs match."));
+      do {
+        again = false;
+        const wanted = { ...jobFilters };
+        const query = metadataQuery(wanted.metadata);
+        const jobs = (await listAll(`/fine_tuning/jobs${query ? `?${query}` : ""}`)).filter(
+          (job) => !wanted.status || job.status === wanted.status,
+        );
+        if (!again) replace(body, jobs.length ? jobsTable(jobs) : h("p", { class: "note" }, "No jobs match."));
+      } while (again);
     } catch (error) {
       replace(body, errorBox(error));
     } finally {
@@ -656,11 +666,11 @@ async function jobView(jobId) {
             rows.map((r) =>
               h(
                 "tr",
-                {},
+                { dataset: { step: String(r.step) } },
                 h("td", {}, r.step),
                 h("td", { class: "mono" }, r.checkpoint || ""),
-                h("td", {}, r.eval_score !== undefined ? num(r.eval_score) : ""),
-                h("td", {}, r.base_eval_score !== undefined ? num(r.base_eval_score) : ""),
+                h("td", { class: "score" }, r.eval_score !== undefined ? num(r.eval_score) : ""),
+                h("td", { class: "base-score" }, r.base_eval_score !== undefined ? num(r.base_eval_score) : ""),
               ),
             ),
             { id: "eval-table" },
@@ -678,7 +688,7 @@ async function jobView(jobId) {
             checkpoints.map((c) =>
               h(
                 "tr",
-                {},
+                { dataset: { checkpoint: c.id, step: String(c.step_number) } },
                 h("td", {}, c.step_number),
                 h("td", {}, h("div", { class: "mono" }, c.id), h("small", { class: "mono" }, c.fine_tuned_model_checkpoint)),
                 h(
@@ -723,7 +733,7 @@ async function jobView(jobId) {
                 "tr",
                 { dataset: { artifact: a.name } },
                 h("td", {}, a.name),
-                h("td", { title: `${a.bytes} bytes` }, bytes(a.bytes)),
+                h("td", { class: "size", title: `${a.bytes} bytes` }, bytes(a.bytes)),
                 h("td", { class: "mono sha" }, a.sha256),
                 h("td", {}, a.content_type),
                 h("td", {}, when(a.created_at)),
@@ -1214,7 +1224,7 @@ async function adminView() {
             keys.map((k) =>
               h(
                 "tr",
-                {},
+                { dataset: { key: k.id } },
                 h("td", { class: "mono" }, k.redacted_value),
                 h("td", {}, when(k.created_at)),
                 h("td", {}, when(k.revoked_at)),
