@@ -175,6 +175,13 @@ class Settings(BaseSettings):
         "torch.OutOfMemoryError at every step whose micro-batch is above this size (0: every "
         "step), so tests drive the out-of-memory recovery on machines without a GPU.",
     )
+    test_oom_after_step: int | None = Field(
+        None,
+        ge=0,
+        description="TEST ONLY, never in production: with test_oom_above_micro_batch, the injected "
+        "error strikes only once this many optimizer steps of the run are done (so a checkpoint "
+        "saved at that step comes first); unset: from the first step.",
+    )
     # --- quotas and limits (tuneforge.api.quotas, tuneforge.estimates.ceilings) ---
     max_active_jobs_per_project: int = Field(
         0,

@@ -3,8 +3,10 @@
 The out-of-memory error is injected (TUNEFORGE_TEST_OOM_ABOVE_MICRO_BATCH, a test-only setting):
 CPU memory cannot stand in for a GPU's. One worker injects above a micro-batch of 1, so a job with
 batch_size 2 succeeds after one halving; another injects at every micro-batch (0), so a job climbs
-the whole ladder and fails with `out_of_memory` and the estimator's advice. The jobs of the first
-worker share one file, so the retried run and a later job find its tokenization in the cache.
+the whole ladder and fails with `out_of_memory` and the estimator's advice; a third, started for
+one test, injects only after step 2 (TUNEFORGE_TEST_OOM_AFTER_STEP), so the retry resumes from a
+checkpoint. The jobs of the first worker share one file, so the retried run and a later job find
+its tokenization in the cache.
 Timings are reported (the start event's setup_seconds), never asserted."""
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import pytest
 
 from tuneforge.models.job import Job, JobEvent
 
-from .helpers import events, seed_job, sender
+from .helpers import checkpoints, events, seed_job, sender
 from .procs import Services, running_services
 from .real_training import REAL_TRAINING_ENV, finished, send_to_queue, starts
 
 pytestmark = pytest.mark.slow
 
 ALL_OOM_QUEUE = "gpu-oom"
+LATE_OOM_QUEUE = "gpu-oom-late"
 JOB_TIMEOUT_S = 240
 
 
@@ -123,6 +126,45 @@ def test_an_oom_at_every_micro_batch_fails_with_advice(services: Services, qa_pa
         "Out of memory with micro-batch 1: retrying with gradient checkpointing, from the start."
     ]
     assert [e.message for e in rows if e.level == "error"] == [f"Fine-tuning job failed: {message}"]
+
+
+def test_an_oom_after_a_checkpoint_retries_from_that_checkpoint(services: Services, qa_path: Path) -> None:
+    """The injected error strikes only after 2 steps (TUNEFORGE_TEST_OOM_AFTER_STEP): steps 1-2
+    train at micro-batch 2 and are checkpointed, step 3 runs out of memory, and the halved run
+    resumes from the checkpoint at step 2 instead of training steps 1-2 again."""
+    worker = services.worker(
+        queues=LATE_OOM_QUEUE,
+        extra_env={"TUNEFORGE_TEST_OOM_ABOVE_MICRO_BATCH": "1", "TUNEFORGE_TEST_OOM_AFTER_STEP": "2"},
+    )
+    try:
+        hp = {"batch_size": 2, "max_steps": 4, "save_every_steps": 2, "n_epochs": 1}
+        job_id = seed_job(
+            services, qa_path, extra={"method": {"type": "supervised", "supervised": {"hyperparameters": hp}}}
+        )
+        send_to_queue(services, job_id, LATE_OOM_QUEUE)
+        job = _finished(services, job_id)
+    finally:
+        services.stop(worker)
+    rows = events(services, job_id)
+    assert job.status == "succeeded", (job.error, [e.message for e in rows])
+    assert job.attempt == 1
+    retries = [e for e in rows if e.data and e.data.get("code") == "out_of_memory"]
+    assert [e.message for e in retries] == [
+        "Out of memory with micro-batch 2: retrying with micro-batch 1 and gradient_accumulation_steps 2 "
+        "(the same 2 examples per step), from its checkpoint at step 2."
+    ]
+    assert (retries[0].data or {})["resume_step"] == 2
+    first, second = starts(rows)
+    assert (first["hyperparameters"]["batch_size"], second["hyperparameters"]["batch_size"]) == (2, 1)
+    begun = [e.message for e in rows if e.message.startswith("Training started")]
+    assert [text.endswith("resuming after step 2.") for text in begun] == [False, True], begun
+    # Steps 1-2 before the error, 3-4 after it: the retried run trained no step twice.
+    retry_at = retries[0].seq
+    steps = [(e.seq, int(e.data["step"])) for e in rows if e.type == "metrics" and e.data]
+    assert [step for seq, step in steps if seq < retry_at] == [1, 2], steps
+    assert [step for seq, step in steps if seq > retry_at] == [3, 4], steps
+    assert [c.step_number for c in checkpoints(services, job_id)] == [2, 4]
+    assert not any(e.level == "error" for e in rows)
 
 
 def test_the_ladder() -> None:

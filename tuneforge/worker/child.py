@@ -202,12 +202,15 @@ def _out_of_memory_advice(error: BaseException, command: dict[str, Any]) -> dict
 def _inject_test_oom() -> None:
     """TEST ONLY (TUNEFORGE_TEST_OOM_ABOVE_MICRO_BATCH=N): every training step whose micro-batch
     is above N raises torch.OutOfMemoryError, as a GPU that is too small would; CPU memory cannot
-    stand in for a GPU's in tests. Unset (always, in production), nothing changes."""
+    stand in for a GPU's in tests. With TUNEFORGE_TEST_OOM_AFTER_STEP=S, only once S optimizer
+    steps are done (an error after a checkpoint). Unset (always, in production), nothing changes."""
     from tuneforge.config import get_settings
 
-    limit = get_settings().test_oom_above_micro_batch
+    settings = get_settings()
+    limit = settings.test_oom_above_micro_batch
     if limit is None:
         return
+    after = settings.test_oom_after_step or 0
     import torch
     import transformers
 
@@ -215,9 +218,10 @@ def _inject_test_oom() -> None:
 
     def training_step(self: Any, *args: Any, **kwargs: Any) -> Any:
         micro = self.args.per_device_train_batch_size
-        if micro > limit:
+        if micro > limit and self.state.global_step >= after:
             raise torch.OutOfMemoryError(
-                f"CUDA out of memory (injected for tests: micro-batch {micro} > {limit})"
+                f"CUDA out of memory (injected for tests: micro-batch {micro} > {limit}, "
+                f"after step {self.state.global_step})"
             )
         return original(self, *args, **kwargs)
 
