@@ -199,8 +199,9 @@ def test_reconciler_expires_pending_uploads_and_removes_parts(project: ProjectCt
 
 def test_a_part_over_64_mib_is_refused(project: ProjectCtx, app: FastAPI) -> None:
     """OpenAI's limit: a part of exactly 64 MiB is taken, one byte more is a 413 naming `data`,
-    whether the body says its length (the SDK) or streams it in chunks without one, and nothing
-    of a refused part is left in the store or the database."""
+    whether the request says its length (the SDK) or comes without one (chunked transfer
+    encoding, so only the parser's count can refuse it), and nothing of a refused part is left in
+    the store or the database."""
     from tuneforge.api.services.uploads import MAX_PART_BYTES
 
     assert MAX_PART_BYTES == 64 << 20
