@@ -1,17 +1,22 @@
 """Webhook deliveries and live event streams on a real stack: `tuneforge serve`, a `tuneforge
 worker` (the stand-in training runner: the plumbing is under test, not the training), `tuneforge
-beat` (which sends the deliveries), PostgreSQL (LISTEN/NOTIFY wakes the streams) and Redis, driven
-with the official SDK; a receiver on 127.0.0.1 (allowed by TUNEFORGE_WEBHOOK_ALLOW_HOSTS).
+beat` (which sends the deliveries and serves their counts on TUNEFORGE_BEAT_METRICS_PORT),
+PostgreSQL (LISTEN/NOTIFY wakes the streams) and Redis, driven with the official SDK; a receiver
+on 127.0.0.1 (allowed by TUNEFORGE_WEBHOOK_ALLOW_HOSTS).
 
-One module-scoped stack and three jobs serve every test: one succeeds (streamed live from its
+One module-scoped stack and three jobs serve most tests: one succeeds (streamed live from its
 creation), one fails (the stand-in crashes at step 7) and one is cancelled. Jobs that name queue
-`idle` (TUNEFORGE_JOB_QUEUES), which no worker consumes, wait for as long as a test needs."""
+`idle` (TUNEFORGE_JOB_QUEUES), which no worker consumes, wait for as long as a test needs; queue
+`long` is for a test that starts a worker whose stand-in does not crash. The last test stops and
+starts the beat and the API."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import free_port, wait_for
 from tests.support.receiver import Received, Receiver, start_receiver
@@ -42,6 +48,13 @@ class Stack:
     key: str
     receiver: Receiver
     beat: subprocess.Popen[bytes]
+    serve: subprocess.Popen[bytes]
+    beat_metrics: str
+
+    def start_serve(self) -> None:
+        log = self.services.tmp / f"serve-{len(self.services.processes)}.log"
+        self.serve = self.services.start("serve", "--port", self.base_url.rsplit(":", 1)[1], name="serve")
+        wait_healthy(self.base_url, self.serve, 90, log)
 
     def sdk(self) -> OpenAI:
         return OpenAI(base_url=self.base_url + "/v1", api_key=self.key, max_retries=2, timeout=60)
@@ -67,10 +80,13 @@ def stack(
         "TUNEFORGE_WEBHOOK_RETRY_SECONDS": "0.3,0.3,0.3,0.3",
         "TUNEFORGE_WEBHOOK_SEND_EVERY_SECONDS": "0.5",
         "TUNEFORGE_EVENT_STREAM_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
-        "TUNEFORGE_JOB_QUEUES": "idle",
+        "TUNEFORGE_JOB_QUEUES": "idle,long",
         "STANDIN_CRASH_AT": "7",
         "STANDIN_STEP_SECONDS": "0.2",
     }
+    beat_metrics_port = free_port()
+    env["TUNEFORGE_BEAT_METRICS_PORT"] = str(beat_metrics_port)
+    env["TUNEFORGE_WORKER_METRICS_HOST"] = "127.0.0.1"
     receiver = start_receiver()
     port = free_port()
     with running_services(tmp_path_factory.mktemp("webhooks"), pg_url, redis_url, models_dir, env) as svc:
@@ -80,7 +96,8 @@ def stack(
         base_url = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(base_url, serve, 90, svc.tmp / "serve-0.log")
-            yield Stack(svc, base_url, key, receiver, beat)
+            beat_metrics = f"http://127.0.0.1:{beat_metrics_port}/metrics"
+            yield Stack(svc, base_url, key, receiver, beat, serve, beat_metrics)
         finally:
             receiver.close()
 
@@ -217,6 +234,14 @@ def test_each_final_status_is_delivered_signed(stack: Stack, jobs: Jobs) -> None
         ]
     )
     assert all(e.object == "event" and e.id.startswith("evt_") for e in events)
+    for event in events:  # created_at: when the final status was written, in whole seconds
+        job = sdk.fine_tuning.jobs.retrieve(event.data.id)
+        latest = job.finished_at if job.finished_at is not None else time.time()
+        assert isinstance(event.created_at, int) and job.created_at <= event.created_at <= latest + 1, (
+            event.created_at,
+            job.created_at,
+            job.finished_at,
+        )
 
 
 def test_a_failing_receiver_gets_the_same_webhook_id_until_it_answers_200(stack: Stack, jobs: Jobs) -> None:
@@ -238,6 +263,33 @@ def test_a_failing_receiver_gets_the_same_webhook_id_until_it_answers_200(stack:
         200,
     )
 
+    # The beat, which sent them, counts the attempts by outcome on its /metrics (the flaky
+    # endpoint's two 500s are retries; other tests' deliveries may add to the counts)
+    counted = wait_for(
+        lambda: (
+            (got := _deliveries_counted(stack.beat_metrics))
+            and got.get("retry", 0) >= 2
+            and got.get("delivered", 0) >= 1
+            and got
+        ),
+        15,
+        "the beat's /metrics to count the attempts",
+        stack.services,
+    )
+    assert set(counted) <= {"delivered", "retry", "gave_up"}, counted
+
+
+def _deliveries_counted(url: str) -> dict[str, float]:
+    """tuneforge_webhook_deliveries_total by outcome, as a /metrics page serves it."""
+    answer = httpx.get(url, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+        if sample.name == "tuneforge_webhook_deliveries_total"
+    }
+
 
 def test_the_live_stream_sends_every_event_in_order_and_resumes_after_last_event_id(
     stack: Stack, jobs: Jobs
@@ -257,6 +309,15 @@ def test_the_live_stream_sends_every_event_in_order_and_resumes_after_last_event
     assert rest == jobs.streamed[middle + 1 :]
 
 
+def _idle_job(stack: Stack, qa_path: Path) -> str:
+    """A job on queue `idle`: it waits, writing no event after its first ones."""
+    sdk = stack.sdk()
+    training_file = sdk.files.create(file=qa_path.open("rb"), purpose="fine-tune").id
+    return sdk.fine_tuning.jobs.create(
+        model="tuneforge/tiny-chat", training_file=training_file, extra_body={"queue": "idle"}
+    ).id
+
+
 def test_a_stream_held_open_on_a_waiting_job_sends_heartbeats_and_ends_with_the_job(
     stack: Stack, qa_path: Path
 ) -> None:
@@ -265,31 +326,133 @@ def test_a_stream_held_open_on_a_waiting_job_sends_heartbeats_and_ends_with_the_
     TUNEFORGE_EVENT_STREAM_HEARTBEAT_SECONDS, and ends with the job's cancellation, having sent
     every event once, in order."""
     sdk = stack.sdk()
-    training_file = sdk.files.create(file=qa_path.open("rb"), purpose="fine-tune").id
-    job = sdk.fine_tuning.jobs.create(
-        model="tuneforge/tiny-chat", training_file=training_file, extra_body={"queue": "idle"}
-    )
+    job_id = _idle_job(stack, qa_path)
     seen: list[str] = []
-    with _open_stream(stack, job.id) as lines:
+    with _open_stream(stack, job_id) as lines:
         for line in lines:  # the read timeout (30 s) fails the test if no heartbeat comes
             seen.append(line)
             if seen.count(": ping") == 3:
                 break
-        assert sdk.fine_tuning.jobs.retrieve(job.id).status not in TERMINAL
-        sdk.fine_tuning.jobs.cancel(job.id)
+        assert sdk.fine_tuning.jobs.retrieve(job_id).status not in TERMINAL
+        sdk.fine_tuning.jobs.cancel(job_id)
         seen += list(lines)  # the stream ends by itself once the job is final
     streamed = _events("".join(line + "\n" for line in seen))
-    listed = [e.model_dump() for e in sdk.fine_tuning.jobs.list_events(job.id, limit=1000).data][::-1]
+    listed = [e.model_dump() for e in sdk.fine_tuning.jobs.list_events(job_id, limit=1000).data][::-1]
     assert [e["id"] for e in streamed] == [e["id"] for e in listed]
     assert streamed[-1]["message"] == listed[-1]["message"]
     assert "cancel" in streamed[-1]["message"].lower(), streamed[-1]
 
 
-def test_a_delivery_written_while_the_sender_is_down_is_sent_when_it_is_back(
+def test_a_notification_wakes_the_stream_long_before_its_heartbeat(stack: Stack, qa_path: Path) -> None:
+    """The stream (tuneforge/api/live_events.py, run here in-process against the stack's
+    PostgreSQL) with a 120 s heartbeat: while its LISTEN connection is up it looks again only when
+    woken or after the heartbeat, so an event written while it waits arrives within the bound only
+    if the trigger's NOTIFY woke it. (Without LISTEN it would poll every 0.5 s; `listening` rules
+    that out.)"""
+    from anyio import to_thread
+
+    from tuneforge.api.live_events import JobEventBus, job_event_stream
+    from tuneforge.db import session_scope
+    from tuneforge.models import job as jobs
+
+    job_id = _idle_job(stack, qa_path)
+    first = [e.id for e in stack.sdk().fine_tuning.jobs.list_events(job_id, limit=100).data][::-1]
+    sessions = stack.services.sessions
+
+    def write(message: str) -> None:
+        with session_scope(sessions) as session:
+            jobs.append_events(session, job_id, [jobs.EventRecord(message, type="metrics")])
+
+    async def follow() -> tuple[list[str], list[str]]:
+        bus = JobEventBus.for_engine(stack.services.engine)
+        stream = job_event_stream(bus, sessions, job_id, after_seq=0, heartbeat_seconds=120)
+        waiting: asyncio.Future[str] | None = None
+        try:
+            sent = [await anext(stream) for _ in first]
+            live = []
+            for step in (1, 2):
+                waiting = asyncio.ensure_future(anext(stream))
+                await asyncio.sleep(1)
+                assert not waiting.done() and bus.listening  # it waits, with nothing to send
+                await to_thread.run_sync(write, f"live {step}")
+                try:
+                    live.append(await asyncio.wait_for(waiting, timeout=20))  # an event, not a ping
+                except TimeoutError:
+                    raise AssertionError(f"live {step} not sent within 20 s: no NOTIFY woke it") from None
+            return sent, live
+        finally:
+            if waiting is not None and not waiting.done():  # a failed check: end the wait first
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+            await stream.aclose()
+
+    sent, live = asyncio.run(follow())
+    assert [_events(text)[0]["id"] for text in sent] == first
+    assert [_events(text)[0]["message"] for text in live] == ["live 1", "live 2"]
+    stack.sdk().fine_tuning.jobs.cancel(job_id)
+
+
+def _read_events(lines: Iterator[str], count: int) -> list[dict[str, Any]]:
+    """Reads a stream's lines until `count` metrics events have come whole."""
+    seen: list[str] = []
+    for line in lines:
+        seen.append(line)
+        if not line:
+            events = _events("".join(text + "\n" for text in seen))
+            if sum(e["type"] == "metrics" for e in events) >= count:
+                return events
+    raise AssertionError(f"the stream ended before {count} metrics events: {seen}")
+
+
+def test_a_reconnect_to_a_running_job_misses_no_event_and_repeats_none(stack: Stack, qa_path: Path) -> None:
+    """A client drops the stream of a running job after a few steps, the job writes more events
+    while it is away, and its reconnect with Last-Event-ID gets every event after the one it
+    names, including those written while the new stream is open, once each, in order, until the
+    job ends."""
+    sdk = stack.sdk()
+    training_file = sdk.files.create(file=qa_path.open("rb"), purpose="fine-tune").id
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"max_steps": 60}}}
+    job = sdk.fine_tuning.jobs.create(
+        model="tuneforge/tiny-chat",
+        training_file=training_file,
+        method=method,  # type: ignore[arg-type]
+        extra_body={"queue": "long"},
+    )
+    # The module's worker crashes its jobs at step 7; this one runs on a worker that does not
+    worker = stack.services.worker(queues="long", extra_env={"STANDIN_CRASH_AT": "0"})
+    try:
+        _reconnect_while_running(stack, job.id)
+    finally:
+        stack.services.stop(worker)
+
+
+def _reconnect_while_running(stack: Stack, job_id: str) -> None:
+    sdk = stack.sdk()
+    with _open_stream(stack, job_id) as lines:
+        before = _read_events(lines, 3)
+
+    def metrics_written() -> int:
+        return sum(e.type == "metrics" for e in sdk.fine_tuning.jobs.list_events(job_id, limit=1000).data)
+
+    wait_for(lambda: metrics_written() >= 6, 60, "more steps while the client is away", stack.services)
+    # Still running (60 steps of 0.2 s): the rest of its events are written while the new
+    # stream is open
+    assert sdk.fine_tuning.jobs.retrieve(job_id).status == "running"
+    after, _ = _stream(stack, job_id, **{"Last-Event-ID": before[-1]["id"]})
+
+    listed = [e.id for e in sdk.fine_tuning.jobs.list_events(job_id, limit=1000).data][::-1]
+    assert [e["id"] for e in before + after] == listed
+    steps = [e["message"].split(":")[0] for e in before + after if e["type"] == "metrics"]
+    assert steps == [f"Step {n}/60" for n in range(1, 61)]
+    assert sdk.fine_tuning.jobs.retrieve(job_id).status == "succeeded"
+
+
+def test_a_delivery_written_while_the_sender_is_down_is_sent_when_it_is_back_without_the_api(
     stack: Stack, jobs: Jobs, qa_path: Path
 ) -> None:
-    """The outbox outlives the beat process: a job cancelled while no sender runs is delivered
-    by the next one."""
+    """The outbox outlives the beat process and needs nothing of the API's: a job cancelled while
+    no sender runs is delivered by the next one, which starts while the API process is stopped;
+    the API, started again, shows the delivery done."""
     sdk = stack.sdk()
     path = f"/later-{uuid.uuid4().hex[:8]}"
     endpoint = sdk.webhooks.create(
@@ -299,13 +462,36 @@ def test_a_delivery_written_while_the_sender_is_down_is_sent_when_it_is_back(
     training_file = sdk.files.create(file=qa_path.open("rb"), purpose="fine-tune").id
     job = sdk.fine_tuning.jobs.create(model="tuneforge/tiny-chat", training_file=training_file)
     sdk.fine_tuning.jobs.cancel(job.id)
-    [pending] = stack.get(f"/v1/webhook_endpoints/{endpoint.id}/deliveries").json()["data"]
+    deliveries = f"/v1/webhook_endpoints/{endpoint.id}/deliveries"
+    [pending] = stack.get(deliveries).json()["data"]
     assert (pending["status"], pending["attempts"]) == ("pending", 0)
-    stack.beat = stack.services.beat()
-    [received] = _received(stack, endpoint.id, 1)
+
+    stack.services.stop(stack.serve)
+    try:
+        stack.beat = stack.services.beat()
+        [received] = wait_for(
+            lambda: stack.receiver.received(path), 60, "the delivery with the API down", stack.services
+        )
+        assert stack.serve.poll() is not None  # sent while no API process ran
+    finally:
+        stack.start_serve()
     event = sdk.webhooks.unwrap(received.body, received.headers, secret=endpoint.signing_secret)
     assert (event.type, event.data.id, received.headers["webhook-id"]) == (
         "fine_tuning.job.cancelled",
         job.id,
         pending["id"],
+    )
+    [done] = stack.get(deliveries).json()["data"]
+    assert (done["id"], done["status"], done["attempts"], done["last_status_code"]) == (
+        pending["id"],
+        "delivered",
+        1,
+        200,
+    )
+    # the new beat's /metrics counts what it sent
+    wait_for(
+        lambda: _deliveries_counted(stack.beat_metrics).get("delivered", 0) >= 1,
+        15,
+        "the new beat's /metrics to count its delivery",
+        stack.services,
     )
