@@ -1,12 +1,15 @@
 """The `tuneforge` client commands against `make run` (`tuneforge migrate` + `tuneforge serve` with
 its embedded worker): upload (through the Uploads API in parts), create, watch to success (exit 0)
-and of a failing job (exit 1), download an adapter that PEFT loads; `--json` parses throughout;
-an error is one line."""
+and of a failing job (exit 1), with its progress (a bar at a terminal, lines elsewhere) showing the
+loss and ETA; download an adapter that PEFT loads and a merged model that computes the same, and
+refuse bytes whose sha256 is not the listed one; `--json` parses throughout; an error is one line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,8 +20,10 @@ import pytest
 
 from tests.support import REPO, Server, start_server, stop_server
 from tuneforge.cli import main
+from tuneforge.storage.keys import artifact_key
 
 pytestmark = pytest.mark.slow
+state: dict[str, Any] = {}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,9 @@ def cli(service: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capture
     return run
 
 
-def test_upload_create_watch_download(cli: Any, qa_path: Path, tiny_chat_path: Path, tmp_path: Path) -> None:
+def test_upload_create_watch_download(
+    cli: Any, capsys: pytest.CaptureFixture[str], qa_path: Path, tiny_chat_path: Path, tmp_path: Path
+) -> None:
     # 5.5 KB in parts of 2,000 bytes: the Uploads API path, with lines split across parts
     status, file = cli("files", "upload", str(qa_path), "--chunked-threshold", "1000", "--part-size", "2000")
     assert status == 0
@@ -56,10 +63,20 @@ def test_upload_create_watch_download(cli: Any, qa_path: Path, tiny_chat_path: P
     status, job = cli(
         "jobs", "create", "--model", "tuneforge/tiny-chat", "--training-file", file["id"],
         "--max-steps", "2", "--batch-size", "8", "--suffix", "cli", "--metadata", "origin=cli",
+        "--export", "merged",
     )  # fmt: skip
     assert status == 0
     assert job["status"] == "validating_files" and job["metadata"] == {"origin": "cli"}
+    assert job["export"] == ["merged"]
+    state["job"] = job["id"]
 
+    # Without --json and with stderr no terminal (captured here): a line per new step or status,
+    # with the loss once there is one, then the job's line on stdout.
+    capsys.readouterr()
+    assert main(["jobs", "watch", job["id"], "--interval", "0.5"]) == 0
+    shown = capsys.readouterr()
+    assert re.search(r"^succeeded  step 2/2  loss \d+\.\d{4}", shown.err, re.MULTILINE), shown.err
+    assert shown.out.startswith(f"{job['id']}\tsucceeded\t"), shown.out
     status, watched = cli("jobs", "watch", job["id"], "--interval", "0.5")
     assert status == 0, watched
     assert watched["status"] == "succeeded"
@@ -79,6 +96,49 @@ def test_upload_create_watch_download(cli: Any, qa_path: Path, tiny_chat_path: P
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_chat_path), out)
     assert model.peft_config["default"].peft_type.value == "LORA"
+
+    # The merged export: a whole model that computes what the base with the adapter computes.
+    merged_out = tmp_path / "merged"
+    status, downloaded = cli("jobs", "download", job["id"], "--artifact", "merged", "-o", str(merged_out))
+    assert status == 0
+    assert {"config.json", "model.safetensors"} <= set(downloaded["files"]), downloaded["files"]
+    import torch
+    from transformers import AutoTokenizer
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_out)
+    ids = AutoTokenizer.from_pretrained(merged_out)("What is the capital of France?", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**ids).logits, model(**ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_download_with_a_wrong_sha256_fails_in_one_line(
+    service: Server, cli: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The adapter's bytes changed in the store behind the service's back (one byte flipped, the
+    size kept): the download is refused with one line, exit 1, and nothing is left unpacked."""
+    job_id = state.get("job")
+    if job_id is None:
+        pytest.skip("the job of test_upload_create_watch_download was not created")
+    stored = Path(service.env["TUNEFORGE_DATA_DIR"]) / "objects" / artifact_key(job_id, "adapter")
+    original = stored.read_bytes()
+    tampered = bytearray(original)
+    tampered[len(tampered) // 2] ^= 0xFF
+    out = tmp_path / "tampered"
+    try:
+        stored.write_bytes(bytes(tampered))
+        capsys.readouterr()
+        status = main(["jobs", "download", job_id, "--artifact", "adapter", "-o", str(out)])
+        captured = capsys.readouterr()
+    finally:
+        stored.write_bytes(original)
+    assert status == 1
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    got = hashlib.sha256(bytes(tampered)).hexdigest()
+    want = hashlib.sha256(original).hexdigest()
+    assert lines[0] == f"tuneforge: error: sha256 mismatch: got {got}, the service lists {want}"
+    assert list(out.iterdir()) == []  # neither the archive nor its files
 
 
 def test_watch_of_a_failing_job_exits_non_zero(cli: Any, qa_path: Path) -> None:
@@ -135,6 +195,10 @@ def test_pause_resume_and_cancel_a_running_job(cli: Any, qa_path: Path) -> None:
     def status_is(*wanted: str) -> bool:
         return cli("jobs", "get", job["id"])[1]["status"] in wanted
 
+    # `jobs watch` without --json, at a terminal (a pty): the whole run, until the cancel ends it.
+    watcher = Terminal(
+        [sys.executable, "-m", "tuneforge.cli", "jobs", "watch", job["id"], "--interval", "0.5"]
+    )
     wait_for(lambda: step() >= 2, 300, "two trained steps")
     status, paused = cli("jobs", "pause", job["id"])
     assert status == 0 and paused["status"] in ("running", "paused"), paused
@@ -148,3 +212,54 @@ def test_pause_resume_and_cancel_a_running_job(cli: Any, qa_path: Path) -> None:
     assert status == 0 and cancelled["status"] in ("queued", "running", "cancelled"), cancelled
     status, watched = cli("jobs", "watch", job["id"], "--interval", "0.5")
     assert status == 1 and watched["status"] == "cancelled", watched
+
+    shown = watcher.wait(120)
+    assert watcher.process.returncode == 1, shown
+    # tqdm's bar: steps out of the total, the last training loss and the API's ETA beside it
+    assert re.search(r"\d+/400 \[", shown), shown
+    assert re.search(r"loss=\d+\.\d{4}", shown), shown
+    assert re.search(r"eta=\d+s", shown), shown
+    assert f"Job paused at step {at}" in shown
+    assert f"{job['id']}\tcancelled\t" in shown.replace("\r\n", "\n")  # the closing job line
+
+
+class Terminal:
+    """A child process whose stdout and stderr are a terminal (a pty 200 columns wide), read on a
+    thread as it writes so that it never blocks on a full pty."""
+
+    def __init__(self, args: list[str]) -> None:
+        import fcntl
+        import pty
+        import struct
+        import termios
+        import threading
+
+        master, child_end = pty.openpty()
+        fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+        self.process = subprocess.Popen(
+            args, env=dict(os.environ), cwd=REPO, stdin=subprocess.DEVNULL, stdout=child_end, stderr=child_end
+        )
+        os.close(child_end)
+        self._chunks: list[bytes] = []
+        self._reader = threading.Thread(target=self._read, args=(master,), daemon=True)
+        self._reader.start()
+
+    def _read(self, fd: int) -> None:
+        try:
+            while data := os.read(fd, 4096):
+                self._chunks.append(data)
+        except OSError:  # EIO: the child's end closed
+            pass
+        finally:
+            os.close(fd)
+
+    def wait(self, timeout: float) -> str:
+        """Everything it wrote, once it has exited (killed after `timeout` seconds)."""
+        try:
+            self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(10)
+        self._reader.join(10)
+        return b"".join(self._chunks).decode(errors="replace")

@@ -311,13 +311,28 @@ def _new_events(api: Api, job_id: str, seen: set[str]) -> list[dict[str, Any]]:
     return list(reversed(fresh))
 
 
+def _progress_line(job: dict[str, Any], loss: float | None) -> str:
+    progress = job.get("progress") or {}
+    parts = [job["status"]]
+    if progress.get("total_steps"):
+        parts.append(f"step {progress.get('step') or 0}/{progress['total_steps']}")
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if progress.get("eta_seconds") is not None:
+        parts.append(f"ETA {float(progress['eta_seconds']):.0f}s")
+    return "  ".join(parts)
+
+
 def _jobs_watch(api: Api, args: argparse.Namespace) -> int:
     """Polls the job and its events until a final status: a progress bar of steps with the last
-    training loss and the ETA, and each new event's message above it."""
+    training loss and the ETA, and each new event's message above it. Where stderr is no terminal
+    (a log, a pipe), a line with the step, loss and ETA each time the step or status changes."""
     from tqdm import tqdm
 
     seen: set[str] = set()
     loss: float | None = None
+    plain = not args.json and not sys.stderr.isatty()
+    printed: tuple[str, Any] | None = None
     with _bar(None, args.job_id, unit="step", enabled=not args.json) as bar:
         while True:
             job = api.get_job(args.job_id)
@@ -337,6 +352,9 @@ def _jobs_watch(api: Api, args: argparse.Namespace) -> int:
             if progress.get("eta_seconds") is not None:
                 postfix["eta"] = f"{float(progress['eta_seconds']):.0f}s"
             bar.set_postfix(postfix, refresh=True)
+            if plain and printed != (job["status"], progress.get("step")):
+                printed = (job["status"], progress.get("step"))
+                print(_progress_line(job, loss), file=sys.stderr, flush=True)
             if job["status"] in FINAL_STATUSES:
                 break
             time.sleep(args.interval)
