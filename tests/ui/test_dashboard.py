@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,6 +251,8 @@ def test_create_from_the_form_after_its_estimate_and_watch_the_loss_curve(
     )
     first = int(chart.get_attribute("data-points"))
     assert first < TRAIN_STEPS
+    # The points came over the live event stream (SSE), not the polling fallback.
+    assert page.locator("#live-mode").text_content() == "(live)"
     page.wait_for_function(f"() => Number(document.querySelector('#loss-chart').dataset.points) > {first}")
     assert page.locator("#loss-chart canvas").count() >= 1
     assert page.locator("#events-table td", has_text="training loss").count() >= 1
@@ -346,6 +349,20 @@ def test_filter_jobs_by_status_and_metadata(page: Any, dashboard: Dashboard) -> 
     page.goto(dashboard.url + "#/jobs")
     page.locator(f"tr[data-job='{job_a}']").wait_for()
     page.locator(f"tr[data-job='{job_b}']").wait_for()
+    # A's row: full id (its link), status, model and fine-tuned model, method, adapter, a full
+    # progress bar, created and finished
+    model = dashboard.sdk().fine_tuning.jobs.retrieve(job_a).fine_tuned_model
+    cells = page.locator(f"tr[data-job='{job_a}'] td")
+    assert cells.nth(0).locator("a").text_content() == job_a
+    assert cells.nth(0).locator("a").get_attribute("href") == f"#/jobs/{job_a}"
+    assert cells.nth(1).text_content() == "succeeded"
+    assert cells.nth(2).text_content() == f"tuneforge/tiny-chat{model}"
+    assert [cells.nth(i).text_content() for i in (3, 4)] == ["supervised", "lora r=16"]
+    bar = cells.nth(5).locator("progress")
+    assert bar.get_attribute("value") == bar.get_attribute("max") == str(TRAIN_STEPS)
+    assert cells.nth(5).text_content().startswith(f"step {TRAIN_STEPS}/{TRAIN_STEPS}")
+    for i in (6, 7):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", cells.nth(i).text_content())
 
     def shown() -> dict[str, str]:
         """The listed rows: job id -> status."""
