@@ -181,3 +181,34 @@ def test_dockerfile_installs_the_gguf_extra_as_the_makefile_does(dockerfile: lis
     runs = [rest for kw, rest in dockerfile if kw == "RUN"]
     assert any('CMAKE_ARGS="$GGUF_CMAKE_ARGS"' in r and ".[tracking,gguf]" in r for r in runs), runs
     assert any("install-converter" in r for r in runs), runs
+
+
+def _settings(service: dict[str, Any]) -> Settings:
+    return Settings.model_validate(
+        {
+            k.removeprefix("TUNEFORGE_").lower(): v
+            for k, v in _env(service).items()
+            if k.startswith("TUNEFORGE_")
+        }
+    )
+
+
+def test_every_long_running_service_is_health_checked_where_it_listens(
+    compose: dict[str, Any], dockerfile: list[tuple[str, str]]
+) -> None:
+    """Each service runs the image's HEALTHCHECK (which asks the API's port) unless it has its own:
+    the worker, the beat and the engine ask their own ports, and the one-shot migrate has none, so no
+    container reads unhealthy for a port it never opens."""
+    services = compose["services"]
+    image_check = next(rest for kw, rest in dockerfile if kw == "HEALTHCHECK")
+    listens = {
+        "api": build_parser().parse_args(services["api"]["command"]).port,
+        "inference": build_parser().parse_args(services["inference"]["command"]).port,
+        "worker": _settings(services["worker"]).worker_metrics_port,
+        "beat": _settings(services["beat"]).beat_metrics_port,
+    }
+    for name, port in listens.items():
+        own = services[name].get("healthcheck")
+        check = " ".join(own["test"]) if own else image_check
+        assert re.search(rf"http://127\.0\.0\.1:{port}/(healthz|metrics)\b", check), (name, check)
+    assert services["migrate"]["healthcheck"] == {"disable": True}
