@@ -235,6 +235,23 @@ def test_an_unfinished_jobs_checkpoint_is_not_a_source(
             assert _refused(project, name, training_file)["param"] == "model"
 
 
+def test_a_running_continued_jobs_checkpoints_are_named_on_the_original_base(
+    project: ProjectCtx, app: FastAPI, chat_jsonl: str
+) -> None:
+    """Until it succeeds a job's checkpoints carry a provisional name built on its model; for a job
+    continued from an `ft:` model that is the original base, not `ft:ft:...`."""
+    training_file = project.upload(chat_jsonl)
+    _, name, _ = _succeeded_parent(project, app, training_file)
+    child = project.openai.fine_tuning.jobs.create(model=name, training_file=training_file)
+    with session_scope(app.state.sessionmaker) as session:
+        job = session.get(Job, child.id)
+        assert job is not None
+        job.status = "running"
+        add_checkpoint(session, job.id, step_number=4, storage_key=CheckpointKeys(job.id, "ftckpt-z").adapter)
+    (listed,) = project.openai.fine_tuning.jobs.checkpoints.list(child.id).data
+    assert listed.fine_tuned_model_checkpoint == f"ft:tuneforge/tiny-chat:{project.id}:ckpt-step-4"
+
+
 def _stored_spec(app: FastAPI, job_id: str) -> dict[str, Any]:
     with session_scope(app.state.sessionmaker) as session:
         job = session.get(Job, job_id)

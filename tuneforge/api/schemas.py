@@ -113,7 +113,9 @@ def event_object(event: JobEvent) -> dict[str, Any]:
 
 
 def checkpoint_object(checkpoint: Checkpoint, job: Job) -> dict[str, Any]:
-    model = job.fine_tuned_model or f"ft:{job.model}:{job.project_id}"
+    # Before the job succeeds its model has no name yet; a continued job's `model` is an `ft:` name,
+    # so the provisional one is built on the original base (never `ft:ft:...`).
+    model = job.fine_tuned_model or f"ft:{job.base_model or job.model}:{job.project_id}"
     return {
         "id": checkpoint.id,
         "object": "fine_tuning.job.checkpoint",
