@@ -1,8 +1,9 @@
 """The `tuneforge` client commands against `make run` (`tuneforge migrate` + `tuneforge serve` with
-its embedded worker): upload (through the Uploads API in parts), create, watch to success (exit 0)
-and of a failing job (exit 1), with its progress (a bar at a terminal, lines elsewhere) showing the
-loss and ETA; download an adapter that PEFT loads and a merged model that computes the same, and
-refuse bytes whose sha256 is not the listed one; `--json` parses throughout; an error is one line."""
+its embedded worker): upload (through the Uploads API in parts; a bar at a terminal), create,
+watch to success (exit 0) and of a failing job (exit 1), with its progress (a bar at a terminal,
+lines elsewhere) showing the loss and ETA; download an adapter that PEFT loads and a merged model
+that computes the same, and refuse bytes whose sha256 is not the listed one; `--json` parses
+throughout; an error is one line."""
 
 from __future__ import annotations
 
@@ -139,6 +140,18 @@ def test_download_with_a_wrong_sha256_fails_in_one_line(
     want = hashlib.sha256(original).hexdigest()
     assert lines[0] == f"tuneforge: error: sha256 mismatch: got {got}, the service lists {want}"
     assert list(out.iterdir()) == []  # neither the archive nor its files
+
+
+def test_upload_draws_a_progress_bar_at_a_terminal(cli: Any, qa_path: Path) -> None:
+    """At a terminal (a pty; `cli` sets the child's API environment), in parts."""
+    command = [sys.executable, "-m", "tuneforge.cli", "files", "upload", str(qa_path)]
+    uploader = Terminal([*command, "--chunked-threshold", "1000", "--part-size", "2000"])
+    shown = uploader.wait(120)
+    assert uploader.process.returncode == 0, shown
+    size = qa_path.stat().st_size
+    kib = f"{size / 1024:.2f}k"
+    assert re.search(rf"upload {qa_path.name}: 100%\|.*\| {kib}/{kib} \[", shown), shown
+    assert re.search(rf"^file-\S+\t{qa_path.name}\t{size} bytes", shown.replace("\r\n", "\n"), re.M), shown
 
 
 def test_watch_of_a_failing_job_exits_non_zero(cli: Any, qa_path: Path) -> None:
