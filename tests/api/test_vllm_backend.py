@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 
 from tests.support import free_port
 from tests.support.api import ProjectCtx, new_project
+from tests.support.chat_stub import send_json
 from tuneforge.config import Settings
 from tuneforge.db import session_scope
 from tuneforge.models.checkpoint import add_checkpoint, put_artifact
@@ -121,12 +122,7 @@ class VllmStub:
                 self.wfile.write(b"data: [DONE]\n\n")
 
             def _send(self, status: int, answer: Any) -> None:
-                data = (answer if isinstance(answer, str) else json.dumps(answer)).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, answer)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

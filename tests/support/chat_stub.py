@@ -16,6 +16,16 @@ from typing import Any
 Reply = Callable[[dict[str, Any]], "str | tuple[int, str]"]
 
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: Any) -> None:
+    """Answers a stub's request with `body` (a JSON string, or a value to encode) as JSON."""
+    data = (body if isinstance(body, str) else json.dumps(body)).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 @dataclass
 class ChatStub:
     base_url: str  # what TUNEFORGE_GRADER_MODEL_URL names: ".../v1"
@@ -58,12 +68,7 @@ def chat_stub(reply: Reply) -> Iterator[ChatStub]:
                         }
                     ),
                 )
-            data = raw.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, raw)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
