@@ -59,12 +59,7 @@ def test_a_field_the_grader_reads_missing_from_a_line_is_a_400(project: ProjectC
     err = _refused(project, good, CHECK, validation=gap)  # the validation file feeds the grader too
     assert err.param == "method.reinforcement.grader.reference" and "validation file" in err.message
 
-    judge = {
-        "type": "score_model",
-        "name": "judge",
-        "model": MODEL,
-        "input": [{"role": "user", "content": "{{item.question}}: {{sample.output_text}}"}],
-    }
+    judge = {**JUDGE, "input": [{"role": "user", "content": "{{item.question}}: {{sample.output_text}}"}]}
     multi = {
         "type": "multi",
         "name": "both",
