@@ -48,6 +48,8 @@ UNRESOLVABLE_HOST = "tuneforge-host-that-does-not-resolve"
 STUCK_RANK_QUEUE = "gpu-stuck-rank"
 #: That worker's bound on its ranks getting ready: past rank 0's start on a loaded machine.
 STUCK_READY_TIMEOUT_S = 45
+#: Indices in Services.processes: the worker on the "gpu" queue and the stuck-rank one.
+MAIN_WORKER, STUCK_WORKER = 0, 1
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +78,20 @@ def services(
         yield svc
 
 
+@pytest.fixture(scope="module", autouse=True)
+def never_ready(services: Services, qa_path: Path) -> str:
+    """The stuck-rank worker's job, sent before the module's other tests run: its three starts
+    each wait out the readiness bound (over two minutes in all, nearly idle), so it overlaps them
+    (the ranks each test looks at are those of its own worker)."""
+    job_id = _job(services, qa_path, {"count": 2, "strategy": "ddp"})
+    send_to_queue(services, job_id, STUCK_RANK_QUEUE)
+    return job_id
+
+
 def _worker_on_an_unresolvable_host(services: Services) -> None:
     """`tuneforge worker` in its own UTS namespace (unshare(1); as root, or in a user namespace of
-    its own otherwise) named UNRESOLVABLE_HOST; stopped with the module's other processes."""
+    its own otherwise) named UNRESOLVABLE_HOST, the module's first process (MAIN_WORKER);
+    stopped with the module's other processes."""
     as_root = os.geteuid() == 0
     namespaces = ["unshare", "--uts"] if as_root else ["unshare", "--user", "--map-root-user", "--uts"]
     script = f'hostname {UNRESOLVABLE_HOST} && exec "$0" -m tuneforge.cli worker --queues gpu --concurrency 1'
@@ -139,7 +152,7 @@ def two_processes(
     assert wait_for(
         lambda: bool(checkpoints(services, job_id)), JOB_TIMEOUT_S, job_id, training_logs(services)
     )
-    rank_one = [p for p in _ranks() if _rank(p) == 1]
+    rank_one = [p for p in _ranks(services) if _rank(p) == 1]
     assert len(rank_one) == 1, rank_one
     rank_one[0].kill()
     killed_at = time.monotonic()
@@ -164,7 +177,9 @@ def test_two_gloo_processes_learn_like_one(
     assert curve[STEPS] < curve[1] and reference[STEPS] < reference[1]
 
 
-def test_sigkill_of_rank_one_resumes_from_the_checkpoint(two_processes: tuple[Job, list[JobEvent]]) -> None:
+def test_sigkill_of_rank_one_resumes_from_the_checkpoint(
+    services: Services, two_processes: tuple[Job, list[JobEvent]]
+) -> None:
     job, rows = two_processes
     assert job.attempt == 1  # the restart is no failed attempt
     lost = [e for e in rows if e.data and e.data.get("code") == "rank_lost"]
@@ -173,7 +188,7 @@ def test_sigkill_of_rank_one_resumes_from_the_checkpoint(two_processes: tuple[Jo
     assert step >= 2 and f"from its checkpoint at step {step}" in lost[0].message
     assert f"resuming after step {step}" in [e.message for e in rows if e.message.startswith("Training")][-1]
     # no orphan: the ranks end with the run (the job's status is written a moment before)
-    assert wait_for(lambda: not _ranks(), 20, "no rank")
+    assert wait_for(lambda: not _ranks(services), 20, "no rank")
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +212,7 @@ def test_full_with_fsdp_on_two_processes(
     assert wait_for(
         lambda: bool(checkpoints(services, job_id)), JOB_TIMEOUT_S, job_id, training_logs(services)
     )
-    rank_one = [p for p in _ranks() if _rank(p) == 1]
+    rank_one = [p for p in _ranks(services) if _rank(p) == 1]
     assert len(rank_one) == 1, rank_one
     rank_one[0].kill()
     job = _finished(services, job_id)
@@ -226,14 +241,18 @@ def test_full_with_fsdp_on_two_processes(
     assert abs(sharded - whole) <= LOSS_TOLERANCE * whole, (sharded, whole)
 
 
-def _ranks() -> list[psutil.Process]:
-    """torchrun and its rank processes, as they run now (the command line read when listed: one
-    that exits meanwhile is not an error)."""
-    return [p for p in training_processes() if "--socket" in (p.info.get("cmdline") or [])]
+def _ranks(services: Services, worker: int = MAIN_WORKER) -> list[psutil.Process]:
+    """torchrun and the rank processes of the module's `worker`, as they run now (the command line
+    read when listed: one that exits meanwhile is not an error)."""
+    try:
+        below = {p.pid for p in psutil.Process(services.processes[worker].pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in training_processes() if p.pid in below and "--socket" in (p.info.get("cmdline") or [])]
 
 
-def _rank_numbers() -> list[int]:
-    return sorted(n for n in map(_rank, _ranks()) if n is not None)
+def _rank_numbers(services: Services) -> list[int]:
+    return sorted(n for n in map(_rank, _ranks(services)) if n is not None)
 
 
 def test_pause_resume_and_cancel_stop_every_rank(services: Services, qa_path: Path) -> None:
@@ -245,11 +264,11 @@ def test_pause_resume_and_cancel_stop_every_rank(services: Services, qa_path: Pa
     send(job_id)
     logs = training_logs(services)
     wait_for(lambda: len(metric_steps(services, job_id)) >= 2, JOB_TIMEOUT_S, "training to start", logs)
-    assert _rank_numbers() == [0, 1]
+    assert _rank_numbers(services) == [0, 1]
     with session_scope(services.sessions) as session:
         pause_job(session, load_job(session, job_id))  # type: ignore[arg-type]
     wait_for(lambda: finished_or(services, job_id, "paused"), 120, "the pause", logs)
-    wait_for(lambda: not _ranks(), 30, "both ranks to end after the pause", logs)
+    wait_for(lambda: not _ranks(services), 30, "both ranks to end after the pause", logs)
     paused_at = checkpoints(services, job_id)[-1].step_number
     assert 2 <= paused_at < 400
 
@@ -259,11 +278,11 @@ def test_pause_resume_and_cancel_stop_every_rank(services: Services, qa_path: Pa
     wait_for(
         lambda: max(metric_steps(services, job_id)) >= paused_at + 2, JOB_TIMEOUT_S, "the resumed run", logs
     )
-    assert _rank_numbers() == [0, 1]
+    assert _rank_numbers(services) == [0, 1]
     with session_scope(services.sessions) as session:
         cancel_job(session, load_job(session, job_id))  # type: ignore[arg-type]
     wait_for(lambda: finished_or(services, job_id, "cancelled"), 120, "the cancel", logs)
-    wait_for(lambda: not _ranks(), 30, "both ranks to end after the cancel", logs)
+    wait_for(lambda: not _ranks(services), 30, "both ranks to end after the cancel", logs)
     job, rows = _finished(services, job_id), events(services, job_id)
     assert job.status == "cancelled" and job.attempt == 1, (job.status, job.error)
     steps = metric_steps(services, job_id)
@@ -329,12 +348,11 @@ def test_estimator_shards_full_fine_tuning_and_replicates_adapters() -> None:
 
 
 def test_ranks_that_never_get_ready_restart_then_fail_naming_the_missing_rank(
-    services: Services, qa_path: Path
+    services: Services, never_ready: str
 ) -> None:
     """On the second worker rank 1 hangs before connecting: each start ends after the bound with
     a `ranks_not_ready` warning naming it, twice (the lost-rank restarts), then the job fails."""
-    job_id = _job(services, qa_path, {"count": 2, "strategy": "ddp"})
-    send_to_queue(services, job_id, STUCK_RANK_QUEUE)
+    job_id = never_ready
     job = _finished(services, job_id)
     rows = events(services, job_id)
     assert job.status == "failed" and job.error is not None, [e.message for e in rows]
@@ -344,4 +362,4 @@ def test_ranks_that_never_get_ready_restart_then_fail_naming_the_missing_rank(
     assert all(missing in e.message for e in restarts), [e.message for e in restarts]
     assert job.error["message"].startswith(f"the multi-device run did not start: {missing}"), job.error
     assert job.attempt == 1
-    assert wait_for(lambda: not _ranks(), 20, "no rank")
+    assert wait_for(lambda: not _ranks(services, STUCK_WORKER), 20, "no rank")
