@@ -1,8 +1,11 @@
-"""A worker comes up and takes jobs however slow its pool processes' imports are: Celery kills a
-pool process that has not reported up within `worker_proc_alive_timeout`, so nothing slow may run
-before that report. Imports are slowed for real by a `sitecustomize` on PYTHONPATH that sleeps
-when a forked pool process first imports `transformers`. Two jobs in turn: each pool process
-runs one job, and the replacement of the first is the one Celery times."""
+"""A worker comes up and takes jobs however slow its imports are: Celery kills a pool process
+that has not reported up within `worker_proc_alive_timeout`, so nothing slow may run before that
+report. Imports are slowed for real by a `sitecustomize` on PYTHONPATH that sleeps when a worker
+process (one that has imported Celery: the main process or a pool process, not a training
+process) first imports `transformers`. The worker imports that stack in its main process before
+it forks (tuneforge/worker/tasks.py), so the sleep lands there, before any pool process exists;
+a pool process that imported it before reporting up would be killed. Two jobs in turn: each pool
+process runs one job, and the replacement of the first is the one Celery times."""
 
 from __future__ import annotations
 
@@ -30,14 +33,11 @@ import os
 import sys
 import time
 
-_MAIN = os.getpid()
-
-
 class _SlowImport:
-    """Sleeps once when a process forked from this interpreter first imports transformers."""
+    """Sleeps once when a worker process (Celery imported) first imports transformers."""
 
     def find_spec(self, name, path=None, target=None):
-        if name == "transformers" and os.getpid() != _MAIN:
+        if name == "transformers" and "celery" in sys.modules:
             sys.meta_path.remove(self)
             print(f"slow import: {name} in pid {os.getpid()}", file=sys.stderr, flush=True)
             time.sleep(float(os.environ["SLOW_IMPORT_SECONDS"]))
@@ -77,7 +77,8 @@ def test_slow_imports_in_pool_processes_do_not_stop_a_worker(
     finally:
         services.stop(worker)
     log = "\n".join(p.read_text(errors="replace") for p in services.tmp.glob("slow-worker-*.log"))
-    assert "slow import: transformers" in log, log[-3000:]  # the shim did slow the pool process
+    assert "slow import: transformers" in log, log[-3000:]  # the shim did slow the worker
+    assert "before forking" in log, log[-3000:]  # in its main process
     assert "Timed out waiting for UP message" not in log, log[-3000:]
     assert finals == ["succeeded", "succeeded"], ([get_job(services, j).error for j in jobs], log[-3000:])
     for job_id in jobs:

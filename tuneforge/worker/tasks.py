@@ -1,6 +1,7 @@
 """Celery tasks. Each task process is fresh (`worker_max_tasks_per_child=1`) and, once it exists,
-launches the training process of its future job and imports the tokenizer stack so the imports
-are done by the time a job arrives.
+launches the training process of its future job, so its imports are done by the time a job
+arrives. The tokenizer stack that validates a job's files is imported once, by the worker's main
+process before it forks its pool processes: each pool process (one per job) starts with it.
 
 That warm-up runs in a background thread: Celery kills a pool process that has not reported up
 within `worker_proc_alive_timeout`, and on a busy machine the imports alone can take longer than
@@ -17,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import celeryd_after_setup, worker_process_init, worker_process_shutdown
 
 from tuneforge.config import Settings, get_settings
 from tuneforge.worker.celery_app import RECONCILE_TASK, RUN_JOB_TASK, celery_app
@@ -77,6 +78,26 @@ class WarmUp:
 warm_up = WarmUp()
 
 
+@celeryd_after_setup.connect
+def _preload_validation_stack(**_: Any) -> None:
+    """In the worker's main process, its logging set up and its pool processes not yet forked
+    (Celery's `celeryd_after_setup`, sent as the worker starts): the tokenizer stack, which
+    every pool process would otherwise import again (about 3 CPU-seconds, once per job). Importing
+    it starts no thread that matters to a fork, runs no OpenMP region and touches no GPU; the
+    training processes are fresh interpreters regardless (tuneforge/worker/child.py)."""
+    if _consumed_queues() == {"control"}:
+        return
+    started = time.monotonic()
+    try:
+        _import_validation_stack()
+        import tuneforge.worker.execution  # what a job runs
+        import tuneforge.worker.validation  # noqa: F401
+    except Exception:  # each pool process's warm-up tries again, a job reports what fails
+        log.exception("could not import the validation stack before forking pool processes")
+        return
+    log.info("validation stack imported in %.1f s, before forking", time.monotonic() - started)
+
+
 @worker_process_init.connect
 def _start_warm_up(**_: Any) -> None:
     if _consumed_queues() != {"control"}:
@@ -98,7 +119,8 @@ def _log_time_to_up() -> None:
 
 def _import_validation_stack() -> None:
     """A job's first work here is validating its files with the real tokenizer: import that stack
-    while the process waits for a job, not on the job's clock. Nothing here touches CUDA."""
+    while the process waits for a job, not on the job's clock (in a pool process forked after
+    `_preload_validation_stack`, it is imported already). Nothing here touches CUDA."""
     from transformers import AutoTokenizer  # noqa: F401
 
     import tuneforge.training.data  # noqa: F401
