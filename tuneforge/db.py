@@ -12,13 +12,13 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from anyio import CapacityLimiter, to_thread
+from anyio import CapacityLimiter, Semaphore, to_thread
 from psycopg import OperationalError as PsycopgOperationalError
 from psycopg.rows import namedtuple_row
 from sqlalchemy import (
@@ -103,7 +103,11 @@ def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> No
     cursor.close()
 
 
-def make_engine(url: str, *, pool_size: int = 40, max_overflow: int = 10) -> Engine:
+#: A PostgreSQL engine's pool: `pool_size` connections kept, `max_overflow` more opened when busy.
+POOL_SIZE, POOL_OVERFLOW = 40, 10
+
+
+def make_engine(url: str, *, pool_size: int = POOL_SIZE, max_overflow: int = POOL_OVERFLOW) -> Engine:
     """An engine for `url`. SQLite gets WAL, foreign keys and a busy timeout on each connection;
     PostgreSQL a pool large enough for the API's thread pool.
 
@@ -256,29 +260,49 @@ READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 TRANSACTION_END_THREADS = CapacityLimiter(64)
 
 
+def session_slots(engine: Engine, threads: int) -> Semaphore | None:
+    """How many requests may hold a session at once in an API process whose sync work runs on
+    `threads` threads, or None for no bound (SQLite, whose pool never makes anyone wait).
+
+    A request's session keeps its connection from its first query to its end, across thread
+    hops (a dependency's in one thread, the route's in the next) and the waits between them. On
+    a bounded pool, requests holding every connection while they wait for a thread, and every
+    thread waiting for a connection, stall each other until the pool's timeout (seen under 200
+    clients: 30 s stalls and 503s). Bounded at the pool's capacity less the threads, the
+    sessions leave a connection for each thread's other work (live events, metrics), so no
+    thread waits for a connection and every waiting request gets its thread."""
+    if engine.dialect.name == "sqlite":
+        return None
+    return Semaphore(max(1, POOL_SIZE + POOL_OVERFLOW - threads))
+
+
 async def get_session(request: Request) -> AsyncIterator[Session]:
     """The request's session (a FastAPI dependency): commits after the route succeeds, rolls back
     when it raises. Used with `scope="function"` so the commit happens before the response is
     sent. Read-only requests get an autocommit session; their end needs no I/O, so it runs on
-    the event loop, while a commit or rollback that talks to the database runs in a thread."""
+    the event loop, while a commit or rollback that talks to the database runs in a thread.
+    Where the app bounds its sessions (`session_slots`), a request waits for a slot first, on
+    the event loop, holding nothing."""
     read_only = request.method in READ_ONLY_METHODS
     state = request.app.state
+    slots: Semaphore | None = getattr(state, "session_slots", None)
     factory: sessionmaker[Session] = state.read_sessionmaker if read_only else state.sessionmaker
-    session = factory()
-    try:
-        yield session
-        if read_only:
-            commit(session)
-        else:
-            await to_thread.run_sync(commit, session, limiter=TRANSACTION_END_THREADS)
-    except BaseException:
-        if session.in_transaction() and not read_only:
-            await to_thread.run_sync(rollback, session, limiter=TRANSACTION_END_THREADS)
-        else:
-            rollback(session)
-        raise
-    finally:
-        session.close()
+    async with slots if slots is not None else nullcontext():
+        session = factory()
+        try:
+            yield session
+            if read_only:
+                commit(session)
+            else:
+                await to_thread.run_sync(commit, session, limiter=TRANSACTION_END_THREADS)
+        except BaseException:
+            if session.in_transaction() and not read_only:
+                await to_thread.run_sync(rollback, session, limiter=TRANSACTION_END_THREADS)
+            else:
+                rollback(session)
+            raise
+        finally:
+            session.close()
 
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"

@@ -29,7 +29,14 @@ from tuneforge.api.routes import (
 )
 from tuneforge.api.services.files import sweeping_incomplete_writes
 from tuneforge.config import Settings, get_settings
-from tuneforge.db import Reader, check_schema, make_engine, make_read_sessionmaker, make_sessionmaker
+from tuneforge.db import (
+    Reader,
+    check_schema,
+    make_engine,
+    make_read_sessionmaker,
+    make_sessionmaker,
+    session_slots,
+)
 from tuneforge.storage import store_from_settings
 from tuneforge.ui import install_dashboard
 
@@ -47,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        app.state.session_slots = session_slots(engine, settings.api_threads)
         await anyio.to_thread.run_sync(check_schema, engine)  # refuses an unmigrated database
         await reader.open()
         try:
