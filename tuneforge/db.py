@@ -36,6 +36,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.pool import QueuePool
 from starlette.requests import Request
 
 if TYPE_CHECKING:
@@ -103,11 +104,7 @@ def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> No
     cursor.close()
 
 
-#: A PostgreSQL engine's pool: `pool_size` connections kept, `max_overflow` more opened when busy.
-POOL_SIZE, POOL_OVERFLOW = 40, 10
-
-
-def make_engine(url: str, *, pool_size: int = POOL_SIZE, max_overflow: int = POOL_OVERFLOW) -> Engine:
+def make_engine(url: str, *, pool_size: int = 40, max_overflow: int = 10) -> Engine:
     """An engine for `url`. SQLite gets WAL, foreign keys and a busy timeout on each connection;
     PostgreSQL a pool large enough for the API's thread pool.
 
@@ -262,7 +259,7 @@ TRANSACTION_END_THREADS = CapacityLimiter(64)
 
 def session_slots(engine: Engine, threads: int) -> Semaphore | None:
     """How many requests may hold a session at once in an API process whose sync work runs on
-    `threads` threads, or None for no bound (SQLite, whose pool never makes anyone wait).
+    `threads` threads, or None for no bound (a pool that never makes anyone wait: SQLite's).
 
     A request's session keeps its connection from its first query to its end, across thread
     hops (a dependency's in one thread, the route's in the next) and the waits between them. On
@@ -271,9 +268,10 @@ def session_slots(engine: Engine, threads: int) -> Semaphore | None:
     clients: 30 s stalls and 503s). Bounded at the pool's capacity less the threads, the
     sessions leave a connection for each thread's other work (live events, metrics), so no
     thread waits for a connection and every waiting request gets its thread."""
-    if engine.dialect.name == "sqlite":
+    pool = engine.pool
+    if not isinstance(pool, QueuePool) or pool._max_overflow < 0:  # SQLAlchemy keeps it only there
         return None
-    return Semaphore(max(1, POOL_SIZE + POOL_OVERFLOW - threads))
+    return Semaphore(max(1, pool.size() + pool._max_overflow - threads))
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:

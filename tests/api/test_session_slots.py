@@ -18,7 +18,6 @@ from fastapi import FastAPI
 from sqlalchemy import Engine, create_engine
 
 import tuneforge.api.app as app_module
-import tuneforge.db as db
 from tests.support import pg_database
 from tests.support.api import ADMIN_KEY
 from tuneforge.config import Settings
@@ -34,8 +33,6 @@ def test_two_hop_requests_beyond_the_pool_wait_for_a_slot_not_the_pool_timeout(
     def small_engine(url: str) -> Engine:
         return create_engine(url, pool_size=POOL, max_overflow=OVERFLOW, pool_timeout=5, pool_pre_ping=True)
 
-    monkeypatch.setattr(db, "POOL_SIZE", POOL)
-    monkeypatch.setattr(db, "POOL_OVERFLOW", OVERFLOW)
     monkeypatch.setattr(app_module, "make_engine", small_engine)
     with pg_database("tf_slots") as url:
         settings = Settings(
