@@ -196,9 +196,22 @@ def test_upload_shows_the_bad_line(page: Any, dashboard: Dashboard, qa_path: Pat
 
 
 def test_a_file_name_with_html_is_text(page: Any, dashboard: Dashboard, qa_path: Path) -> None:
-    """The eight-line file a later job trains and evaluates on, named like markup."""
+    """The eight-line file a later job trains and evaluates on, named like markup. The page's
+    first listing is held until after the upload's own listing has shown the file (as a busy
+    server may answer them): its older answer must not replace the newer list (CI once saw the
+    file missing after its upload)."""
     head = "".join(qa_path.read_text().splitlines(keepends=True)[:8]).encode()
+    held: list[Any] = []
+
+    def hold_first_listing(route: Any) -> None:
+        if route.request.method == "GET" and not held:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/v1/files", hold_first_listing)
     page.goto(dashboard.url + "#/files")
+    before_upload = _api(dashboard, "/files")
     page.set_input_files(
         "#upload-file", files=[{"name": HTML_NAME, "mimeType": "application/jsonl", "buffer": head}]
     )
@@ -207,6 +220,12 @@ def test_a_file_name_with_html_is_text(page: Any, dashboard: Dashboard, qa_path:
     assert HTML_NAME in page.locator("#upload-status .ok").text_content()
     cell = page.locator("#files-table td", has_text=XSS)
     cell.wait_for()
+    assert len(held) == 1
+    with page.expect_response(lambda answer: answer.request == held[0].request) as first:
+        held[0].fulfill(json=before_upload)  # the answer as it was before the upload
+    first.value.finished()
+    page.wait_for_timeout(500)  # the page's handling of the late answer (a few event-loop turns)
+    assert cell.count() == 1, "the older listing replaced the newer one"
     assert cell.text_content() == HTML_NAME
     assert page.locator("img").count() == 0
     uploaded = next(f for f in dashboard.sdk().files.list().data if f.filename == HTML_NAME)

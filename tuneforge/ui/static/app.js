@@ -51,6 +51,17 @@ function replace(el, ...children) {
   return append(el, children);
 }
 
+// Loads of one view can overlap (the view's first load still on its way when an upload loads
+// again): start() marks a load and returns whether it is still the newest, so an older answer
+// that lands late never replaces a newer one.
+function newestOnly() {
+  let newest = 0;
+  return function start() {
+    const mine = ++newest;
+    return () => mine === newest;
+  };
+}
+
 function main() {
   return document.getElementById("main");
 }
@@ -914,8 +925,11 @@ async function filesView() {
   });
   replace(main(), h("h1", {}, "Files"), form, h("section", {}, h("h2", {}, "Your files"), listBox));
 
+  const startLoad = newestOnly();
   async function load() {
+    const isNewest = startLoad();
     const files = (await api("/files")).data;
+    if (!isNewest()) return;
     replace(
       listBox,
       files.length
@@ -1084,21 +1098,21 @@ async function newJobView() {
 
   let estimatedFor = null;
   let timer = null;
-  let sequence = 0;
+  const startEstimate = newestOnly();
 
   async function runEstimate() {
     const spec = buildSpec();
     const body = estimateBody(spec);
     const key = JSON.stringify(body);
-    const mine = ++sequence;
+    const isNewest = startEstimate();
     replace(estimateBox, h("p", { class: "note" }, "Estimating…"));
     try {
       const answer = await api("/fine_tuning/estimates", { json: body });
-      if (mine !== sequence) return;
+      if (!isNewest()) return;
       estimatedFor = key;
       replace(estimateBox, estimateView(answer));
     } catch (error) {
-      if (mine !== sequence) return;
+      if (!isNewest()) return;
       estimatedFor = null;
       replace(estimateBox, errorBox(error));
       if (error instanceof ApiError && error.status === 503) {
@@ -1208,7 +1222,9 @@ async function adminView() {
   });
   replace(main(), h("h1", {}, "Projects and keys"), form, listBox);
 
+  const startLoad = newestOnly();
   async function load() {
+    const isNewest = startLoad();
     const projects = (await api("/admin/projects")).data;
     const sections = [];
     for (const project of projects) {
@@ -1271,7 +1287,7 @@ async function adminView() {
         ),
       );
     }
-    replace(listBox, sections);
+    if (isNewest()) replace(listBox, sections);
   }
   await load();
 }
