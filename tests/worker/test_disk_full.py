@@ -98,6 +98,9 @@ def test_downloading_the_files(
         job_id = seed_job(services, qa_path, max_steps=4, save_every=2)
         send(job_id)
         _fails_with_disk_full(services, job_id)
+        # The failed job's clean-up freed what it had written: fill the disk again (a new pool
+        # process's spare used to, by accident, with its start-up log; a forked one writes none).
+        _fill(small_disk, leave=0)
         validating = seed_job(services, qa_path, status=JobStatus.VALIDATING_FILES)
         send(validating)
         assert wait_for(

@@ -1,7 +1,9 @@
 """The parent side of a training process (see tuneforge/worker/child.py).
 
-`TrainingProcess.spawn()` starts a fresh interpreter that imports the training stack while the
-worker waits for a job, so the first training step of a job comes soon after the job is claimed.
+`TrainingProcess.spawn()` starts a training process that imports the training stack while the
+worker waits for a job, so the first training step of a job comes soon after the job is claimed:
+a fork of the worker's fork server, which has the stack imported already
+(tuneforge/worker/forkserver.py), or else a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Any
 
+from tuneforge.worker import forkserver
+
 
 class TrainingProcess:
     """One child training process and the two pipes to it."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], messages: IO[str], log_path: Path) -> None:
+    def __init__(
+        self, popen: subprocess.Popen[bytes] | forkserver.ForkedProcess, messages: IO[str], log_path: Path
+    ) -> None:
         self.popen = popen
         self.log_path = log_path
         self.messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -36,14 +42,15 @@ class TrainingProcess:
     def spawn(cls, log_path: Path, env: dict[str, str] | None = None) -> TrainingProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         read_fd, write_fd = os.pipe()
+        child_env = {**os.environ, **(env or {})}
         with log_path.open("ab") as log:
-            popen = subprocess.Popen(
+            popen = _forked(write_fd, log.fileno(), child_env) or subprocess.Popen(
                 [sys.executable, "-m", "tuneforge.worker.child", str(write_fd)],
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 pass_fds=(write_fd,),
-                env={**os.environ, **(env or {})},
+                env=child_env,
                 close_fds=True,
             )
         os.close(write_fd)
@@ -115,6 +122,22 @@ class TrainingProcess:
                 return [line.rstrip("\n") for line in deque(handle, maxlen=count) if line.strip()]
         except OSError:
             return []
+
+
+def _forked(messages: int, log: int, env: dict[str, str]) -> forkserver.ForkedProcess | None:
+    """A training process from the worker's fork server, or None where there is none."""
+    if not os.environ.get(forkserver.ADDRESS_ENV):
+        return None
+    stdin_read, stdin_write = os.pipe()
+    try:
+        process = forkserver.fork(stdin_read, messages, log, env, os.getcwd())
+    finally:
+        os.close(stdin_read)
+    if process is None:
+        os.close(stdin_write)
+        return None
+    process.stdin = os.fdopen(stdin_write, "wb")
+    return process
 
 
 def describe_exit(code: int | None) -> tuple[str, str]:

@@ -14,11 +14,17 @@ modules fail with a partial-import ImportError).
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 import time
 from typing import Any
 
-from celery.signals import celeryd_after_setup, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    celeryd_after_setup,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
 from tuneforge.config import Settings, get_settings
 from tuneforge.worker.celery_app import RECONCILE_TASK, RUN_JOB_TASK, celery_app
@@ -87,6 +93,7 @@ def _preload_validation_stack(**_: Any) -> None:
     training processes are fresh interpreters regardless (tuneforge/worker/child.py)."""
     if _consumed_queues() == {"control"}:
         return
+    _start_fork_server()
     started = time.monotonic()
     try:
         _import_validation_stack()
@@ -96,6 +103,27 @@ def _preload_validation_stack(**_: Any) -> None:
         log.exception("could not import the validation stack before forking pool processes")
         return
     log.info("validation stack imported in %.1f s, before forking", time.monotonic() - started)
+
+
+_fork_server: subprocess.Popen[bytes] | None = None
+
+
+def _start_fork_server() -> None:
+    """The process the training processes are forked from (tuneforge/worker/forkserver.py), started
+    before the pool processes fork so that they find its address in their environment."""
+    global _fork_server
+    if not get_settings().worker_fork_server:
+        return
+    from tuneforge.worker import forkserver
+
+    _fork_server = forkserver.start()
+
+
+@worker_shutdown.connect
+def _stop_fork_server(**_: Any) -> None:
+    from tuneforge.worker import forkserver
+
+    forkserver.stop(_fork_server)
 
 
 @worker_process_init.connect

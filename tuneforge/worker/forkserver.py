@@ -1,0 +1,354 @@
+"""A fork server for training processes: the worker imports the training stack once, and each
+training process is a fork of a process that has it imported already.
+
+A fresh interpreter per training process (tuneforge/worker/child.py) imports torch, transformers,
+PEFT and TRL again: about 12 CPU-seconds each, once per job and once per spare. The worker's main
+process starts this server (`start`, before it forks its pool processes); a pool process asks it
+for a training process (`fork`), passing the child's stdin, message pipe and log by SCM_RIGHTS with
+its environment and directory. The server forks, the child becomes what `python -m
+tuneforge.worker.child MSG_FD` would be, and the server reports its pid (with a pidfd) and, when it
+ends, its exit status in Popen's convention (-9 when SIGKILLed).
+
+Forking a process that has imported torch is safe only while it runs one thread and CUDA is not
+initialised: the server checks both after its imports and steps aside (exits) otherwise, and so
+does any request it cannot answer in time: pool processes then start fresh interpreters as before.
+On a GPU machine bitsandbytes' import initialises CUDA (its cuda_specs.py asks for the device's
+capability), so there the server steps aside by design. Its environment turns off the threads two
+libraries start at import (pyarrow's jemalloc, OpenBLAS's pool) unless the administrator set them.
+
+Protocol (SOCK_SEQPACKET, one message each): request {"env": {...}, "cwd": "..."} with fds
+[stdin, messages, log]; reply {"pid": N} with a pidfd; later {"exit": code}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import select
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+ADDRESS_ENV = "TUNEFORGE_FORK_SERVER"  # the socket's path, inherited by the pool processes
+PROCESS_NAME = b"tuneforge-run"  # a forked training process's name (its command line is the server's)
+FORK_SAFE_ENV = {
+    "JE_ARROW_MALLOC_CONF": "background_thread:false",  # pyarrow's jemalloc: no thread at import
+    "OPENBLAS_NUM_THREADS": "1",  # numpy's OpenBLAS: no thread pool at import
+    "PYTORCH_NVML_BASED_CUDA_CHECK": "1",  # torch.cuda.is_available() without initialising CUDA
+}
+BIND_TIMEOUT_S = 30.0
+# A pool process waits this long for its fork (the server may still be importing the stack, or
+# busy): beyond it, a fresh interpreter.
+FORK_TIMEOUT_S = 180.0
+# How long an ended process's exit status may take to arrive from the server.
+REPORT_TIMEOUT_S = 30.0
+UNKNOWN_EXIT = 255  # the server went away before it reported the exit status
+
+
+# ---------- the worker's side ----------
+
+
+def start(log_path: os.PathLike[str] | str | None = None) -> subprocess.Popen[bytes] | None:
+    """Starts this worker's fork server and puts its address in the environment the pool
+    processes inherit. None (and fresh interpreters for every training process) when it cannot
+    start. The server imports the stack in the background; requests wait for it."""
+    directory = tempfile.mkdtemp(prefix="tuneforge-fork-")  # 0700: only this user may connect
+    address = os.path.join(directory, "socket")
+    env = {**FORK_SAFE_ENV, **os.environ}
+    out: Any = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
+    try:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tuneforge.worker.forkserver", address],
+            stdin=subprocess.PIPE,  # its end is the worker's end: the server exits with the worker
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+            env=env,
+            close_fds=True,
+        )
+    finally:
+        if out is not None:
+            out.close()
+    deadline = time.monotonic() + BIND_TIMEOUT_S
+    while not os.path.exists(address):
+        if server.poll() is not None or time.monotonic() > deadline:
+            log.warning("fork server did not start; training processes start fresh interpreters")
+            stop(server)
+            shutil.rmtree(directory, ignore_errors=True)
+            return None
+        time.sleep(0.02)
+    os.environ[ADDRESS_ENV] = address
+    log.info("fork server %s started at %s", server.pid, address)
+    return server
+
+
+def stop(server: subprocess.Popen[bytes] | None) -> None:
+    """Ends the server (its training processes run on; each ends with its own supervisor)."""
+    os.environ.pop(ADDRESS_ENV, None)
+    if server is None:
+        return
+    if server.stdin is not None:
+        with contextlib.suppress(OSError):
+            server.stdin.close()
+    try:
+        server.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+# ---------- the pool process's side ----------
+
+
+def fork(stdin: int, messages: int, log_file: int, env: dict[str, str], cwd: str) -> ForkedProcess | None:
+    """A training process forked by this worker's server, or None (no server, or it did not
+    answer in time): the caller then starts a fresh interpreter."""
+    address = os.environ.get(ADDRESS_ENV)
+    if not address:
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        conn.settimeout(FORK_TIMEOUT_S)
+        conn.connect(address)
+        request = json.dumps({"env": env, "cwd": cwd}).encode()
+        socket.send_fds(conn, [request], [stdin, messages, log_file])
+        reply, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+        pid = int(json.loads(reply)["pid"])
+        (pidfd,) = fds
+    except (OSError, ValueError, KeyError) as error:
+        log.warning("fork server %s did not fork a training process (%s); a fresh one starts", address, error)
+        conn.close()
+        return None
+    return ForkedProcess(conn, pid, pidfd)
+
+
+class ForkedProcess:
+    """What a TrainingProcess uses of a Popen (pid, stdin, poll, wait, send_signal), for a
+    process forked by the server: its pidfd says when it has ended, the server says how."""
+
+    args = "tuneforge-run"
+
+    def __init__(self, conn: socket.socket, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self.stdin: IO[bytes] | None = None
+        self.returncode: int | None = None
+        self._conn = conn
+        self._pidfd = pidfd
+
+    def _ended(self, timeout: float | None) -> bool:
+        readable, _, _ = select.select([self._pidfd], [], [], timeout)
+        return bool(readable)
+
+    def _collect(self) -> int:
+        """The exit status, once the process has ended."""
+        code = UNKNOWN_EXIT
+        try:
+            self._conn.settimeout(REPORT_TIMEOUT_S)
+            code = int(json.loads(self._conn.recv(4096))["exit"])
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("training process %s ended; the fork server did not say how", self.pid)
+        self.returncode = code
+        self._conn.close()
+        os.close(self._pidfd)
+        return code
+
+    def poll(self) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        return self._collect() if self._ended(0) else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is not None:
+            return self.returncode
+        if not self._ended(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self._collect()
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+# ---------- the server ----------
+
+
+@dataclass
+class _Request:
+    env: dict[str, str]
+    cwd: str
+    fds: list[int]
+
+
+def fork_hazard() -> str | None:
+    """Why this process must not fork training processes now, or None."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        return f"{threads} threads run"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "CUDA is initialised"
+    return None
+
+
+def serve(address: str) -> _Request | None:
+    """The server's loop, until its stdin ends. Returns in a forked child only: what it must run."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(address)
+    listener.listen(64)
+    from tuneforge.worker.child import DEFAULT_RUNNER, warm_up
+
+    warm_up(os.environ.get("TUNEFORGE_TRAINING_RUNNER", DEFAULT_RUNNER))
+    if hazard := fork_hazard():
+        print(f"fork server: not forking training processes ({hazard}); they start fresh", flush=True)
+        return None
+    children: dict[int, tuple[int, socket.socket | None]] = {}  # pidfd -> (pid, client)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, "accept")
+    selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
+    while True:
+        for key, _ in selector.select():
+            if key.data == "stdin":
+                if not os.read(sys.stdin.fileno(), 4096):
+                    return None  # the worker is gone
+            elif key.data == "accept":
+                conn, _ = listener.accept()
+                selector.register(conn, selectors.EVENT_READ, "request")
+            elif key.data == "request":
+                conn = key.fileobj  # type: ignore[assignment]
+                selector.unregister(conn)
+                request = _read_request(conn)
+                if request is None:
+                    conn.close()
+                    continue
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    selector.close()
+                    listener.close()
+                    conn.close()
+                    for _, other in children.values():
+                        if other is not None:
+                            other.close()
+                    return request
+                for fd in request.fds:
+                    os.close(fd)
+                pidfd = os.pidfd_open(pid)
+                try:
+                    socket.send_fds(conn, [json.dumps({"pid": pid}).encode()], [pidfd])
+                    client: socket.socket | None = conn
+                except OSError:  # the pool process gave up waiting: the child ends with its stdin
+                    conn.close()
+                    client = None
+                children[pidfd] = (pid, client)
+                selector.register(pidfd, selectors.EVENT_READ, "child")
+            else:  # a child ended
+                pidfd = key.fd
+                selector.unregister(pidfd)
+                pid, client = children.pop(pidfd)
+                os.close(pidfd)
+                _, status = os.waitpid(pid, 0)
+                if client is not None:
+                    with contextlib.suppress(OSError):
+                        client.send(json.dumps({"exit": os.waitstatus_to_exitcode(status)}).encode())
+                    client.close()
+
+
+def _read_request(conn: socket.socket) -> _Request | None:
+    """A request from a process of this server's user, or None."""
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+    except OSError:
+        return None
+    if uid != os.getuid() or len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        return None
+    try:
+        body = json.loads(data)
+        return _Request(env=dict(body["env"]), cwd=str(body["cwd"]), fds=fds)
+    except (ValueError, KeyError, TypeError):
+        for fd in fds:
+            os.close(fd)
+        return None
+
+
+def become_training_process(request: _Request) -> int:
+    """In a forked child: take the request's stdin, log, environment and directory, then run as
+    `python -m tuneforge.worker.child MSG_FD` would."""
+    stdin, messages, log_file = request.fds
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+    os.dup2(stdin, 0)
+    os.dup2(log_file, 1)
+    os.dup2(log_file, 2)
+    os.close(stdin)
+    os.close(log_file)
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdin, for its life
+    os.chdir(request.cwd)
+    os.environ.clear()
+    os.environ.update(request.env)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").prctl(15, PROCESS_NAME, 0, 0, 0)  # PR_SET_NAME
+    from tuneforge.config import get_settings
+
+    get_settings.cache_clear()  # the job's environment, not the server's
+    torch = sys.modules.get("torch")
+    if torch is not None and (threads := request.env.get("OMP_NUM_THREADS", "")).isdigit():
+        torch.set_num_threads(max(1, int(threads)))
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()  # a fresh interpreter's numpy draws its own seed; a fork would share one
+    from tuneforge.worker import child
+
+    return child.main(["child", str(messages)])
+
+
+def _cleanup(directory: str, server_pid: int) -> None:
+    if os.getpid() == server_pid:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    address = argv[1]
+    directory = os.path.dirname(address)
+    server_pid = os.getpid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: end with the worker
+
+    def on_sigterm(signum: int, _frame: Any) -> None:
+        _cleanup(directory, server_pid)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        request = serve(address)
+    except KeyboardInterrupt:
+        request = None
+    finally:
+        _cleanup(directory, server_pid)
+    if request is None:
+        return 0
+    return become_training_process(request)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
