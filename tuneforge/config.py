@@ -133,11 +133,11 @@ class Settings(BaseSettings):
         "the report); Celery's own default, 4 s, is too short under load.",
     )
     worker_fork_server: bool = Field(
-        True,
-        description="Training processes are forks of one process per worker that imports the "
-        "training stack once (tuneforge/worker/forkserver.py), not fresh interpreters that each "
-        "import it (about 12 CPU-seconds per job on a CPU; measured in docs/benchmarks.md). It "
-        "steps aside by itself where forking is unsafe (CUDA initialised by an import).",
+        False,
+        description="Opt-in: training processes are forks of one process per worker that imports "
+        "the training stack once (tuneforge/worker/forkserver.py), not fresh interpreters that "
+        "each import it (about 12 CPU-seconds per job on a CPU). It steps aside by itself where "
+        "forking is unsafe (CUDA initialised by an import).",
     )
     worker_devices: int | None = Field(
         None,

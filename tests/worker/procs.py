@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tests.support import REPO, free_port, kill_tree, migrate, stop_process, wait_for
 from tuneforge.config import Settings
 from tuneforge.db import make_engine, make_sessionmaker
+from tuneforge.worker.forkserver import PROCESS_NAME
 
 __all__ = [
     "REPO",
@@ -94,11 +95,12 @@ class Services:
 
 
 def training_processes() -> list[psutil.Process]:
-    """Every live `tuneforge.worker.child` process on the machine started from this checkout."""
+    """Every live training process on the machine: `tuneforge.worker.child` interpreters and the
+    fork server's children, named `tuneforge-run` (their command line is the server's)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "name"]):
         cmd = proc.info.get("cmdline") or []
-        if "tuneforge.worker.child" in cmd:
+        if "tuneforge.worker.child" in cmd or proc.info.get("name") == PROCESS_NAME.decode():
             found.append(proc)
     return found
 
