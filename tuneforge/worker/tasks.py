@@ -90,7 +90,7 @@ def _preload_validation_stack(**_: Any) -> None:
     (Celery's `celeryd_after_setup`, sent as the worker starts): the tokenizer stack, which
     every pool process would otherwise import again (about 3 CPU-seconds, once per job). Importing
     it starts no thread that matters to a fork, runs no OpenMP region and touches no GPU; the
-    training processes are fresh interpreters regardless (tuneforge/worker/child.py)."""
+    training processes are fresh interpreters or forks of the fork server started here first."""
     if _consumed_queues() == {"control"}:
         return
     _start_fork_server()
