@@ -61,26 +61,20 @@ UNKNOWN_EXIT = 255  # the server went away before it reported the exit status
 # ---------- the worker's side ----------
 
 
-def start(log_path: os.PathLike[str] | str | None = None) -> subprocess.Popen[bytes] | None:
+def start() -> subprocess.Popen[bytes] | None:
     """Starts this worker's fork server and puts its address in the environment the pool
     processes inherit. None (and fresh interpreters for every training process) when it cannot
-    start. The server imports the stack in the background; requests wait for it."""
+    start. The server imports the stack in the background; requests wait for it. Its output goes
+    to the worker's."""
     directory = tempfile.mkdtemp(prefix="tuneforge-fork-")  # 0700: only this user may connect
     address = os.path.join(directory, "socket")
     env = {**FORK_SAFE_ENV, **os.environ}
-    out: Any = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
-    try:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tuneforge.worker.forkserver", address],
-            stdin=subprocess.PIPE,  # its end is the worker's end: the server exits with the worker
-            stdout=out,
-            stderr=subprocess.STDOUT if out is not None else None,
-            env=env,
-            close_fds=True,
-        )
-    finally:
-        if out is not None:
-            out.close()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge.worker.forkserver", address],
+        stdin=subprocess.PIPE,  # its end is the worker's end: the server exits with the worker
+        env=env,
+        close_fds=True,
+    )
     deadline = time.monotonic() + BIND_TIMEOUT_S
     while not os.path.exists(address):
         if server.poll() is not None or time.monotonic() > deadline:
@@ -180,9 +174,6 @@ class ForkedProcess:
         if self.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, sig)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
 
 
 # ---------- the server ----------

@@ -91,7 +91,7 @@ def _preload_validation_stack(**_: Any) -> None:
     every pool process would otherwise import again (about 3 CPU-seconds, once per job). Importing
     it starts no thread that matters to a fork, runs no OpenMP region and touches no GPU; the
     training processes are fresh interpreters or forks of the fork server started here first."""
-    if _consumed_queues() == {"control"}:
+    if _is_control_worker():
         return
     _start_fork_server()
     started = time.monotonic()
@@ -128,7 +128,7 @@ def _stop_fork_server(**_: Any) -> None:
 
 @worker_process_init.connect
 def _start_warm_up(**_: Any) -> None:
-    if _consumed_queues() != {"control"}:
+    if not _is_control_worker():
         _log_time_to_up()
         warm_up.start(get_settings())
 
@@ -166,6 +166,11 @@ def _consumed_queues() -> set[str]:
     import os
 
     return set(filter(None, os.environ.get("TUNEFORGE_WORKER_QUEUES", "").split(",")))
+
+
+def _is_control_worker() -> bool:
+    """A worker on the control queue only: it runs no training, so it warms nothing up."""
+    return _consumed_queues() == {"control"}
 
 
 # A message for a job that is not runnable is dropped before it reaches a pool process.
