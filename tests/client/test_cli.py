@@ -189,7 +189,7 @@ def test_errors_are_one_line(service: Server, tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("tuneforge: error: 401: "), answer.stderr
 
 
-def test_pause_resume_and_cancel_a_running_job(cli: Any, qa_path: Path) -> None:
+def test_pause_resume_and_cancel_a_running_job(service: Server, cli: Any, qa_path: Path) -> None:
     """`jobs pause` stops a running job at a checkpoint, `jobs resume` sends it back to run from
     there, `jobs cancel` ends it; `watch` of the cancelled job exits non-zero."""
     from tests.support import wait_for
@@ -208,19 +208,28 @@ def test_pause_resume_and_cancel_a_running_job(cli: Any, qa_path: Path) -> None:
     def status_is(*wanted: str) -> bool:
         return cli("jobs", "get", job["id"])[1]["status"] in wanted
 
+    def diagnosis() -> str:
+        """What a timeout shows: the job, its events and the tail of each embedded process's log."""
+        events = cli("jobs", "events", job["id"], "--limit", "100")[1]["data"]
+        lines = [json.dumps(cli("jobs", "get", job["id"])[1])]
+        lines += [f"{e['created_at']} {e['level']} {e['message']}" for e in reversed(events)]
+        logs = sorted((Path(service.env["TUNEFORGE_DATA_DIR"]) / "logs").glob("*.log"))
+        lines += [f"== {p.name}\n{p.read_text(errors='replace')[-6000:]}" for p in logs]
+        return "\n".join(lines)
+
     # `jobs watch` without --json, at a terminal (a pty): the whole run, until the cancel ends it.
     watcher = Terminal(
         [sys.executable, "-m", "tuneforge.cli", "jobs", "watch", job["id"], "--interval", "0.5"]
     )
-    wait_for(lambda: step() >= 2, 300, "two trained steps")
+    wait_for(lambda: step() >= 2, 300, "two trained steps", diagnosis)
     status, paused = cli("jobs", "pause", job["id"])
     assert status == 0 and paused["status"] in ("running", "paused"), paused
-    wait_for(lambda: status_is("paused"), 120, "the pause")
+    wait_for(lambda: status_is("paused"), 120, "the pause", diagnosis)
     at = step()
     assert 2 <= at < 400
     status, resumed = cli("jobs", "resume", job["id"])
     assert status == 0 and resumed["status"] in ("queued", "running"), resumed
-    wait_for(lambda: step() > at, 300, "training after the resume")
+    wait_for(lambda: step() > at, 300, "training after the resume", diagnosis)
     status, cancelled = cli("jobs", "cancel", job["id"])
     assert status == 0 and cancelled["status"] in ("queued", "running", "cancelled"), cancelled
     status, watched = cli("jobs", "watch", job["id"], "--interval", "0.5")
