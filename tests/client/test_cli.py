@@ -209,10 +209,15 @@ def test_pause_resume_and_cancel_a_running_job(service: Server, cli: Any, qa_pat
         return cli("jobs", "get", job["id"])[1]["status"] in wanted
 
     def diagnosis() -> str:
-        """What a timeout shows: the job, its events and the tail of each embedded process's log."""
-        events = cli("jobs", "events", job["id"], "--limit", "100")[1]["data"]
-        lines = [json.dumps(cli("jobs", "get", job["id"])[1])]
-        lines += [f"{e['created_at']} {e['level']} {e['message']}" for e in reversed(events)]
+        """What a timeout shows: the job, its events and the tail of each embedded process's log
+        (the logs even when the API does not answer)."""
+        lines = []
+        try:
+            events = cli("jobs", "events", job["id"], "--limit", "100")[1]["data"]
+            lines.append(json.dumps(cli("jobs", "get", job["id"])[1]))
+            lines += [f"{e['created_at']} {e['level']} {e['message']}" for e in reversed(events)]
+        except Exception as error:  # a diagnosis must not hide the timeout
+            lines.append(f"(the job and its events could not be read: {error!r})")
         logs = sorted((Path(service.env["TUNEFORGE_DATA_DIR"]) / "logs").glob("*.log"))
         lines += [f"== {p.name}\n{p.read_text(errors='replace')[-6000:]}" for p in logs]
         return "\n".join(lines)
