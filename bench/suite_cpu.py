@@ -138,8 +138,9 @@ def print_training_by_fixture(seen: Iterable[Seen]) -> None:
     count: Counter[str] = Counter()
     for entry in seen:
         if entry.kind == "training process" and entry.cpu > entry.cpu_at_first:
-            cpu[fixture_of(entry.data_dir)] += entry.cpu - entry.cpu_at_first
-            count[fixture_of(entry.data_dir)] += 1
+            fixture = fixture_of(entry.data_dir)
+            cpu[fixture] += entry.cpu - entry.cpu_at_first
+            count[fixture] += 1
     if cpu:
         print("\ntraining processes by the test fixture that started them (TUNEFORGE_DATA_DIR)")
         print(f"{'CPU-s':>8} {'count':>6}  fixture")

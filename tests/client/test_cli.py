@@ -218,9 +218,7 @@ def test_pause_resume_and_cancel_a_running_job(service: Server, cli: Any, qa_pat
             lines += [f"{e['created_at']} {e['level']} {e['message']}" for e in reversed(events)]
         except Exception as error:  # a diagnosis must not hide the timeout
             lines.append(f"(the job and its events could not be read: {error!r})")
-        logs = sorted((Path(service.env["TUNEFORGE_DATA_DIR"]) / "logs").glob("*.log"))
-        lines += [f"== {p.name}\n{p.read_text(errors='replace')[-6000:]}" for p in logs]
-        return "\n".join(lines)
+        return "\n".join([*lines, service.logs()])
 
     # `jobs watch` without --json, at a terminal (a pty): the whole run, until the cancel ends it.
     watcher = Terminal(

@@ -40,6 +40,12 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def logs(self) -> str:
+        """The tail of each embedded process's log (worker, beat, inference), as the worker tests'
+        `Services.logs()` and the e2e `Stack.logs()` give theirs: what `wait_for(logs=...)` shows."""
+        logs = sorted((Path(self.env["TUNEFORGE_DATA_DIR"]) / "logs").glob("*.log"))
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-6000:]}" for p in logs)
+
 
 def wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
     """Polls GET /healthz (every 0.2 s) until it answers 200; raises with the log if the process
