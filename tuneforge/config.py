@@ -133,11 +133,12 @@ class Settings(BaseSettings):
         "the report); Celery's own default, 4 s, is too short under load.",
     )
     worker_fork_server: bool = Field(
-        False,
-        description="Opt-in: training processes are forks of one process per worker that imports "
-        "the training stack once (tuneforge/worker/forkserver.py), not fresh interpreters that "
-        "each import it (about 12 CPU-seconds per job on a CPU). It steps aside by itself where "
-        "forking is unsafe (CUDA initialised by an import).",
+        True,
+        description="Training processes are forks of one process per worker that imports the "
+        "training stack once (tuneforge/worker/forkserver.py), not fresh interpreters that each "
+        "import it (about 10 CPU-seconds per job on a CPU). It steps aside by itself where forking "
+        "is unsafe (CUDA initialised by an import, as on a GPU machine); false: fresh interpreters "
+        "always.",
     )
     worker_devices: int | None = Field(
         None,

@@ -134,11 +134,13 @@ def test_a_checkpoint_too_slow_for_the_grace_hands_the_job_back_without_it(
     shutdown_services: Services, qa_path: Path
 ) -> None:
     """The grace ends before the stop's checkpoint is made: the training process is stopped and the
-    job goes back to its queue from its previous checkpoint, within the grace."""
+    job goes back to its queue from its previous checkpoint, within the grace. Its training
+    process is a fresh interpreter (no fork server), the other test's a fork: both are stopped."""
     services = shutdown_services
     grace = 4
     worker = services.worker(
         extra_env={
+            "TUNEFORGE_WORKER_FORK_SERVER": "false",
             "STANDIN_STEP_SECONDS": "0.25",
             "STANDIN_STOP_CHECKPOINT_SECONDS": "120",
             "TUNEFORGE_WORKER_SHUTDOWN_GRACE_SECONDS": str(grace),

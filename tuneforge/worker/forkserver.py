@@ -2,7 +2,7 @@
 training process is a fork of a process that has it imported already.
 
 A fresh interpreter per training process (tuneforge/worker/child.py) imports torch, transformers,
-PEFT and TRL again: about 12 CPU-seconds each, once per job and once per spare. The worker's main
+PEFT and TRL again: about 10 CPU-seconds each, once per job and once per spare. The worker's main
 process starts this server (`start`, before it forks its pool processes); a pool process asks it
 for a training process (`fork`), passing the child's stdin, message pipe and log by SCM_RIGHTS with
 its environment and directory. The server forks, the child becomes what `python -m
