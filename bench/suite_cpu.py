@@ -15,7 +15,8 @@ test module's services it belongs to: its temporary directory is named after the
 that the work can be traced to the tests that cause it.
 
 A process is counted from its first sample (a process that lives under a second may be missed,
-and one's last second before it exits is lost); kinds come from its command line when first seen.
+and one's last second before it exits is lost); kinds come from its command line when first seen
+(a fork server's fork, whose command line is the server's, from the name it takes).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ DEFAULT = [sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadfile", "-m"
 #: (kind, a piece of the command line that marks it), first match wins.
 KINDS = [
     ("training process", "tuneforge.worker.child"),
-    ("training process", "tuneforge-run"),
+    ("training process", "tuneforge-run"),  # forked by a fork server: by its process name
+    ("training process", "tf-rank-"),  # a forked rank of a multi-device run: tf-rank-N
+    ("rank stand-in", "tuneforge.worker.rankproxy"),
     ("fork server", "tuneforge.worker.forkserver"),
     ("torchrun", "torch.distributed.run"),
     ("worker", " worker"),
@@ -53,7 +56,7 @@ KINDS = [
 
 def kind(comm: str, cmdline: str) -> str:
     for name, mark in KINDS:
-        if mark in cmdline or mark == comm:
+        if mark in cmdline or comm.startswith(mark):
             return name
     return comm.split("/")[0].split(":")[0] or "?"
 
@@ -113,6 +116,15 @@ class Sampler:
                     self.seen[key] = Seen(int(pid), name, cmdline, data_dir(pid), was, was, now, now)
                     self.count[name] += 0 if first else 1
                 entry = self.seen[key]
+                if (
+                    not first
+                    and entry.kind == "fork server"
+                    and (renamed := kind(comm, entry.cmdline)) != entry.kind
+                ):
+                    # a fork, seen before it took its name: counted from here as what it became
+                    self.count[entry.kind] -= 1
+                    self.count[renamed] += 1
+                    entry.kind = renamed
                 self.cpu[entry.kind] += cpu - entry.cpu
                 entry.cpu, entry.last = cpu, now
             except (OSError, ValueError, IndexError):

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tests.support import REPO, free_port, kill_tree, migrate, stop_process, wait_for
 from tuneforge.config import Settings
 from tuneforge.db import make_engine, make_sessionmaker
-from tuneforge.worker.forkserver import PROCESS_NAME
+from tuneforge.worker.forkserver import PROCESS_NAME, RANK_NAME_PREFIX
 
 __all__ = [
     "REPO",
@@ -95,12 +95,19 @@ class Services:
 
 
 def training_processes() -> list[psutil.Process]:
-    """Every live training process on the machine: `tuneforge.worker.child` interpreters and the
-    fork server's children, named `tuneforge-run` (their command line is the server's)."""
+    """Every live training process on the machine: `tuneforge.worker.child` interpreters, the
+    fork server's children, named `tuneforge-run` or for a rank `tf-rank-N` (their command line is
+    the server's), and the ranks' stand-ins (`tuneforge.worker.rankproxy`)."""
     found = []
     for proc in psutil.process_iter(["cmdline", "name"]):
         cmd = proc.info.get("cmdline") or []
-        if "tuneforge.worker.child" in cmd or proc.info.get("name") == PROCESS_NAME.decode():
+        name = proc.info.get("name") or ""
+        if (
+            "tuneforge.worker.child" in cmd
+            or "tuneforge.worker.rankproxy" in cmd
+            or name == PROCESS_NAME.decode()
+            or name.startswith(RANK_NAME_PREFIX)
+        ):
             found.append(proc)
     return found
 

@@ -30,6 +30,7 @@ import pytest
 from tuneforge.db import session_scope
 from tuneforge.models.job import Job, JobEvent, cancel_job, pause_job, resume_job
 from tuneforge.models.job import get_job_any_project as load_job
+from tuneforge.worker.forkserver import RANK_NAME_PREFIX
 
 from .helpers import artifacts, checkpoints, events, metric_steps, seed_job, sender, status
 from .procs import REPO, Services, running_services, training_processes, wait_for
@@ -129,6 +130,17 @@ def _losses(rows: list[JobEvent]) -> dict[int, float]:
 
 
 def _rank(proc: psutil.Process) -> int | None:
+    """The rank a process trains as: a forked rank's from its name, a fresh one's from its
+    RANK; None for a stand-in (tuneforge/worker/rankproxy.py), which does not train."""
+    name = proc.info.get("name") or ""
+    if name.startswith(RANK_NAME_PREFIX):
+        return int(name.removeprefix(RANK_NAME_PREFIX))
+    if "tuneforge.worker.child" not in (proc.info.get("cmdline") or []):
+        return None
+    return _rank_env(proc)
+
+
+def _rank_env(proc: psutil.Process) -> int | None:
     try:
         value = proc.environ().get("RANK")
     except (psutil.Error, OSError):
@@ -152,7 +164,7 @@ def two_processes(
     assert wait_for(
         lambda: bool(checkpoints(services, job_id)), JOB_TIMEOUT_S, job_id, training_logs(services)
     )
-    rank_one = [p for p in _ranks(services) if _rank(p) == 1]
+    rank_one = [p for p in _ranks(services) if _rank(p) == 1]  # the process that trains, as an OOM kill
     assert len(rank_one) == 1, rank_one
     rank_one[0].kill()
     killed_at = time.monotonic()
@@ -212,7 +224,10 @@ def test_full_with_fsdp_on_two_processes(
     assert wait_for(
         lambda: bool(checkpoints(services, job_id)), JOB_TIMEOUT_S, job_id, training_logs(services)
     )
-    rank_one = [p for p in _ranks(services) if _rank(p) == 1]
+    # torchrun's own child for rank 1 (its stand-in where the rank is forked, else the rank)
+    rank_one = [
+        p for p in _ranks(services) if "--socket" in (p.info.get("cmdline") or []) and _rank_env(p) == 1
+    ]
     assert len(rank_one) == 1, rank_one
     rank_one[0].kill()
     job = _finished(services, job_id)
@@ -242,13 +257,22 @@ def test_full_with_fsdp_on_two_processes(
 
 
 def _ranks(services: Services, worker: int = MAIN_WORKER) -> list[psutil.Process]:
-    """torchrun and the rank processes of the module's `worker`, as they run now (the command line
+    """The rank processes of the module's `worker` as they run now: torchrun's children (fresh
+    ranks or the stand-ins of forked ones) and the ranks its fork server forked (the command line
     read when listed: one that exits meanwhile is not an error)."""
     try:
         below = {p.pid for p in psutil.Process(services.processes[worker].pid).children(recursive=True)}
     except psutil.NoSuchProcess:
         return []
-    return [p for p in training_processes() if p.pid in below and "--socket" in (p.info.get("cmdline") or [])]
+    return [
+        p
+        for p in training_processes()
+        if p.pid in below
+        and (
+            "--socket" in (p.info.get("cmdline") or [])
+            or (p.info.get("name") or "").startswith(RANK_NAME_PREFIX)
+        )
+    ]
 
 
 def _rank_numbers(services: Services) -> list[int]:
@@ -265,6 +289,8 @@ def test_pause_resume_and_cancel_stop_every_rank(services: Services, qa_path: Pa
     logs = training_logs(services)
     wait_for(lambda: len(metric_steps(services, job_id)) >= 2, JOB_TIMEOUT_S, "training to start", logs)
     assert _rank_numbers(services) == [0, 1]
+    forked = [p for p in _ranks(services) if (p.info.get("name") or "").startswith(RANK_NAME_PREFIX)]
+    assert len(forked) == 2, _ranks(services)  # the worker's fork server forked both ranks
     with session_scope(services.sessions) as session:
         pause_job(session, load_job(session, job_id))  # type: ignore[arg-type]
     wait_for(lambda: finished_or(services, job_id, "paused"), 120, "the pause", logs)

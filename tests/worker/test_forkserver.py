@@ -5,15 +5,17 @@ forked process sees (tests/worker/forkprobe.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 import pytest
@@ -87,6 +89,82 @@ def test_exit_codes_follow_popen(server: subprocess.Popen[bytes], tmp_path: Path
     assert describe_exit(killed.exit_code())[0] == "out_of_memory"
 
 
+def _stand_in(tmp: Path, rank: int) -> tuple[subprocess.Popen[bytes], IO[str], IO[str], dict[str, Any]]:
+    """A rank's stand-in as torchrun starts it (tuneforge/worker/rankproxy.py, its RANK, its own
+    session), and the rank's end of the channel to the worker: (stand-in, rank's messages,
+    commands to it, its `ready`)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp / "channel"))
+    listener.listen(1)
+    listener.settimeout(READY_TIMEOUT_S)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "TUNEFORGE_PROBE": f"rank {rank}"}
+    stand_in = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge.worker.rankproxy", "--socket", str(tmp / "channel")],
+        env=env,
+        cwd=tmp,
+        stdout=(tmp / "rank.log").open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    conn, _ = listener.accept()
+    listener.close()
+    messages, commands = conn.makefile("r"), conn.makefile("w")
+    ready = json.loads(messages.readline())
+    assert ready["type"] == "ready" and ready["rank"] == rank, ready
+    return stand_in, messages, commands, ready
+
+
+def test_a_rank_is_forked_for_its_stand_in_and_ends_as_it_does(
+    server: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    stand_in, messages, commands, ready = _stand_in(tmp_path, 1)
+    rank = psutil.Process(ready["pid"])
+    assert rank.pid != stand_in.pid and rank.ppid() == server.pid
+    assert rank.name() == f"{forkserver.RANK_NAME_PREFIX}1"
+    assert os.getsid(rank.pid) == rank.pid  # a session of its own: Ctrl-C to the worker is not its
+    paths = {
+        "model_dir": str(tmp_path),
+        "train_file": str(tmp_path / "t.jsonl"),
+        "out_dir": str(tmp_path / "o"),
+    }
+    commands.write(json.dumps({"op": "run", "spec": SPEC, "paths": paths, "runner": PROBE}) + "\n")
+    commands.flush()  # a socket's text file buffers whole blocks, lines or not
+    sent = [json.loads(line) for line in messages]
+    (seen,) = [m["data"] for m in sent if m["type"] == "notice"]
+    assert seen["env"] == "rank 1" and seen["cwd"] == str(tmp_path) and seen["stack_imported"] is True
+    assert sent[-1]["type"] == "error" and "probe done" in sent[-1]["message"]
+    assert stand_in.wait(timeout=30) == 1  # the rank's exit status is the stand-in's
+    assert "probe's log line" in (tmp_path / "rank.log").read_text()  # its stdout is the stand-in's
+
+
+@pytest.mark.parametrize(
+    ("signalled", "sig", "stand_in_ends_by"),
+    [
+        ("stand-in", signal.SIGTERM, -signal.SIGTERM),
+        ("rank", signal.SIGKILL, -signal.SIGKILL),
+        ("stand-in", signal.SIGKILL, None),
+    ],
+    ids=["sigterm-passed-on", "rank-killed", "stand-in-killed"],
+)
+def test_a_rank_and_its_stand_in_end_together(
+    server: subprocess.Popen[bytes],
+    tmp_path: Path,
+    signalled: str,
+    sig: signal.Signals,
+    stand_in_ends_by: int | None,
+) -> None:
+    """SIGTERM to the stand-in (torchrun ending its ranks) reaches the rank, which ends by it, and
+    the stand-in ends by it too; a SIGKILLed rank (out of memory) leaves its stand-in ending as
+    SIGKILLed; a SIGKILLed stand-in (torchrun's process group killed) takes its rank with it."""
+    stand_in, _, _, ready = _stand_in(tmp_path, 0)
+    rank = psutil.Process(ready["pid"])
+    os.kill(stand_in.pid if signalled == "stand-in" else rank.pid, sig)
+    ended_by = stand_in.wait(timeout=30)
+    if stand_in_ends_by is not None:
+        assert ended_by == stand_in_ends_by
+    wait_for(lambda: not rank.is_running(), 30, "the rank to end")
+
+
 def test_without_a_server_it_is_a_fresh_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(forkserver.ADDRESS_ENV, str(tmp_path / "no-server"))
     monkeypatch.setenv("TUNEFORGE_TRAINING_RUNNER", PROBE)  # no stack to import
@@ -98,8 +176,29 @@ def test_without_a_server_it_is_a_fresh_interpreter(tmp_path: Path, monkeypatch:
     process.stop(grace=30)
 
 
+def test_without_a_server_a_stand_in_becomes_the_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(forkserver.ADDRESS_ENV, str(tmp_path / "no-server"))
+    monkeypatch.setenv("TUNEFORGE_TRAINING_RUNNER", PROBE)  # no stack to import
+    stand_in, _, _, ready = _stand_in(tmp_path, 0)
+    assert ready["pid"] == stand_in.pid  # exec'd: torchrun's child is the rank
+    assert "tuneforge.worker.child" in psutil.Process(stand_in.pid).cmdline()
+    stand_in.kill()
+    stand_in.wait(timeout=30)
+
+
 def test_a_process_with_a_second_thread_refuses_to_fork() -> None:
-    assert forkserver.fork_hazard() is None or threading.active_count() > 1
+    """A fresh interpreter may fork; one more thread, and it may not. (This test process may run
+    threads of its own already, native ones too, left by an earlier test module: so the count.)"""
+    fresh = subprocess.run(
+        [sys.executable, "-c", "from tuneforge.worker.forkserver import fork_hazard; print(fork_hazard())"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    assert fresh.stdout.strip() == "None", fresh
     stop = threading.Event()
     helper = threading.Thread(target=stop.wait)
     helper.start()

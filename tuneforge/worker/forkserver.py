@@ -16,8 +16,14 @@ On a GPU machine bitsandbytes' import initialises CUDA (its cuda_specs.py asks f
 capability), so there the server steps aside by design. Its environment turns off the threads two
 libraries start at import (pyarrow's jemalloc, OpenBLAS's pool) unless the administrator set them.
 
+The ranks of a multi-device run are forks too: torchrun starts a thin stand-in per rank
+(tuneforge/worker/rankproxy.py) that asks for the rank (`fork_rank`), passes on its signals and
+exits as the rank did; the rank ends itself when its stand-in ends, so ending torchrun's process
+group still ends every rank.
+
 Protocol (SOCK_SEQPACKET, one message each): request {"env": {...}, "cwd": "..."} with fds
-[stdin, messages, log]; reply {"pid": N} with a pidfd; later {"exit": code}.
+[stdin, messages, log], or for a rank {"env", "cwd", "args": [...]} with fds [stdin, stdout,
+stderr]; reply {"pid": N} with a pidfd; later {"exit": code}.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import IO, Any
@@ -44,6 +51,7 @@ log = logging.getLogger(__name__)
 
 ADDRESS_ENV = "TUNEFORGE_FORK_SERVER"  # the socket's path, inherited by the pool processes
 PROCESS_NAME = b"tuneforge-run"  # a forked training process's name (its command line is the server's)
+RANK_NAME_PREFIX = "tf-rank-"  # a forked rank's name, and its RANK (a process name holds 15 characters)
 FORK_SAFE_ENV = {
     "JE_ARROW_MALLOC_CONF": "background_thread:false",  # pyarrow's jemalloc: no thread at import
     "OPENBLAS_NUM_THREADS": "1",  # numpy's OpenBLAS: no thread pool at import
@@ -109,6 +117,18 @@ def stop(server: subprocess.Popen[bytes] | None) -> None:
 def fork(stdin: int, messages: int, log_file: int, env: dict[str, str], cwd: str) -> ForkedProcess | None:
     """A training process forked by this worker's server, or None (no server, or it did not
     answer in time): the caller then starts a fresh interpreter."""
+    return _ask({"env": env, "cwd": cwd}, [stdin, messages, log_file])
+
+
+def fork_rank(args: list[str]) -> ForkedProcess | None:
+    """One rank of a multi-device run, `python -m tuneforge.worker.child ARGS` as forked by this
+    worker's server, for its stand-in (tuneforge/worker/rankproxy.py): the stand-in's stdin,
+    stdout, stderr, environment (torchrun's RANK, WORLD_SIZE, ...) and directory, and it ends
+    itself when the stand-in ends. None where there is no server."""
+    return _ask({"env": dict(os.environ), "cwd": os.getcwd(), "args": args}, [0, 1, 2])
+
+
+def _ask(request: dict[str, Any], fds: list[int]) -> ForkedProcess | None:
     address = os.environ.get(ADDRESS_ENV)
     if not address:
         return None
@@ -116,11 +136,10 @@ def fork(stdin: int, messages: int, log_file: int, env: dict[str, str], cwd: str
     try:
         conn.settimeout(FORK_TIMEOUT_S)
         conn.connect(address)
-        request = json.dumps({"env": env, "cwd": cwd}).encode()
-        socket.send_fds(conn, [request], [stdin, messages, log_file])
-        reply, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+        socket.send_fds(conn, [json.dumps(request).encode()], fds)
+        reply, reply_fds, _, _ = socket.recv_fds(conn, 4096, 1)
         pid = int(json.loads(reply)["pid"])
-        (pidfd,) = fds
+        (pidfd,) = reply_fds
     except (OSError, ValueError, KeyError) as error:
         log.warning("fork server %s did not fork a training process (%s); a fresh one starts", address, error)
         conn.close()
@@ -184,6 +203,8 @@ class _Request:
     env: dict[str, str]
     cwd: str
     fds: list[int]
+    args: list[str] | None = None  # a rank's arguments to tuneforge.worker.child
+    watch: int | None = None  # a rank's: its stand-in's pidfd
 
 
 def fork_hazard() -> str | None:
@@ -240,6 +261,8 @@ def serve(address: str) -> _Request | None:
                     return request
                 for fd in request.fds:
                     os.close(fd)
+                if request.watch is not None:
+                    os.close(request.watch)
                 pidfd = os.pidfd_open(pid)
                 try:
                     socket.send_fds(conn, [json.dumps({"pid": pid}).encode()], [pidfd])
@@ -265,7 +288,7 @@ def _read_request(conn: socket.socket) -> _Request | None:
     """A request from a process of this server's user, or None."""
     try:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _, uid, _ = struct.unpack("3i", creds)
+        peer, uid, _ = struct.unpack("3i", creds)
         data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
     except OSError:
         return None
@@ -275,8 +298,12 @@ def _read_request(conn: socket.socket) -> _Request | None:
         return None
     try:
         body = json.loads(data)
-        return _Request(env=dict(body["env"]), cwd=str(body["cwd"]), fds=fds)
-    except (ValueError, KeyError, TypeError):
+        request = _Request(env=dict(body["env"]), cwd=str(body["cwd"]), fds=fds)
+        if body.get("args") is not None:  # a rank: it ends with its stand-in, the peer
+            request.args = [str(arg) for arg in body["args"]]
+            request.watch = os.pidfd_open(peer)
+        return request
+    except (ValueError, KeyError, TypeError, OSError):
         for fd in fds:
             os.close(fd)
         return None
@@ -284,21 +311,31 @@ def _read_request(conn: socket.socket) -> _Request | None:
 
 def become_training_process(request: _Request) -> int:
     """In a forked child: take the request's stdin, log, environment and directory, then run as
-    `python -m tuneforge.worker.child MSG_FD` would."""
-    stdin, messages, log_file = request.fds
+    `python -m tuneforge.worker.child MSG_FD` would (a rank: as `... child ARGS`)."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
-    os.dup2(stdin, 0)
-    os.dup2(log_file, 1)
-    os.dup2(log_file, 2)
-    os.close(stdin)
-    os.close(log_file)
+    if request.args is None:
+        stdin, messages, log_file = request.fds
+        stdio = [stdin, log_file, log_file]
+        argv = ["child", str(messages)]
+        name = PROCESS_NAME
+    else:
+        stdio = request.fds
+        argv = ["child", *request.args]
+        name = f"{RANK_NAME_PREFIX}{request.env.get('RANK', '')}".encode()
+    for target, fd in enumerate(stdio):
+        os.dup2(fd, target)
+    for fd in set(stdio):
+        os.close(fd)
     sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdin, for its life
     os.chdir(request.cwd)
     os.environ.clear()
     os.environ.update(request.env)
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").prctl(15, PROCESS_NAME, 0, 0, 0)  # PR_SET_NAME
+        ctypes.CDLL("libc.so.6").prctl(15, name, 0, 0, 0)  # PR_SET_NAME
+    if request.watch is not None:
+        os.setsid()  # out of the worker's process group, as torchrun's ranks are: Ctrl-C is the worker's
+        _end_with(request.watch)
     from tuneforge.config import get_settings
 
     get_settings.cache_clear()  # the job's environment, not the server's
@@ -310,7 +347,18 @@ def become_training_process(request: _Request) -> int:
         numpy.random.seed()  # a fresh interpreter's numpy draws its own seed; a fork would share one
     from tuneforge.worker import child
 
-    return child.main(["child", str(messages)])
+    return child.main(argv)
+
+
+def _end_with(pidfd: int) -> None:
+    """A rank's SIGKILL to itself once its stand-in has ended (killed with torchrun's process group,
+    which the rank, a child of the server, is not in)."""
+
+    def watch() -> None:
+        select.select([pidfd], [], [])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="rank-stand-in-watch", daemon=True).start()
 
 
 def _cleanup(directory: str, server_pid: int) -> None:

@@ -1,11 +1,13 @@
 """The parent side of a multi-device run: torchrun (tuneforge/training/distributed.py) starts one
-training process per device, each `python -m tuneforge.worker.child --socket PATH`, and every
-rank connects back to the worker on a Unix socket of this attempt's own.
+training process per device, each `python -m tuneforge.worker.child --socket PATH` (where the
+worker has a fork server, a stand-in that has it forked: tuneforge/worker/rankproxy.py), and
+every rank connects back to the worker on a Unix socket of this attempt's own.
 
 The worker speaks to the run as to one training process (tuneforge/worker/supervisor.py): a
 command goes to every rank; rank 0's messages are the run's; `ready` means every rank has its
 imports done. No orphans: a rank exits when its socket closes (the worker stopped it or died),
-torchrun ends the other ranks when one exits, and `stop` ends torchrun's whole process group.
+torchrun ends the other ranks when one exits, and `stop` ends torchrun's whole process group
+(a forked rank, not in it, ends itself with its stand-in).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import IO, Any
 
 from tuneforge.config import Settings
 from tuneforge.training.distributed import launch_command, launch_env
+from tuneforge.worker.forkserver import ADDRESS_ENV
 from tuneforge.worker.supervisor import TrainingProcess
 
 
@@ -56,9 +59,10 @@ class DistributedTrainingProcess(TrainingProcess):
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(str(path))
         server.listen(world_size)
+        module = "tuneforge.worker.rankproxy" if os.environ.get(ADDRESS_ENV) else "tuneforge.worker.child"
         with log_path.open("ab") as log:
             popen = subprocess.Popen(
-                launch_command(world_size, "tuneforge.worker.child", "--socket", str(path)),
+                launch_command(world_size, module, "--socket", str(path)),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
