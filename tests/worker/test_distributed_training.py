@@ -30,7 +30,7 @@ import pytest
 from tuneforge.db import session_scope
 from tuneforge.models.job import Job, JobEvent, cancel_job, pause_job, resume_job
 from tuneforge.models.job import get_job_any_project as load_job
-from tuneforge.worker.forkserver import RANK_NAME_PREFIX
+from tuneforge.worker.forkserver import PROCESS_NAME, RANK_NAME_PREFIX
 
 from .helpers import artifacts, checkpoints, events, metric_steps, seed_job, sender, status
 from .procs import REPO, Services, running_services, training_processes, wait_for
@@ -47,8 +47,11 @@ STEPS = 6
 UNRESOLVABLE_HOST = "tuneforge-host-that-does-not-resolve"
 #: The queue of a second worker whose rank 1 never starts (tests/worker/stuck_rank).
 STUCK_RANK_QUEUE = "gpu-stuck-rank"
-#: That worker's bound on its ranks getting ready: past rank 0's start on a loaded machine.
-STUCK_READY_TIMEOUT_S = 45
+#: That worker's bound on its ranks getting ready: past rank 0's start on a loaded machine, which
+#: with the worker's fork server ready (never_ready waits for it) is torchrun's start and a fork.
+STUCK_READY_TIMEOUT_S = 30
+#: How long a worker's fork server may take to import the training stack on a loaded machine.
+READY_IMPORT_TIMEOUT_S = 300
 #: Indices in Services.processes: the worker on the "gpu" queue and the stuck-rank one.
 MAIN_WORKER, STUCK_WORKER = 0, 1
 
@@ -74,6 +77,7 @@ def services(
             extra_env={
                 "PYTHONPATH": f"{stuck}{os.pathsep}{svc.env['PYTHONPATH']}",
                 "TUNEFORGE_DISTRIBUTED_READY_TIMEOUT_SECONDS": str(STUCK_READY_TIMEOUT_S),
+                "TUNEFORGE_WORKER_FORK_SERVER": "true",
             },
         )
         yield svc
@@ -82,8 +86,16 @@ def services(
 @pytest.fixture(scope="module", autouse=True)
 def never_ready(services: Services, qa_path: Path) -> str:
     """The stuck-rank worker's job, sent before the module's other tests run: its three starts
-    each wait out the readiness bound (over two minutes in all, nearly idle), so it overlaps them
-    (the ranks each test looks at are those of its own worker)."""
+    each wait out the readiness bound (a minute and a half in all, nearly idle), so it overlaps
+    them (the ranks each test looks at are those of its own worker). Sent once that worker's fork
+    server has the training stack imported (its spare training process, a fork, exists), so that
+    rank 0 is ready well within the bound however slow the imports are."""
+    wait_for(
+        lambda: any(p.info.get("name") == PROCESS_NAME.decode() for p in _below(services, STUCK_WORKER)),
+        READY_IMPORT_TIMEOUT_S,
+        "the stuck-rank worker's spare training process",
+        services,
+    )
     job_id = _job(services, qa_path, {"count": 2, "strategy": "ddp"})
     send_to_queue(services, job_id, STUCK_RANK_QUEUE)
     return job_id
@@ -256,19 +268,23 @@ def test_full_with_fsdp_on_two_processes(
     assert abs(sharded - whole) <= LOSS_TOLERANCE * whole, (sharded, whole)
 
 
-def _ranks(services: Services, worker: int = MAIN_WORKER) -> list[psutil.Process]:
-    """The rank processes of the module's `worker` as they run now: torchrun's children (fresh
-    ranks or the stand-ins of forked ones) and the ranks its fork server forked (the command line
-    read when listed: one that exits meanwhile is not an error)."""
+def _below(services: Services, worker: int) -> list[psutil.Process]:
+    """The training processes of the module's `worker` as they run now (the command line read when
+    listed: one that exits meanwhile is not an error)."""
     try:
         below = {p.pid for p in psutil.Process(services.processes[worker].pid).children(recursive=True)}
     except psutil.NoSuchProcess:
         return []
+    return [p for p in training_processes() if p.pid in below]
+
+
+def _ranks(services: Services, worker: int = MAIN_WORKER) -> list[psutil.Process]:
+    """The rank processes of the module's `worker`: torchrun's children (fresh ranks or the
+    stand-ins of forked ones) and the ranks its fork server forked."""
     return [
         p
-        for p in training_processes()
-        if p.pid in below
-        and (
+        for p in _below(services, worker)
+        if (
             "--socket" in (p.info.get("cmdline") or [])
             or (p.info.get("name") or "").startswith(RANK_NAME_PREFIX)
         )
