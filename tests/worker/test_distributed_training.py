@@ -144,12 +144,16 @@ def _losses(rows: list[JobEvent]) -> dict[int, float]:
 def _rank(proc: psutil.Process) -> int | None:
     """The rank a process trains as: a forked rank's from its name, a fresh one's from its
     RANK; None for a stand-in (tuneforge/worker/rankproxy.py), which does not train."""
-    name = proc.info.get("name") or ""
-    if name.startswith(RANK_NAME_PREFIX):
-        return int(name.removeprefix(RANK_NAME_PREFIX))
+    if _forked(proc):
+        return int(proc.info["name"].removeprefix(RANK_NAME_PREFIX))
     if "tuneforge.worker.child" not in (proc.info.get("cmdline") or []):
         return None
     return _rank_env(proc)
+
+
+def _forked(proc: psutil.Process) -> bool:
+    """A rank the worker's fork server forked (named `tf-rank-N`)."""
+    return (proc.info.get("name") or "").startswith(RANK_NAME_PREFIX)
 
 
 def _rank_env(proc: psutil.Process) -> int | None:
@@ -281,14 +285,7 @@ def _below(services: Services, worker: int) -> list[psutil.Process]:
 def _ranks(services: Services, worker: int = MAIN_WORKER) -> list[psutil.Process]:
     """The rank processes of the module's `worker`: torchrun's children (fresh ranks or the
     stand-ins of forked ones) and the ranks its fork server forked."""
-    return [
-        p
-        for p in _below(services, worker)
-        if (
-            "--socket" in (p.info.get("cmdline") or [])
-            or (p.info.get("name") or "").startswith(RANK_NAME_PREFIX)
-        )
-    ]
+    return [p for p in _below(services, worker) if "--socket" in (p.info.get("cmdline") or []) or _forked(p)]
 
 
 def _rank_numbers(services: Services) -> list[int]:
@@ -305,7 +302,7 @@ def test_pause_resume_and_cancel_stop_every_rank(services: Services, qa_path: Pa
     logs = training_logs(services)
     wait_for(lambda: len(metric_steps(services, job_id)) >= 2, JOB_TIMEOUT_S, "training to start", logs)
     assert _rank_numbers(services) == [0, 1]
-    forked = [p for p in _ranks(services) if (p.info.get("name") or "").startswith(RANK_NAME_PREFIX)]
+    forked = [p for p in _ranks(services) if _forked(p)]
     assert len(forked) == 2, _ranks(services)  # the worker's fork server forked both ranks
     with session_scope(services.sessions) as session:
         pause_job(session, load_job(session, job_id))  # type: ignore[arg-type]

@@ -98,14 +98,15 @@ def _stand_in(tmp: Path, rank: int) -> tuple[subprocess.Popen[bytes], IO[str], I
     listener.listen(1)
     listener.settimeout(READY_TIMEOUT_S)
     env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "TUNEFORGE_PROBE": f"rank {rank}"}
-    stand_in = subprocess.Popen(
-        [sys.executable, "-m", "tuneforge.worker.rankproxy", "--socket", str(tmp / "channel")],
-        env=env,
-        cwd=tmp,
-        stdout=(tmp / "rank.log").open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with (tmp / "rank.log").open("ab") as log:
+        stand_in = subprocess.Popen(
+            [sys.executable, "-m", "tuneforge.worker.rankproxy", "--socket", str(tmp / "channel")],
+            env=env,
+            cwd=tmp,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     conn, _ = listener.accept()
     listener.close()
     messages, commands = conn.makefile("r"), conn.makefile("w")
@@ -138,11 +139,11 @@ def test_a_rank_is_forked_for_its_stand_in_and_ends_as_it_does(
 
 
 @pytest.mark.parametrize(
-    ("signalled", "sig", "stand_in_ends_by"),
+    ("signalled", "sig"),
     [
-        ("stand-in", signal.SIGTERM, -signal.SIGTERM),
-        ("rank", signal.SIGKILL, -signal.SIGKILL),
-        ("stand-in", signal.SIGKILL, None),
+        ("stand-in", signal.SIGTERM),
+        ("rank", signal.SIGKILL),
+        ("stand-in", signal.SIGKILL),
     ],
     ids=["sigterm-passed-on", "rank-killed", "stand-in-killed"],
 )
@@ -151,7 +152,6 @@ def test_a_rank_and_its_stand_in_end_together(
     tmp_path: Path,
     signalled: str,
     sig: signal.Signals,
-    stand_in_ends_by: int | None,
 ) -> None:
     """SIGTERM to the stand-in (torchrun ending its ranks) reaches the rank, which ends by it, and
     the stand-in ends by it too; a SIGKILLed rank (out of memory) leaves its stand-in ending as
@@ -159,9 +159,7 @@ def test_a_rank_and_its_stand_in_end_together(
     stand_in, _, _, ready = _stand_in(tmp_path, 0)
     rank = psutil.Process(ready["pid"])
     os.kill(stand_in.pid if signalled == "stand-in" else rank.pid, sig)
-    ended_by = stand_in.wait(timeout=30)
-    if stand_in_ends_by is not None:
-        assert ended_by == stand_in_ends_by
+    assert stand_in.wait(timeout=30) == -sig  # torchrun sees its child end by that signal
     wait_for(lambda: not rank.is_running(), 30, "the rank to end")
 
 
@@ -189,8 +187,9 @@ def test_without_a_server_a_stand_in_becomes_the_rank(
 
 
 def test_a_process_with_a_second_thread_refuses_to_fork() -> None:
-    """A fresh interpreter may fork; one more thread, and it may not. (This test process may run
-    threads of its own already, native ones too, left by an earlier test module: so the count.)"""
+    """A fresh interpreter may fork; one more thread, and it may not. (The fresh case is checked in
+    a fresh interpreter: this test process may run threads already, native ones too, left by an
+    earlier test module.)"""
     fresh = subprocess.run(
         [sys.executable, "-c", "from tuneforge.worker.forkserver import fork_hazard; print(fork_hazard())"],
         capture_output=True,
